@@ -1,0 +1,61 @@
+"""looptrace: step-resolved training-data attribution for looped (weight-tied, depth-recurrent) models.
+
+    import looptrace as lt
+    spec = lt.SketchSpec(dim=2048, seed=0)
+    feats = lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=spec)
+    scores = lt.sdi(train_feats, query_feats)          # [N, M, tau]
+"""
+
+from looptrace.capture.rules import Rule, register_rule
+from looptrace.capture.tracer import loop_step
+from looptrace.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptFileError,
+    LoaderError,
+    LooptraceError,
+    LossError,
+    MemoryBudgetError,
+    SpecMismatchError,
+    StepError,
+    TiedParameterError,
+    UnsupportedLayerError,
+    VerificationError,
+)
+from looptrace.features import Features
+from looptrace.featurize import featurize
+from looptrace.influence.attribute import Attribution, attribute
+from looptrace.influence.checkpoints import Checkpoint
+from looptrace.influence.scores import self_influence, sdi, step_matrix, stream_sdi, tracin
+from looptrace.sketch.spec import SketchSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution",
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptFileError",
+    "Features",
+    "LoaderError",
+    "LooptraceError",
+    "LossError",
+    "MemoryBudgetError",
+    "Rule",
+    "SketchSpec",
+    "SpecMismatchError",
+    "StepError",
+    "TiedParameterError",
+    "UnsupportedLayerError",
+    "VerificationError",
+    "attribute",
+    "featurize",
+    "loop_step",
+    "register_rule",
+    "sdi",
+    "self_influence",
+    "step_matrix",
+    "stream_sdi",
+    "tracin",
+]

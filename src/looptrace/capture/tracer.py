@@ -1,0 +1,313 @@
+"""Hooks that capture per-example, per-step gradient factors during one forward/backward pass.
+
+Bookkeeping is by *absolute loop step*: a step begins when the step module is called (or a
+:func:`loop_step` block is entered) and every capture made inside it is tagged with that index.
+Each captured layer output gets its own backward hook bound to (step, saved activation), so
+shared parameters, several calls per step, truncated BPTT and per-example read-out need no
+"last input" slot and no counting of parameter uses: a step whose output never receives gradient
+simply contributes nothing at its true index.
+
+The backward pass asks autograd for the gradient of a zero scalar *anchor* added to every captured
+output, never for the parameters: autograd then computes every delta the hooks need but skips the
+weight-gradient products, and parameter ``.grad`` is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from looptrace.capture.rules import FALLBACK, Rule, find_rule
+from looptrace.errors import StepError, TiedParameterError, UnsupportedLayerError
+from looptrace.sketch.plan import OuterPath, SketchPlan, Slot
+
+_ACTIVE: list[Tracer] = []
+
+
+@contextlib.contextmanager
+def loop_step(index: int | None = None) -> Iterator[None]:
+    """Mark one loop iteration whose body spans several modules (adapter + stack of blocks).
+
+    ``index`` is the absolute 1-based step; by default the next one. Outside featurisation this is a
+    no-op, so models can keep it in their forward permanently.
+    """
+    tracer = _ACTIVE[-1] if _ACTIVE else None
+    if tracer is None:
+        yield
+        return
+    tracer.enter_step(index)
+    try:
+        yield
+    finally:
+        tracer.exit_step()
+
+
+@dataclasses.dataclass
+class BodyParam:
+    name: str
+    param: nn.Parameter
+
+
+def body_parameters(model: nn.Module, roots: list[nn.Module]) -> list[BodyParam]:
+    """Body parameters named as in ``model.named_parameters()`` (first name of a tied tensor)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    out: list[BodyParam] = []
+    for root in roots:
+        for p in root.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) not in names:
+                raise StepError(
+                    "a body module's parameter is not a parameter of the model; pass the model that "
+                    "owns the step module"
+                )
+            out.append(BodyParam(names[id(p)], p))
+    return out
+
+
+def check_ties(model: nn.Module, roots: list[nn.Module], params: list[BodyParam]) -> None:
+    """Refuse parameters shared between the body and modules outside it (read-in, read-out)."""
+    inside = {id(m) for r in roots for m in r.modules()}
+    body_ids = {id(bp.param): bp.name for bp in params}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in inside:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in body_ids:
+                where = f"{mod_name}.{pname}" if mod_name else pname
+                raise TiedParameterError(
+                    f"body parameter {body_ids[id(p)]!r} is also used outside the loop body as {where!r}; "
+                    "its gradient would mix loop steps with read-in/read-out use. Untie it, or widen the "
+                    "body (step_module/body=) to include that module"
+                )
+
+
+class Tracer:
+    """Installs the hooks for one featurisation and routes contributions into a feature buffer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        roots: list[nn.Module],
+        plan: SketchPlan,
+        params: list[BodyParam],
+        step_module: nn.Module | None,
+        *,
+        fallback: bool = True,
+        outer_path: OuterPath = "auto",
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.step_module = step_module
+        self.outer_path = outer_path
+        self.slot_of: dict[int, Slot] = {id(bp.param): plan.slot(bp.name) for bp in params}
+        self.name_of: dict[int, str] = {id(bp.param): bp.name for bp in params}
+        self._handles: list[Any] = []
+        self._targets = self._resolve(model, roots, fallback)
+        # per-batch state
+        self.step = 0
+        self.in_step = False
+        self.phase = "idle"
+        self.max_step = 0
+        self.recompute_fired = False
+        self.anchors: dict[torch.dtype, torch.Tensor] = {}
+        self.feats: torch.Tensor | None = None
+        self.batch_size = 0
+        self._cur_step = 0
+        self._suspended = 0
+
+    # ------------------------------------------------------------------ setup
+    def _resolve(self, model: nn.Module, roots: list[nn.Module], fallback: bool) -> list[tuple[nn.Module, Rule, str]]:
+        """Pick the hooked modules, parents before children (``modules()`` is pre-order), so a rule
+        that accounts for its children's parameters (MultiheadAttention.out_proj) claims them first."""
+        mod_names = {id(m): n for n, m in model.named_modules()}
+        claimed: set[int] = set()
+        targets: list[tuple[nn.Module, Rule, str]] = []
+        visited: set[int] = set()
+        for root in roots:
+            for mod in root.modules():
+                if id(mod) in visited:
+                    continue
+                visited.add(id(mod))
+                direct = dict(mod.named_parameters(recurse=False))
+                if direct and all(id(p) in claimed for p in direct.values()):
+                    continue  # accounted for by an enclosing module's rule
+                name = mod_names.get(id(mod), type(mod).__name__)
+                rule = find_rule(mod)
+                if rule is not None:
+                    handled = rule.handles(mod)
+                    hids = {id(p) for p in handled.values()}
+                    missing = [n for n, p in direct.items() if id(p) not in hids]
+                    if missing:
+                        raise UnsupportedLayerError(
+                            f"the {rule.name} rule does not account for parameter(s) {missing} of "
+                            f"{name!r} ({type(mod).__name__}); register a rule with "
+                            "looptrace.register_rule for this layer type"
+                        )
+                    claimed |= hids
+                    targets.append((mod, rule, name))
+                elif direct:
+                    if not fallback:
+                        pnames = [f"{name}.{n}" if name else n for n in direct]
+                        raise UnsupportedLayerError(
+                            f"no layer rule for {type(mod).__name__} owning body parameter(s) {pnames}; "
+                            "register one with looptrace.register_rule, or allow the exact per-example "
+                            "fallback (fallback=True)"
+                        )
+                    claimed |= {id(p) for p in direct.values()}
+                    targets.append((mod, FALLBACK, name))
+        return targets
+
+    def install(self) -> None:
+        if self.step_module is not None:
+            self._handles.append(self.step_module.register_forward_pre_hook(self._step_pre))
+            self._handles.append(self.step_module.register_forward_hook(self._step_post))
+        for mod, rule, name in self._targets:
+            hook = partial(self._on_forward, rule=rule, name=name)
+            self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+        _ACTIVE.append(self)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    # ------------------------------------------------------------------ steps
+    def _step_pre(self, module: nn.Module, args: Any) -> None:
+        self.enter_step(None)
+
+    def _step_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.exit_step()
+
+    def enter_step(self, index: int | None) -> None:
+        if self.phase != "forward" or self._suspended:
+            return
+        if self.in_step:
+            raise StepError(
+                "a loop step began inside another one: mark each iteration once (step_module= or "
+                "looptrace.loop_step(), not both, and do not nest them)"
+            )
+        if index is not None:
+            if index < 1:
+                raise StepError(f"loop_step index must be >= 1 (absolute, 1-based), got {index}")
+            self.step = index
+        else:
+            self.step += 1
+        self.max_step = max(self.max_step, self.step)
+        self.in_step = True
+
+    def exit_step(self) -> None:
+        if self.phase != "forward" or self._suspended:
+            return
+        self.in_step = False
+
+    # ------------------------------------------------------------------ per batch
+    def begin_batch(self) -> None:
+        self.step = 0
+        self.in_step = False
+        self.phase = "forward"
+        self.max_step = 0
+        self.recompute_fired = False
+        self.anchors = {}
+        self.feats = None
+
+    def anchor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        a = self.anchors.get(dtype)
+        if a is None:
+            a = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+            self.anchors[dtype] = a
+        return a
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any, *, rule: Rule, name: str) -> Any:
+        if self._suspended:
+            return None
+        if self.phase == "backward":
+            # activation-checkpoint recomputation: the original forward already captured this call.
+            self._guard_recompute(output)
+            return None
+        if self.phase != "forward":
+            return None
+        outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else None
+        if outs is None:
+            raise UnsupportedLayerError(
+                f"body module {name!r} returned {type(output).__name__}; rules need a tensor or a tuple of tensors"
+            )
+        live = [
+            i for i, o in enumerate(outs)
+            if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()
+        ]
+        if not live:
+            return None  # no-grad step (or frozen input path): nothing to attribute, zero at this index
+        if not self.in_step:
+            raise StepError(
+                f"body module {name!r} ran outside a loop step; its weights are used outside the step "
+                "module. Mark each iteration with step_module= (or looptrace.loop_step()) and keep "
+                "body weights out of the read-in/read-out"
+            )
+        saved = rule.capture(module, args, kwargs, output)
+        step = self.step
+        for i in live:
+            o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
+            o.register_hook(partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name))
+            outs[i] = o
+        if isinstance(output, torch.Tensor):
+            return outs[0]
+        return type(output)(outs)
+
+    def _guard_recompute(self, output: Any) -> None:
+        outs = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)] if isinstance(output, tuple | list) else []
+        for o in outs:
+            if o.requires_grad:
+                o.register_hook(self._recompute_fired)
+
+    def _recompute_fired(self, grad: torch.Tensor) -> None:
+        self.recompute_fired = True
+
+    def _on_grad(self, grad: torch.Tensor, *, module: nn.Module, rule: Rule, saved: Any, step: int, index: int, name: str) -> None:
+        if self.phase != "backward" or self.feats is None:
+            return
+        if grad.shape[0] != self.batch_size and not (rule.name == "MultiheadAttention"):
+            raise StepError(
+                f"output of body module {name!r} has leading size {grad.shape[0]} but the batch has "
+                f"{self.batch_size} examples; looptrace needs the batch on the first axis of every body "
+                "layer's input and output (use batch_first=True)"
+            )
+        self._cur_step = step
+        self._suspended += 1
+        try:
+            with torch.no_grad():
+                rule.contribute(module, saved, grad, index, self)
+        finally:
+            self._suspended -= 1
+
+    # ------------------------------------------------------------------ Sink protocol
+    def _out(self, param: nn.Parameter) -> tuple[Slot, torch.Tensor]:
+        slot = self.slot_of.get(id(param))
+        if slot is None:
+            raise UnsupportedLayerError(
+                "a layer rule sent a gradient for a parameter outside the body; this is a bug in the rule"
+            )
+        assert self.feats is not None
+        return slot, self.feats[:, self._cur_step - 1, slot.offset : slot.offset + slot.m]
+
+    def outer(self, param: nn.Parameter, left: torch.Tensor, right: torch.Tensor) -> None:
+        slot, out = self._out(param)
+        slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), self.outer_path)
+
+    def dense(self, param: nn.Parameter, g: torch.Tensor) -> None:
+        slot, out = self._out(param)
+        slot.add_dense(out, g.to(out.dtype))
+
+    def rows(self, param: nn.Parameter, idx: torch.Tensor, values: torch.Tensor) -> None:
+        slot, out = self._out(param)
+        slot.add_rows(out, idx, values.to(out.dtype))

@@ -1,0 +1,101 @@
+"""``looptrace.attribute``: TracIn and SDI aggregated over checkpoints with their eta_k."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from looptrace.errors import ConfigError
+from looptrace.featurize import LossFn, featurize
+from looptrace.influence.checkpoints import Checkpoint, load_into
+from looptrace.influence.scores import Decomposition, self_influence, sdi, step_matrix, tracin
+from looptrace.sketch.spec import SketchSpec
+
+
+@dataclasses.dataclass
+class Attribution:
+    """Scores summed over checkpoints, sum_k eta_k (...).
+
+    Attributes:
+        sdi: ``[N, M, tau]`` step-decomposed influence (test-side unless ``decomposition`` says otherwise).
+        tracin: ``[N, M]``; equals ``sdi.sum(-1)`` (conservation).
+        self_influence: ``[N]`` sum_k eta_k |g_k(z)|^2 of each training example.
+        step_matrix: ``[N, M, tau, tau]`` when ``decomposition="matrix"``, else ``None``.
+        etas, checkpoints: the weights used and the checkpoint names, in order.
+    """
+
+    sdi: torch.Tensor
+    tracin: torch.Tensor
+    self_influence: torch.Tensor
+    spec: SketchSpec
+    decomposition: Decomposition
+    etas: list[float]
+    checkpoints: list[str]
+    step_matrix: torch.Tensor | None = None
+
+
+def attribute(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    train_loader: Iterable[Any],
+    query_loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    step_module: nn.Module | None = None,
+    body: nn.Module | Sequence[nn.Module] | None = None,
+    sketch: SketchSpec | None = None,
+    decomposition: Decomposition = "test",
+    **featurize_kwargs: Any,
+) -> Attribution:
+    """TracIn and SDI of every train example on every query example, over ``checkpoints``.
+
+    Each checkpoint is loaded once (``weights_only=True``); the model's own weights are restored
+    afterwards. ``decomposition``: ``"test"`` (which query-time step was influenced, default),
+    ``"train"`` (which train-time step did the influencing) or ``"matrix"`` (both: tau x tau).
+    """
+    if not checkpoints:
+        raise ConfigError("attribute needs at least one Checkpoint")
+    if decomposition not in ("test", "train", "matrix"):
+        raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
+    spec = sketch if sketch is not None else SketchSpec()
+    original = copy.deepcopy(model.state_dict())
+    total_sdi: torch.Tensor | None = None
+    total_tracin: torch.Tensor | None = None
+    total_self: torch.Tensor | None = None
+    total_matrix: torch.Tensor | None = None
+    etas: list[float] = []
+    names: list[str] = []
+    kw = dict(step_module=step_module, body=body, sketch=spec, **featurize_kwargs)
+    try:
+        for ck in checkpoints:
+            state, eta, name = ck.load()
+            load_into(model, state, name)
+            train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
+            query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
+            if decomposition == "matrix":
+                mat = eta * step_matrix(train, query)
+                total_matrix = mat if total_matrix is None else total_matrix + mat
+                s = mat.sum(2)
+            else:
+                s = eta * sdi(train, query, side=decomposition)
+            if total_sdi is not None and s.shape[-1] != total_sdi.shape[-1]:
+                raise ConfigError(
+                    f"checkpoint {name} ran {s.shape[-1]} loop steps but earlier ones ran {total_sdi.shape[-1]}; "
+                    "pass tau= so every checkpoint is featurised on the same horizon"
+                )
+            tr = eta * tracin(train, query)
+            si = eta * self_influence(train)
+            total_sdi = s if total_sdi is None else total_sdi + s
+            total_tracin = tr if total_tracin is None else total_tracin + tr
+            total_self = si if total_self is None else total_self + si
+            etas.append(eta)
+            names.append(name)
+    finally:
+        model.load_state_dict(original)
+    assert total_sdi is not None and total_tracin is not None and total_self is not None
+    return Attribution(total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix)

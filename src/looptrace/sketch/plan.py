@@ -1,0 +1,248 @@
+"""The sketch plan: which linear map each parameter tensor's gradient goes through, and where its
+features live in the feature vector.
+
+Every map is linear, so per-token and per-step contributions can be sketched separately and summed:
+sketch(sum_t phi_t) = sum_t sketch(phi_t), which is what makes conservation hold exactly.
+
+Three kinds of per-slot maps:
+
+* ``identity``: the flattened gradient itself (exact mode, or a tensor kept exact by the budget).
+* ``cs``: CountSketch of the flattened gradient with hash h (2-wise) and sign s (4-wise).
+* ``ts``: TensorSketch for a matrix parameter [rows, cols]: the CountSketch of the flattened
+  matrix under the induced hash H(i, j) = h1(i) + h2(j) mod m and sign S(i, j) = s1(i) s2(j)
+  (Lemma 3). For a sum of outer products it can be computed without the matrix via the FFT:
+  TS(u, v) = irfft(rfft(CS1 u) * rfft(CS2 v)); the sum over tokens moves inside the inverse FFT
+  because the inverse FFT is linear. Both routes give the same numbers (a test checks this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from looptrace.errors import ConfigError
+from looptrace.sketch.hashing import bucket_hash, sign_hash
+from looptrace.sketch.spec import SketchSpec
+
+Kind = Literal["identity", "cs", "ts"]
+OuterPath = Literal["auto", "fft", "materialize"]
+
+#: Upper bound on the bytes of one transient per-example gradient block or FFT buffer.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclasses.dataclass
+class Slot:
+    """One parameter tensor's place in the feature vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Kind
+    m: int
+    offset: int
+    seed: int
+    _tables: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = dataclasses.field(
+        default_factory=dict, repr=False
+    )
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) >= 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.numel // max(self.rows, 1)
+
+    # ------------------------------------------------------------------ hash tables
+    def tables(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Hash tables on ``device``: generated on the CPU, then copied (identical on any device)."""
+        key = (device, dtype)
+        if key in self._tables:
+            return self._tables[key]
+        t: dict[str, torch.Tensor] = {}
+        if self.kind == "cs":
+            t["idx"] = bucket_hash(self.numel, self.m, seed=self.seed, name=self.name, role="h")
+            t["sign"] = sign_hash(self.numel, seed=self.seed, name=self.name, role="s")
+        elif self.kind == "ts":
+            h1 = bucket_hash(self.rows, self.m, seed=self.seed, name=self.name, role="h1")
+            h2 = bucket_hash(self.cols, self.m, seed=self.seed, name=self.name, role="h2")
+            s1 = sign_hash(self.rows, seed=self.seed, name=self.name, role="s1")
+            s2 = sign_hash(self.cols, seed=self.seed, name=self.name, role="s2")
+            t.update(h1=h1, h2=h2, s1=s1, s2=s2)
+            t["idx"] = ((h1[:, None] + h2[None, :]) % self.m).reshape(-1)
+            t["sign"] = (s1[:, None] * s2[None, :]).reshape(-1)
+        out = {
+            k: v.to(device=device, dtype=dtype if k.startswith("s") else torch.int64)
+            for k, v in t.items()
+        }
+        self._tables[key] = out
+        return out
+
+    # ------------------------------------------------------------------ sketch operators
+    def add_dense(self, out: torch.Tensor, g: torch.Tensor) -> None:
+        """out[B, m] += S(g) for per-example flattened gradients g[B, numel]."""
+        if self.kind == "identity":
+            out.add_(g)
+            return
+        t = self.tables(g.device, g.dtype)
+        out.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g * t["sign"])
+
+    def add_rows(self, out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """out[B, m] += S(G) with G = sum_j e_{rows[:, j]} (x) values[:, j] (embedding-style).
+
+        rows: int64 [B, L]; values: [B, L, cols]. Only the touched entries are visited.
+        """
+        b, n_tok = rows.shape
+        cols = self.cols
+        pos = (rows[:, :, None] * cols + torch.arange(cols, device=rows.device)).reshape(b, -1)
+        vals = values.reshape(b, n_tok * cols)
+        if self.kind == "identity":
+            out.scatter_add_(1, pos, vals)
+            return
+        t = self.tables(values.device, values.dtype)
+        out.scatter_add_(1, t["idx"][pos], vals * t["sign"][pos])
+
+    def add_outer(
+        self,
+        out: torch.Tensor,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        path: OuterPath = "auto",
+    ) -> None:
+        """out[B, m] += S(sum_j left[:, j] (x) right[:, j]) for left [B, L, rows], right [B, L, cols]."""
+        b, n_tok, rows = left.shape
+        cols = right.shape[-1]
+        if self.kind == "ts" and self._choose_path(n_tok, path) == "fft":
+            self._add_outer_fft(out, left, right)
+            return
+        t = self.tables(left.device, left.dtype) if self.kind != "identity" else {}
+        if self.kind == "ts":  # fold S(i, j) = s1(i) s2(j) into the factors: O(L (rows + cols))
+            left = left * t["s1"]
+            right = right * t["s2"]
+        per_example = rows * cols * left.element_size()
+        step = max(1, CHUNK_BYTES // max(per_example, 1))
+        for i in range(0, b, step):  # chunk examples to bound the transient [b, rows, cols] block
+            g = torch.bmm(left[i : i + step].transpose(1, 2), right[i : i + step]).reshape(-1, rows * cols)
+            o = out[i : i + step]
+            if self.kind == "identity":
+                o.add_(g)
+            elif self.kind == "ts":
+                o.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g)
+            else:
+                o.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g * t["sign"])
+
+    def _choose_path(self, n_tok: int, path: OuterPath) -> Literal["fft", "materialize"]:
+        if path != "auto":
+            return path
+        # Measured on CPU (benchmarks/results): a per-token rfft of size m costs about as much as
+        # 40 * m * log2(m) multiply-adds of a batched matmul; the materialised route costs the
+        # per-example gradient (L * rows * cols) plus a scatter of rows * cols entries (~8 MACs each).
+        cost_fft = n_tok * (2 * 40 * self.m * math.log2(max(self.m, 2)) + 4 * (self.rows + self.cols))
+        cost_mat = n_tok * self.rows * self.cols + 8 * self.rows * self.cols
+        return "fft" if cost_fft < cost_mat else "materialize"
+
+    def _add_outer_fft(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        b, n_tok, rows = left.shape
+        cols = right.shape[-1]
+        m = self.m
+        t = self.tables(left.device, left.dtype)
+        freq = m // 2 + 1
+        per_token = 2 * freq * 2 * left.element_size() + 2 * m * left.element_size()
+        tok_step = max(1, CHUNK_BYTES // max(per_token * b, 1))
+        acc = torch.zeros(b, freq, dtype=torch.promote_types(left.dtype, torch.complex64), device=left.device)
+        for j in range(0, n_tok, tok_step):
+            lj, rj = left[:, j : j + tok_step], right[:, j : j + tok_step]
+            c1 = lj.new_zeros(b, lj.shape[1], m).index_add_(2, t["h1"], lj * t["s1"])
+            c2 = rj.new_zeros(b, rj.shape[1], m).index_add_(2, t["h2"], rj * t["s2"])
+            acc += (torch.fft.rfft(c1, dim=-1) * torch.fft.rfft(c2, dim=-1)).sum(dim=1)
+        out.add_(torch.fft.irfft(acc, n=m, dim=-1).to(out.dtype))
+        del rows, cols
+
+
+@dataclasses.dataclass
+class SketchPlan:
+    """The slots of all body parameter tensors and the total feature dimension."""
+
+    spec: SketchSpec
+    slots: list[Slot]
+    dim: int
+
+    @classmethod
+    def build(cls, spec: SketchSpec, params: Sequence[tuple[str, tuple[int, ...]]]) -> SketchPlan:
+        """Lay out ``params`` ((name, shape) in a canonical order) under ``spec``."""
+        if not params:
+            raise ConfigError("there are no body parameters to featurise")
+        params = sorted(params)  # layout depends on names only, never on module order
+        slots: list[Slot] = []
+        if spec.is_exact:
+            off = 0
+            for name, shape in params:
+                slots.append(Slot(name, shape, "identity", math.prod(shape), off, spec.seed))
+                off += math.prod(shape)
+            return cls(spec, slots, off)
+        assert spec.dim is not None
+
+        def sketch_kind(shape: tuple[int, ...]) -> Kind:
+            if spec.method == "tensorsketch" and len(shape) >= 2:
+                return "ts"
+            return "cs"
+
+        if spec.budget == "per_tensor":
+            for i, (name, shape) in enumerate(params):
+                slots.append(Slot(name, shape, sketch_kind(shape), spec.dim, i * spec.dim, spec.seed))
+            return cls(spec, slots, spec.dim * len(params))
+        if spec.budget == "shared":
+            for name, shape in params:
+                slots.append(Slot(name, shape, sketch_kind(shape), spec.dim, 0, spec.seed))
+            return cls(spec, slots, spec.dim)
+        # proportional: visit tensors from smallest to largest; a tensor whose share covers it is
+        # kept exactly, the others get an even share of what is left.
+        order = sorted(range(len(params)), key=lambda i: (math.prod(params[i][1]), params[i][0]))
+        remaining_dim = spec.dim
+        remaining_numel = sum(math.prod(s) for _, s in params)
+        dims: dict[int, tuple[Kind, int]] = {}
+        for rank, i in enumerate(order):
+            name, shape = params[i]
+            n = math.prod(shape)
+            share = remaining_dim * n / remaining_numel
+            last = rank == len(order) - 1
+            if n <= share:
+                dims[i] = ("identity", n)
+                used = n
+            else:
+                m = remaining_dim if last else max(2, int(share) // 2 * 2)
+                if m < 2:
+                    raise ConfigError(
+                        f"SketchSpec(dim={spec.dim}, budget='proportional') leaves no room for {name}; "
+                        "raise dim or use budget='per_tensor'"
+                    )
+                dims[i] = (sketch_kind(shape), m)
+                used = m
+            remaining_dim -= used
+            remaining_numel -= n
+        off = 0
+        for i, (name, shape) in enumerate(params):
+            kind, m = dims[i]
+            slots.append(Slot(name, shape, kind, m, off, spec.seed))
+            off += m
+        return cls(spec, slots, off)
+
+    def slot(self, name: str) -> Slot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {"name": s.name, "shape": list(s.shape), "kind": s.kind, "m": s.m, "offset": s.offset}
+            for s in self.slots
+        ]

@@ -1,0 +1,108 @@
+"""SketchSpec: what projection turns per-step gradients into features.
+
+A spec is a frozen, validated value. It travels with every feature tensor, is saved beside every
+output, and two features can only be combined when their specs are equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+from looptrace.errors import ConfigError
+
+Method = Literal["tensorsketch", "countsketch", "exact"]
+Budget = Literal["per_tensor", "proportional", "shared"]
+
+_METHODS = ("tensorsketch", "countsketch", "exact")
+_BUDGETS = ("per_tensor", "proportional", "shared")
+MAX_DIM = 1 << 26
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchSpec:
+    """How per-example, per-step body gradients are projected to features.
+
+    Attributes:
+        dim: sketch dimension. With ``budget="per_tensor"`` it is the paper's m, the dimension given
+            to *each* parameter tensor (the feature dimension is then m times the number of tensors);
+            with ``"proportional"`` or ``"shared"`` it is the *total* feature dimension D.
+            ``None`` only for the exact (identity) spec.
+        seed: seeds every hash; hashes are drawn from (seed, parameter name, role).
+        method: ``"tensorsketch"`` (the paper: TensorSketch for matrix parameters, CountSketch for
+            vectors; variance <= (4/m^2 + 6/m)|g|^2|p|^2), ``"countsketch"`` (CountSketch of each
+            flattened parameter gradient with a fully independent hash; variance <= 2/m |g|^2|p|^2),
+            or ``"exact"`` (identity: the full per-step gradient).
+        budget: how ``dim`` is spent across parameter tensors: ``"per_tensor"`` (dim each, as in
+            the paper), ``"proportional"`` (D split in proportion to tensor size, tensors no larger than
+            their share kept exactly), or ``"shared"`` (every tensor hashed into the same D
+            coordinates with independent hashes, the sketches summed).
+    """
+
+    dim: int | None = 2048
+    seed: int = 0
+    method: Method = "tensorsketch"
+    budget: Budget = "per_tensor"
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ConfigError(f"SketchSpec.method must be one of {_METHODS}, got {self.method!r}")
+        if self.budget not in _BUDGETS:
+            raise ConfigError(f"SketchSpec.budget must be one of {_BUDGETS}, got {self.budget!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"SketchSpec.seed must be a non-negative int, got {self.seed!r}")
+        if self.method == "exact":
+            if self.dim is not None:
+                raise ConfigError("the exact spec has no dimension: use SketchSpec.exact()")
+            return
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
+            raise ConfigError(
+                f"SketchSpec.dim must be a positive int, got {self.dim!r}; "
+                "use SketchSpec.exact() for the unprojected baseline"
+            )
+        if self.dim > MAX_DIM:
+            raise ConfigError(
+                f"SketchSpec.dim={self.dim} is absurdly large (limit {MAX_DIM}); "
+                "use SketchSpec.exact() if you want unprojected gradients"
+            )
+        if self.method == "tensorsketch" and self.dim % 2:
+            raise ConfigError(
+                f"SketchSpec.dim={self.dim} is odd; the TensorSketch variance bound "
+                "(4/m^2 + 6/m) assumes an even m: use an even dim such as "
+                f"{self.dim + 1}"
+            )
+
+    @classmethod
+    def exact(cls) -> SketchSpec:
+        """The identity spec: features are the full flattened per-step gradients (the baseline)."""
+        return cls(dim=None, seed=0, method="exact", budget="per_tensor")
+
+    @property
+    def is_exact(self) -> bool:
+        return self.method == "exact"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SketchSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown SketchSpec fields {sorted(unknown)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the spec (used to refuse mixing features of different specs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        if self.is_exact:
+            return "SketchSpec.exact()"
+        return (
+            f"SketchSpec(dim={self.dim}, seed={self.seed}, method={self.method!r}, "
+            f"budget={self.budget!r})"
+        )
