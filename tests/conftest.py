@@ -64,7 +64,13 @@ def oracle_per_step(
     step_module.forward = patched  # type: ignore[method-assign]
     try:
         for batch in batches:
-            b = next(t for t in (batch if isinstance(batch, tuple | list) else batch.values() if isinstance(batch, dict) else [batch]) if isinstance(t, torch.Tensor)).shape[0]
+            b = next(
+                t
+                for t in (
+                    batch if isinstance(batch, tuple | list) else batch.values() if isinstance(batch, dict) else [batch]
+                )
+                if isinstance(t, torch.Tensor)
+            ).shape[0]
             for i in range(b):
                 copies.clear()
                 loss = loss_fn(model, slice_batch(batch, i))[0]
@@ -74,7 +80,12 @@ def oracle_per_step(
                 for t in range(len(copies)):
                     gs = grads[t * len(order) : (t + 1) * len(order)]
                     per_step.append(
-                        torch.cat([(g if g is not None else torch.zeros_like(c)).reshape(-1) for g, c in zip(gs, flat[t * len(order) : (t + 1) * len(order)], strict=True)])
+                        torch.cat(
+                            [
+                                (g if g is not None else torch.zeros_like(c)).reshape(-1)
+                                for g, c in zip(gs, flat[t * len(order) : (t + 1) * len(order)], strict=True)
+                            ]
+                        )
                     )
                 rows.append(per_step)
     finally:
@@ -86,7 +97,12 @@ def oracle_per_step(
     return out
 
 
-def per_example_grads(model: nn.Module, params: list[tuple[str, nn.Parameter]], batches: list[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor]) -> torch.Tensor:
+def per_example_grads(
+    model: nn.Module,
+    params: list[tuple[str, nn.Parameter]],
+    batches: list[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+) -> torch.Tensor:
     """Autograd per-example total gradients ``[N, P]`` of ``params`` (sorted by name)."""
     params = sorted(params)
     out = []
@@ -94,7 +110,14 @@ def per_example_grads(model: nn.Module, params: list[tuple[str, nn.Parameter]], 
         losses = loss_fn(model, batch)
         for i in range(losses.shape[0]):
             g = torch.autograd.grad(losses[i], [p for _, p in params], retain_graph=True, allow_unused=True)
-            out.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, (_, p) in zip(g, params, strict=True)]))
+            out.append(
+                torch.cat(
+                    [
+                        (x if x is not None else torch.zeros_like(p)).reshape(-1)
+                        for x, (_, p) in zip(g, params, strict=True)
+                    ]
+                )
+            )
     return torch.stack(out)
 
 
@@ -118,7 +141,9 @@ def tiny_model(**overrides: Any) -> LoopedTransformer:
     return model
 
 
-def tiny_batches(n_batches: int = 2, b: int = 3, length: int = 5, vocab: int = 7, readout: bool = False, loops: int = 4) -> list[Any]:
+def tiny_batches(
+    n_batches: int = 2, b: int = 3, length: int = 5, vocab: int = 7, readout: bool = False, loops: int = 4
+) -> list[Any]:
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n_batches):

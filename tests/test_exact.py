@@ -12,7 +12,9 @@ CASES = {
     "concat-layernorm": dict(injection="concat"),
     "additive-rmsnorm-corenorm": dict(injection="additive", norm="rmsnorm", core_norm=True),
     "prelude-coda-rotary": dict(n_prelude=1, n_coda=1, positions="rotary", qk_norm=True, mlp="relu2"),
-    "bidirectional-learnedpos-nobias": dict(causal=False, positions="learned", bias=False, injection="none", state_init="embedding"),
+    "bidirectional-learnedpos-nobias": dict(
+        causal=False, positions="learned", bias=False, injection="none", state_init="embedding"
+    ),
     "truncated-bptt": dict(bptt_k=2),
 }
 

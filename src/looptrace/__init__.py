@@ -1,9 +1,9 @@
 """looptrace: step-resolved training-data attribution for looped (weight-tied, depth-recurrent) models.
 
-    import looptrace as lt
-    spec = lt.SketchSpec(dim=2048, seed=0)
-    feats = lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=spec)
-    scores = lt.sdi(train_feats, query_feats)          # [N, M, tau]
+import looptrace as lt
+spec = lt.SketchSpec(dim=2048, seed=0)
+feats = lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=spec)
+scores = lt.sdi(train_feats, query_feats)          # [N, M, tau]
 """
 
 from looptrace.capture.rules import Rule, register_rule
@@ -26,7 +26,7 @@ from looptrace.features import Features
 from looptrace.featurize import featurize
 from looptrace.influence.attribute import Attribution, attribute
 from looptrace.influence.checkpoints import Checkpoint
-from looptrace.influence.scores import self_influence, sdi, step_matrix, stream_sdi, tracin
+from looptrace.influence.scores import sdi, self_influence, step_matrix, stream_sdi, tracin
 from looptrace.sketch.spec import SketchSpec
 
 __version__ = "0.1.0"

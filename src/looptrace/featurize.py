@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -134,7 +133,9 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-8, torch.float32: 2e-3}.get(dtype, 5e-2)
 
 
-def _sketch_grads(plan: SketchPlan, grads: dict[str, torch.Tensor | None], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _sketch_grads(
+    plan: SketchPlan, grads: dict[str, torch.Tensor | None], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     out = torch.zeros(1, plan.dim, dtype=dtype, device=device)
     for slot in plan.slots:
         g = grads.get(slot.name)
@@ -294,6 +295,7 @@ def featurize(
             check = verify is True or (verify == "first" and bi == 0)
             anchors = list(tracer.anchors.values())
             inputs = anchors + (body_list if check else [])
+            grads: tuple[torch.Tensor | None, ...] = ()
             if inputs:
                 grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=check)
             if tracer.recompute_fired:
@@ -304,7 +306,9 @@ def featurize(
             if check and inputs:
                 tracer.phase = "verify"
                 total = dict(zip(names, grads[len(anchors) :], strict=True))
-                _compare(plan, _sketch_grads(plan, total, dtype, device), feats.sum((0, 1)), "the batch's summed features")
+                _compare(
+                    plan, _sketch_grads(plan, total, dtype, device), feats.sum((0, 1)), "the batch's summed features"
+                )
                 for i in sorted({0, b - 1}):
                     gi = torch.autograd.grad(losses[i], body_list, allow_unused=True, retain_graph=i != b - 1)
                     _compare(
@@ -339,7 +343,3 @@ def featurize(
             row += c.shape[0]
         return Features(out, spec, plan.describe(), losses_all, checkpoint)
     return Features(None, spec, plan.describe(), losses_all, checkpoint, _total=torch.cat(chunks))
-
-
-def _unused(x: Any) -> None:  # pragma: no cover
-    del x, math

@@ -30,11 +30,11 @@ class Sink(Protocol):
 
     batch_size: int
 
-    def outer(self, param: nn.Parameter, left: torch.Tensor, right: torch.Tensor) -> None: ...
+    def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None: ...
 
-    def dense(self, param: nn.Parameter, g: torch.Tensor) -> None: ...
+    def dense(self, param: torch.Tensor, g: torch.Tensor) -> None: ...
 
-    def rows(self, param: nn.Parameter, idx: torch.Tensor, values: torch.Tensor) -> None: ...
+    def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None: ...
 
 
 Capture = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
@@ -137,11 +137,9 @@ def _register_optional() -> None:
     _OPTIONAL_DONE = True
     try:
         from transformers.pytorch_utils import Conv1D  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001 - any import failure means: no transformers here
+    except Exception:
         return
-    register_rule(
-        Conv1D, Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _conv1d_contribute, "Conv1D")
-    )
+    register_rule(Conv1D, Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _conv1d_contribute, "Conv1D"))
 
 
 # --------------------------------------------------------------------------- Embedding
@@ -191,10 +189,10 @@ def _rmsnorm_capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 
 def _norm_contribute(module: nn.Module, xhat: Any, delta: torch.Tensor, i: int, sink: Sink) -> None:
     b = delta.shape[0]
-    affine = getattr(module, "weight", None)
+    affine: Any = getattr(module, "weight", None)
     if affine is None:
-        affine = module.bias
-    width = affine.numel()  # type: ignore[union-attr]
+        affine = getattr(module, "bias", None)
+    width = int(affine.numel())
     d = delta.reshape(b, -1, width)
     if getattr(module, "weight", None) is not None:
         sink.dense(module.weight, (d * xhat.reshape(b, -1, width).to(d.dtype)).sum(1))  # type: ignore[arg-type]
@@ -292,8 +290,8 @@ def make_fallback_contribute(
                 out = torch.func.functional_call(module, pp, tuple(a), k, strict=False)
                 return out if isinstance(out, torch.Tensor) else out[i]
 
-            _, vjp_fn = torch.func.vjp(f, p)
-            return vjp_fn(g.unsqueeze(bd))[0]
+            vjp_out: Any = torch.func.vjp(f, p)
+            return vjp_out[1](g.unsqueeze(bd))[0]
 
         grads = torch.func.vmap(one, in_dims=(None, saved.in_dims[0], saved.in_dims[1], bd))(
             params, saved.args, saved.kwargs, delta

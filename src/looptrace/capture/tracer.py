@@ -123,13 +123,14 @@ class Tracer:
         self.batch_size = 0
         self._cur_step = 0
         self._suspended = 0
+        self._captured_in_step = False
 
     # ------------------------------------------------------------------ setup
     def _resolve(self, model: nn.Module, roots: list[nn.Module], fallback: bool) -> list[tuple[nn.Module, Rule, str]]:
         """Pick the hooked modules, parents before children (``modules()`` is pre-order), so a rule
         that accounts for its children's parameters (MultiheadAttention.out_proj) claims them first."""
         mod_names = {id(m): n for n, m in model.named_modules()}
-        claimed: set[int] = set()
+        covered: set[int] = set()  # child modules whose parameters a parent's rule accounts for
         targets: list[tuple[nn.Module, Rule, str]] = []
         visited: set[int] = set()
         for root in roots:
@@ -138,8 +139,8 @@ class Tracer:
                     continue
                 visited.add(id(mod))
                 direct = dict(mod.named_parameters(recurse=False))
-                if direct and all(id(p) in claimed for p in direct.values()):
-                    continue  # accounted for by an enclosing module's rule
+                if id(mod) in covered:
+                    continue
                 name = mod_names.get(id(mod), type(mod).__name__)
                 rule = find_rule(mod)
                 if rule is not None:
@@ -152,7 +153,9 @@ class Tracer:
                             f"{name!r} ({type(mod).__name__}); register a rule with "
                             "looptrace.register_rule for this layer type"
                         )
-                    claimed |= hids
+                    for pname in handled:
+                        if "." in pname:
+                            covered.update(id(m) for m in mod.get_submodule(pname.rsplit(".", 1)[0]).modules())
                     targets.append((mod, rule, name))
                 elif direct:
                     if not fallback:
@@ -162,7 +165,6 @@ class Tracer:
                             "register one with looptrace.register_rule, or allow the exact per-example "
                             "fallback (fallback=True)"
                         )
-                    claimed |= {id(p) for p in direct.values()}
                     targets.append((mod, FALLBACK, name))
         return targets
 
@@ -187,6 +189,18 @@ class Tracer:
         self.enter_step(None)
 
     def _step_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if (
+            self.phase == "forward"
+            and not self._suspended
+            and not self._captured_in_step
+            and isinstance(output, torch.Tensor)
+            and output.requires_grad
+        ):
+            raise StepError(
+                "the step module's output carries gradient but none of its layers ran with gradient "
+                "enabled: the body ran under no_grad inside a gradient-carrying wrapper, as reentrant "
+                "activation checkpointing does. Use torch.utils.checkpoint(..., use_reentrant=False)"
+            )
         self.exit_step()
 
     def enter_step(self, index: int | None) -> None:
@@ -205,6 +219,7 @@ class Tracer:
             self.step += 1
         self.max_step = max(self.max_step, self.step)
         self.in_step = True
+        self._captured_in_step = False
 
     def exit_step(self) -> None:
         if self.phase != "forward" or self._suspended:
@@ -237,14 +252,15 @@ class Tracer:
             return None
         if self.phase != "forward":
             return None
-        outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else None
+        outs = (
+            [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else None
+        )
         if outs is None:
             raise UnsupportedLayerError(
                 f"body module {name!r} returned {type(output).__name__}; rules need a tensor or a tuple of tensors"
             )
         live = [
-            i for i, o in enumerate(outs)
-            if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()
+            i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()
         ]
         if not live:
             return None  # no-grad step (or frozen input path): nothing to attribute, zero at this index
@@ -255,17 +271,26 @@ class Tracer:
                 "body weights out of the read-in/read-out"
             )
         saved = rule.capture(module, args, kwargs, output)
+        self._captured_in_step = True
         step = self.step
         for i in live:
             o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
-            o.register_hook(partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name))
+            o.register_hook(
+                partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name)
+            )
             outs[i] = o
         if isinstance(output, torch.Tensor):
             return outs[0]
         return type(output)(outs)
 
     def _guard_recompute(self, output: Any) -> None:
-        outs = [output] if isinstance(output, torch.Tensor) else [o for o in output if isinstance(o, torch.Tensor)] if isinstance(output, tuple | list) else []
+        outs = (
+            [output]
+            if isinstance(output, torch.Tensor)
+            else [o for o in output if isinstance(o, torch.Tensor)]
+            if isinstance(output, tuple | list)
+            else []
+        )
         for o in outs:
             if o.requires_grad:
                 o.register_hook(self._recompute_fired)
@@ -273,7 +298,9 @@ class Tracer:
     def _recompute_fired(self, grad: torch.Tensor) -> None:
         self.recompute_fired = True
 
-    def _on_grad(self, grad: torch.Tensor, *, module: nn.Module, rule: Rule, saved: Any, step: int, index: int, name: str) -> None:
+    def _on_grad(
+        self, grad: torch.Tensor, *, module: nn.Module, rule: Rule, saved: Any, step: int, index: int, name: str
+    ) -> None:
         if self.phase != "backward" or self.feats is None:
             return
         if grad.shape[0] != self.batch_size and not (rule.name == "MultiheadAttention"):
@@ -300,14 +327,14 @@ class Tracer:
         assert self.feats is not None
         return slot, self.feats[:, self._cur_step - 1, slot.offset : slot.offset + slot.m]
 
-    def outer(self, param: nn.Parameter, left: torch.Tensor, right: torch.Tensor) -> None:
+    def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         slot, out = self._out(param)
         slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), self.outer_path)
 
-    def dense(self, param: nn.Parameter, g: torch.Tensor) -> None:
+    def dense(self, param: torch.Tensor, g: torch.Tensor) -> None:
         slot, out = self._out(param)
         slot.add_dense(out, g.to(out.dtype))
 
-    def rows(self, param: nn.Parameter, idx: torch.Tensor, values: torch.Tensor) -> None:
+    def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
         slot, out = self._out(param)
         slot.add_rows(out, idx, values.to(out.dtype))

@@ -13,7 +13,7 @@ from torch import nn
 from looptrace.errors import ConfigError
 from looptrace.featurize import LossFn, featurize
 from looptrace.influence.checkpoints import Checkpoint, load_into
-from looptrace.influence.scores import Decomposition, self_influence, sdi, step_matrix, tracin
+from looptrace.influence.scores import Decomposition, sdi, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
 
 

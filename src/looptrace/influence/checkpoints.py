@@ -71,7 +71,9 @@ class Checkpoint:
             )
         lr = float(lr)
         if not math.isfinite(lr) or lr < 0:
-            raise CheckpointError(f"learning rate eta={lr} of checkpoint {name or '<state dict>'} must be finite and >= 0")
+            raise CheckpointError(
+                f"learning rate eta={lr} of checkpoint {name or '<state dict>'} must be finite and >= 0"
+            )
         if not name:
             h = hashlib.sha256()
             for k in sorted(state):
@@ -100,7 +102,8 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) ->
         if shapes:
             parts.append(f"shape mismatches {shapes[:10]}")
         raise CheckpointError(
-            f"checkpoint {name} does not fit the model: " + "; ".join(parts)
+            f"checkpoint {name} does not fit the model: "
+            + "; ".join(parts)
             + ". Build the model with the config the checkpoint was trained with"
         )
     model.load_state_dict(state, strict=True)

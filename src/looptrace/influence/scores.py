@@ -39,9 +39,7 @@ def sdi(train: Features, query: Features, side: Literal["test", "train"] = "test
 def step_matrix(train: Features, query: Features) -> torch.Tensor:
     """The tau x tau step influence matrix ``[N, M, tau_train, tau_query]``."""
     train.compatible_with(query)
-    return torch.einsum(
-        "nsd,mtd->nmst", train.require_steps("the step matrix"), query.require_steps("the step matrix")
-    )
+    return torch.einsum("nsd,mtd->nmst", train.require_steps("the step matrix"), query.require_steps("the step matrix"))
 
 
 def tracin(train: Features, query: Features) -> torch.Tensor:

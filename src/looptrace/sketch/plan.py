@@ -79,10 +79,7 @@ class Slot:
             t.update(h1=h1, h2=h2, s1=s1, s2=s2)
             t["idx"] = ((h1[:, None] + h2[None, :]) % self.m).reshape(-1)
             t["sign"] = (s1[:, None] * s2[None, :]).reshape(-1)
-        out = {
-            k: v.to(device=device, dtype=dtype if k.startswith("s") else torch.int64)
-            for k, v in t.items()
-        }
+        out = {k: v.to(device=device, dtype=dtype if k.startswith("s") else torch.int64) for k, v in t.items()}
         self._tables[key] = out
         return out
 
@@ -203,31 +200,36 @@ class SketchPlan:
             for name, shape in params:
                 slots.append(Slot(name, shape, sketch_kind(shape), spec.dim, 0, spec.seed))
             return cls(spec, slots, spec.dim)
-        # proportional: visit tensors from smallest to largest; a tensor whose share covers it is
-        # kept exactly, the others get an even share of what is left.
+        # proportional: visit tensors from smallest to largest; one no larger than an equal share of
+        # what is left is kept exactly (zero error for its numel coordinates); the rest split the
+        # remaining dimension in proportion to their size, in even parts of at least 2.
         order = sorted(range(len(params)), key=lambda i: (math.prod(params[i][1]), params[i][0]))
         remaining_dim = spec.dim
-        remaining_numel = sum(math.prod(s) for _, s in params)
         dims: dict[int, tuple[Kind, int]] = {}
+        rest: list[int] = []
         for rank, i in enumerate(order):
-            name, shape = params[i]
-            n = math.prod(shape)
-            share = remaining_dim * n / remaining_numel
-            last = rank == len(order) - 1
-            if n <= share:
+            n = math.prod(params[i][1])
+            if not rest and n <= remaining_dim / (len(order) - rank):
                 dims[i] = ("identity", n)
-                used = n
+                remaining_dim -= n
             else:
-                m = remaining_dim if last else max(2, int(share) // 2 * 2)
-                if m < 2:
-                    raise ConfigError(
-                        f"SketchSpec(dim={spec.dim}, budget='proportional') leaves no room for {name}; "
-                        "raise dim or use budget='per_tensor'"
-                    )
-                dims[i] = (sketch_kind(shape), m)
-                used = m
-            remaining_dim -= used
-            remaining_numel -= n
+                rest.append(i)
+        rest_numel = sum(math.prod(params[i][1]) for i in rest)
+        if rest and remaining_dim < 2 * len(rest):
+            raise ConfigError(
+                f"SketchSpec(dim={spec.dim}, budget='proportional') leaves less than 2 dimensions for some of "
+                f"{[params[i][0] for i in rest]}; raise dim or use budget='per_tensor'"
+            )
+        left = remaining_dim
+        for k, i in enumerate(rest):
+            name, shape = params[i]
+            if k == len(rest) - 1:
+                m = left
+            else:
+                m = max(2, int(remaining_dim * math.prod(shape) / rest_numel) // 2 * 2)
+                m = min(m, left - 2 * (len(rest) - k - 1))
+            dims[i] = (sketch_kind(shape), m)
+            left -= m
         off = 0
         for i, (name, shape) in enumerate(params):
             kind, m = dims[i]
@@ -243,6 +245,5 @@ class SketchPlan:
 
     def describe(self) -> list[dict[str, object]]:
         return [
-            {"name": s.name, "shape": list(s.shape), "kind": s.kind, "m": s.m, "offset": s.offset}
-            for s in self.slots
+            {"name": s.name, "shape": list(s.shape), "kind": s.kind, "m": s.m, "offset": s.offset} for s in self.slots
         ]

@@ -102,7 +102,4 @@ class SketchSpec:
     def __str__(self) -> str:
         if self.is_exact:
             return "SketchSpec.exact()"
-        return (
-            f"SketchSpec(dim={self.dim}, seed={self.seed}, method={self.method!r}, "
-            f"budget={self.budget!r})"
-        )
+        return f"SketchSpec(dim={self.dim}, seed={self.seed}, method={self.method!r}, budget={self.budget!r})"
