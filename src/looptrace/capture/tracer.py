@@ -318,7 +318,7 @@ class Tracer:
             self._suspended -= 1
 
     # ------------------------------------------------------------------ Sink protocol
-    def _out(self, param: nn.Parameter) -> tuple[Slot, torch.Tensor]:
+    def _out(self, param: torch.Tensor) -> tuple[Slot, torch.Tensor]:
         slot = self.slot_of.get(id(param))
         if slot is None:
             raise UnsupportedLayerError(
