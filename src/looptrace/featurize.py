@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -26,9 +27,15 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Verify = bool | Literal["first"]
 
 
+def _is_dataclass_batch(batch: Any) -> bool:
+    return dataclasses.is_dataclass(batch) and not isinstance(batch, type)
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if _is_dataclass_batch(batch):
+        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)})
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
@@ -41,6 +48,8 @@ def _batch_structure(batch: Any) -> Any:
         return "tensor"
     if isinstance(batch, dict):
         return ("dict", tuple(sorted((k, _batch_structure(v)) for k, v in batch.items())))
+    if _is_dataclass_batch(batch):
+        return (type(batch).__name__, tuple((f.name, _batch_structure(getattr(batch, f.name))) for f in dataclasses.fields(batch)))
     if isinstance(batch, tuple | list):
         return (type(batch).__name__, tuple(_batch_structure(v) for v in batch))
     return type(batch).__name__
@@ -49,7 +58,12 @@ def _batch_structure(batch: Any) -> Any:
 def _leading_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else None
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, tuple | list) else ()
+    if _is_dataclass_batch(batch):
+        items: Any = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, dict):
+        items = batch.values()
+    else:
+        items = batch if isinstance(batch, tuple | list) else ()
     for v in items:
         n = _leading_size(v)
         if n is not None:

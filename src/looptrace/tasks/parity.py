@@ -1,0 +1,90 @@
+"""Parity (Fan et al. 2024): n random bits, "=", padding; the target is the parity bit at "=".
+
+Token format: 0/1 bits, 2 is "=", 3 is padding, vocabulary 6 (4 and 5 unused, as in the original
+code). An n-bit example is ``bits + [=] + [pad]`` (T = n + 2) padded to the batch's longest; the
+model loops tau = T_max times and is read out per example at loop step n (``readout``, 1-based).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 6
+EQ, PAD = 2, 3
+
+
+@dataclasses.dataclass
+class ParityBatch:
+    """x [B, T] tokens, y [B] parity labels, n [B] bit counts (= the 1-based read-out step)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    n: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def loops(self) -> int:
+        return int(self.x.shape[1])
+
+
+def encode(bits: list[list[int]], pad_to: int | None = None) -> ParityBatch:
+    """Encode lists of bits; rows are padded to ``pad_to`` (default: the longest n + 2)."""
+    longest = max(len(b) for b in bits) + 2
+    t = max(longest, pad_to or 0)
+    x = torch.full((len(bits), t), PAD, dtype=torch.long)
+    for i, b in enumerate(bits):
+        x[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        x[i, len(b)] = EQ
+    y = torch.tensor([sum(b) % 2 for b in bits], dtype=torch.long)
+    n = torch.tensor([len(b) for b in bits], dtype=torch.long)
+    return ParityBatch(x, y, n)
+
+
+def sample(batch_size: int, min_len: int, max_len: int, generator: torch.Generator, pad_to: int | None = None) -> ParityBatch:
+    """Random parity examples with n uniform in [min_len, max_len]."""
+    ns = torch.randint(min_len, max_len + 1, (batch_size,), generator=generator).tolist()
+    bits = [torch.randint(0, 2, (n,), generator=generator).tolist() for n in ns]
+    return encode(bits, pad_to)
+
+
+def fixed_length(batch_size: int, length: int, generator: torch.Generator) -> ParityBatch:
+    return sample(batch_size, length, length, generator)
+
+
+def alternating_probes(length: int = 40) -> ParityBatch:
+    """The two alternating probes 0101... and 1010... of ``length`` bits (T = length + 2)."""
+    a = [i % 2 for i in range(length)]
+    return encode([a, [1 - v for v in a]])
+
+
+def logits_at_answer(model: nn.Module, batch: ParityBatch, loops: int | None = None, **kwargs: Any) -> torch.Tensor:
+    """[B, V] logits at the "=" position, read out at step n of each example."""
+    out = model(batch.x, n_loops=loops or batch.loops, readout_steps=batch.n, **kwargs)
+    logits = out["logits"] if isinstance(out, dict) else out
+    return logits[torch.arange(len(batch)), batch.n]
+
+
+def loss(model: nn.Module, batch: ParityBatch) -> torch.Tensor:
+    """Per-example cross-entropy of the parity bit (the masked loss of the paper)."""
+    return F.cross_entropy(logits_at_answer(model, batch), batch.y, reduction="none")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batch: ParityBatch, loops: int | None = None) -> float:
+    pred = logits_at_answer(model, batch, loops).argmax(-1)
+    return float((pred == batch.y).float().mean())
+
+
+def as_tuples(batch: ParityBatch, batch_size: int) -> list[ParityBatch]:
+    """Split into loader-ordered batches (for featurisation)."""
+    return [
+        ParityBatch(batch.x[i : i + batch_size], batch.y[i : i + batch_size], batch.n[i : i + batch_size])
+        for i in range(0, len(batch), batch_size)
+    ]
