@@ -1,0 +1,252 @@
+"""The main job: the parity case study end to end (``make demo`` / ``looptrace demo``).
+
+1. train the small parity model, or reuse the cached run in ``runs/parity-small``;
+2. compute SDI over all its TracIn checkpoints from a train sample to length-40 test examples and
+   the two alternating probes;
+3. run the mechanistic analysis (SDI profile, margin, period, state cycle, proxy circuit) and the
+   applications (influence horizon, cancellation, depth-targeted ranking);
+4. write figures (PNG), numbers (JSON) and a self-contained HTML report into the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import looptrace as lt
+from looptrace.analysis import applications as app
+from looptrace.analysis import parity_circuit as pc
+from looptrace.report import figures
+from looptrace.report.html import write_report
+from looptrace.tasks import parity
+from looptrace.train import atomic_write_json, checkpoint_paths, load_run, train
+from looptrace.zoo import preset
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityStudyConfig:
+    """What the parity study computes (saved as config.json beside its outputs)."""
+
+    n_train: int = 128  # stratified over lengths: terciles of 1..21 plus a block at length 20
+    n_test: int = 64  # length-40 held-out examples
+    probe_length: int = 40
+    sketch_dim: int = 4096
+    sketch_seed: int = 0
+    batch_size: int = 32
+    n_calibration: int = 256
+    n_eval: int = 1024
+    k_states: int = 4
+    horizon_frac: float = 0.05
+    seed: int = 0
+
+
+def train_sample(cfg: ParityStudyConfig, max_digits: int) -> parity.ParityBatch:
+    """Train examples stratified over length: a quarter from each tercile and a quarter at length 20."""
+    g = torch.Generator().manual_seed(cfg.seed + 11)
+    q = cfg.n_train // 4
+    edges = np.linspace(1, max_digits, 4).round().astype(int)
+    bits: list[list[int]] = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        b = parity.sample(q, int(lo), int(hi), g)
+        bits += [b.x[i, : b.n[i]].tolist() for i in range(len(b))]
+    at = min(20, max_digits)
+    b = parity.fixed_length(cfg.n_train - 3 * q, at, g)
+    bits += [b.x[i, : b.n[i]].tolist() for i in range(len(b))]
+    return parity.encode(bits, pad_to=max_digits + 2)
+
+
+def _answer_trajectory(model: torch.nn.Module, batch: parity.ParityBatch, loops: int) -> tuple[np.ndarray, np.ndarray]:
+    """(margins [B, loops], answer-token states [B, loops, d]) from one unrolled run."""
+    with torch.no_grad():
+        out = model(batch.x, n_loops=loops, return_all=True)
+    idx = torch.arange(len(batch))
+    logits = out["all_logits"][:, idx, batch.n]  # [loops, B, V]
+    true = logits[..., :2].gather(-1, batch.y[None, :, None].expand(loops, -1, 1))[..., 0]
+    other = logits[..., :2].gather(-1, (1 - batch.y)[None, :, None].expand(loops, -1, 1))[..., 0]
+    states = out["states"][:, idx, batch.n]  # [loops, B, d]
+    return (true - other).T.numpy(), states.transpose(0, 1).numpy()
+
+
+def _states_at_readout(model: torch.nn.Module, batch: parity.ParityBatch) -> np.ndarray:
+    _, states = _answer_trajectory(model, batch, batch.loops)
+    return states[np.arange(len(batch)), batch.n.numpy() - 1]
+
+
+def alternating(n: int, min_len: int, max_len: int, seed: int) -> parity.ParityBatch:
+    rng = np.random.default_rng(seed)
+    bits = []
+    for _ in range(n):
+        length, start = int(rng.integers(min_len, max_len + 1)), int(rng.integers(0, 2))
+        bits.append([(start + i) % 2 for i in range(length)])
+    return parity.encode(bits)
+
+
+def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: bool = True) -> dict[str, Any]:
+    """SDI over ``run``'s checkpoints plus the mechanistic analysis; writes into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({"study": dataclasses.asdict(cfg), "run": str(run)}, out / "config.json")
+    model, run_cfg = load_run(run)
+    max_digits = int(run_cfg["train"].get("max_digits", 21)) if "max_digits" in run_cfg["train"] else 21
+    tiny = run_cfg["model"]["d_model"] <= 16
+    if tiny:
+        max_digits = 6
+    test_len = min(cfg.probe_length, 8 if tiny else cfg.probe_length)
+    trainset = train_sample(cfg, max_digits)
+    g = torch.Generator().manual_seed(cfg.seed + 22)
+    test = parity.fixed_length(cfg.n_test, test_len, g)
+    probes = parity.alternating_probes(test_len)
+    queries = parity.encode([probes.x[i, : probes.n[i]].tolist() for i in range(2)] + [test.x[i, : test.n[i]].tolist() for i in range(len(test))])
+    ckpts = [lt.Checkpoint(p) for p in checkpoint_paths(run)]
+    spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
+    t0 = time.perf_counter()
+    res = lt.attribute(
+        model,
+        ckpts,
+        parity.as_tuples(trainset, cfg.batch_size),
+        parity.as_tuples(queries, cfg.batch_size),
+        parity.loss,
+        step_module=model.core,
+        sketch=spec,
+        progress=progress,
+    )
+    sdi_time = time.perf_counter() - t0
+    sdi = res.sdi.double().numpy()  # [N, M, tau]
+    tau = sdi.shape[-1]
+    conservation = float(np.abs(sdi.sum(-1) - res.tracin.double().numpy()).max())
+
+    # --- mechanistic read-outs on the final model, probe 0101...
+    model, _ = load_run(run)
+    margins, states = _answer_trajectory(model, probes, probes.loops)
+    readout = int(probes.n[0])
+    profile = pc.summed_profile(sdi, 0)
+    margin = margins[0]
+    period = pc.detect_period(margin[:readout], min_lag=2, max_lag=readout // 2)
+    ac = pc.autocorrelation(margin[:readout], max_lag=min(12, readout - 1))
+    cos = pc.lagged_cosine(states[0][:readout], period)
+    z, evr = pc.pca(states[0][:readout], 2)
+    labels, _ = pc.kmeans(states[0][:readout], cfg.k_states, seed=cfg.seed)
+    trans = pc.transition_matrix(labels, cfg.k_states)
+    sdi_peak = int(np.argmax(profile[:readout]) + 1)
+
+    # --- proxy circuit: cluster -> parity lookup on alternating calibration sequences
+    calib = alternating(cfg.n_calibration, 2, test_len, cfg.seed + 1)
+    evalset = alternating(cfg.n_eval, 2, test_len, cfg.seed + 2)
+    rnd = parity.sample(256, 1, test_len, torch.Generator().manual_seed(cfg.seed + 3))
+    proxy = pc.fit_proxy(_states_at_readout(model, calib), calib.y.numpy(), k=cfg.k_states, seed=cfg.seed)
+    ev_states, ev_y, ev_n = _states_at_readout(model, evalset), evalset.y.numpy(), evalset.n.numpy()
+    split = 20 if not tiny else 4
+    proxy_rows = [
+        {"set": "alternating, length <= %d (in-distribution)" % split, **pc.proxy_accuracy(proxy, ev_states[ev_n <= split], ev_y[ev_n <= split])},
+        {"set": "alternating, length > %d (out-of-distribution)" % split, **pc.proxy_accuracy(proxy, ev_states[ev_n > split], ev_y[ev_n > split])},
+        {"set": "random bits (off the calibration family)", **pc.proxy_accuracy(proxy, _states_at_readout(model, rnd), rnd.y.numpy())},
+    ]
+    model_acc = {"probe_correct": bool(margin[readout - 1] > 0), "test_accuracy": parity.accuracy(model, test)}
+
+    # --- applications on the test queries
+    energy = app.sdi_energy(sdi[:, 2:])  # [M_test, tau]
+    median_energy = np.median(energy, 0)
+    horizon = app.influence_horizon(median_energy, cfg.horizon_frac)
+    cancel = app.cancellation_pairs(sdi[:, 2:], ratio=0.1, top=10)
+    ranking = app.depth_ranking(sdi[:, 2:], split_step=readout // 2)
+    app.export_ranking(ranking, out / "depth_ranking.csv", ids=[f"train[{i}] n={int(n)}" for i, n in enumerate(trainset.n)])
+
+    # --- figures
+    f1 = figures.sdi_and_margin(profile, margin, readout, out / "fig_probe_sdi_margin.png", f"Probe 0101... (n={readout}): SDI and logit margin")
+    f2 = figures.autocorr_and_cosine(ac, cos, period, out / "fig_period.png")
+    f3 = figures.phase_portrait(z, labels, trans, out / "fig_states.png")
+    f4 = figures.energy_curves(energy, out / "fig_energy.png", f"SDI energy over {energy.shape[0]} length-{test_len} test queries")
+    results = {
+        "tau": tau,
+        "n_train": int(sdi.shape[0]),
+        "n_queries": int(sdi.shape[1]),
+        "checkpoints": res.checkpoints,
+        "etas": res.etas,
+        "sketch": spec.to_dict(),
+        "sdi_seconds": sdi_time,
+        "conservation_max_abs": conservation,
+        "probe": {"readout": readout, "summed_sdi": profile.tolist(), "margin": margin.tolist(), "sdi_peak_step": sdi_peak},
+        "period": period,
+        "autocorrelation": ac.tolist(),
+        "cos_lagged": cos.tolist(),
+        "pca_explained": evr.tolist(),
+        "states": labels.tolist(),
+        "transition_matrix": trans.tolist(),
+        "proxy": proxy_rows,
+        "proxy_table": proxy.table.tolist(),
+        "model": model_acc,
+        "energy_median": median_energy.tolist(),
+        "influence_horizon": horizon,
+        "sdi_after_readout_max_abs": float(np.abs(sdi[:, :2, readout:]).max()) if tau > readout else 0.0,
+        "cancellation_pairs": cancel,
+    }
+    atomic_write_json(results, out / "results.json")
+    sections = [
+        {
+            "heading": "Setup",
+            "text": [
+                f"Model: {run_cfg['model']['d_model']}-wide looped transformer, {run_cfg['model']['n_heads']} heads, one "
+                "weight-tied block with additive input injection and the final LayerNorm inside the loop (Fan et al.).",
+                f"Data: {sdi.shape[0]} training examples stratified over lengths; {len(test)} held-out length-{test_len} "
+                f"examples and the two alternating probes; tau = {tau} loop iterations, read-out at step n.",
+                f"Attribution: test-side SDI summed over {len(res.checkpoints)} TracIn checkpoints weighted by their recorded "
+                f"learning rates; sketch {spec}. Scores are eta x gradient dot products: positive means training on z lowered "
+                "the loss on the query.",
+                f"Conservation: max |sum_t SDI_t - TracIn| = {conservation:.2e}. SDI after the read-out step: "
+                f"{results['sdi_after_readout_max_abs']:.1e} (exactly zero by construction).",
+            ],
+        },
+        {
+            "heading": "Step-resolved influence on the probe",
+            "figure": f1,
+            "caption": f"Summed SDI over training points (blue) and the answer-token logit margin (red) per loop iteration for "
+            f"the probe 0101... The SDI peak is at step {sdi_peak}; detected margin period p = {period}.",
+            "source": "results.json: probe.summed_sdi, probe.margin",
+        },
+        {"heading": "Periodicity", "figure": f2, "caption": "Autocorrelation of the margin and cos(h_t, h_(t+p)).", "source": "results.json: autocorrelation, cos_lagged"},
+        {
+            "heading": "Discrete latent states",
+            "figure": f3,
+            "caption": f"2-D PCA of the answer-token state (explained variance {evr.sum():.2f}), coloured by k-means state, and the transition matrix.",
+            "source": "results.json: states, transition_matrix",
+        },
+        {"heading": "Proxy circuit (state -> parity lookup)", "table": proxy_rows, "text": [f"Model accuracy on the test set: {model_acc['test_accuracy']:.3f}."]},
+        {
+            "heading": "SDI energy and the influence horizon",
+            "figure": f4,
+            "caption": f"Median and IQR of per-query energy sum_i |SDI_t|. Influence horizon (energy stays below {cfg.horizon_frac:.0%} of peak after): step {horizon}.",
+            "source": "results.json: energy_median",
+        },
+        {"heading": "Signal cancellation (|TracIn| < 10% of sum_t |SDI_t|)", "table": cancel[:10] or [{"note": "no pair found"}]},
+        {"heading": "Depth-targeted curation", "text": ["The full ranking (late- minus early-step influence) is in depth_ranking.csv."]},
+    ]
+    prov = {"run": str(run), "run_config": run_cfg, "study_config": dataclasses.asdict(cfg), "torch": torch.__version__, "looptrace": lt.__version__}
+    write_report(out, "looptrace: parity case study", sections, prov)
+    return results
+
+
+def run_demo(out: Path, quick: bool = False, retrain: bool = False) -> Path:
+    """Train (or reuse) the parity model, run the study, and write the report into ``out``."""
+    size = "tiny" if quick else "small"
+    run = Path("runs") / f"parity-{size}" if not quick else out / "train"
+    metrics_path = run / "metrics.json"
+    if retrain or not metrics_path.exists():
+        mc, tc, task = preset("parity", size)
+        if retrain and run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        print(f"training parity ({size}) into {run} ...", flush=True)
+        train(task, mc, tc, run, progress=True)
+    else:
+        print(f"reusing the trained model in {run}", flush=True)
+    metrics = json.loads(metrics_path.read_text())
+    print({k: v for k, v in metrics.items() if k.startswith("accuracy")}, flush=True)
+    cfg = ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64) if quick else ParityStudyConfig()
+    run_parity_study(run, out, cfg)
+    return out

@@ -1,0 +1,1 @@
+"""Figures (matplotlib) and a self-contained HTML report."""
