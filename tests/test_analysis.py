@@ -32,7 +32,9 @@ def test_kmeans_recovers_planted_clusters_and_transitions() -> None:
     labels, _ = pc.kmeans(x, 4, seed=0)
     # the clustering equals the planted one up to renaming
     mapping = {int(a): int(b) for a, b in zip(seq, labels, strict=True)}
-    assert len(set(mapping.values())) == 4 and all(mapping[int(s)] == int(lab) for s, lab in zip(seq, labels, strict=True))
+    assert len(set(mapping.values())) == 4 and all(
+        mapping[int(s)] == int(lab) for s, lab in zip(seq, labels, strict=True)
+    )
     trans = pc.transition_matrix(labels, 4)
     assert np.allclose(trans.sum(1), 1.0)
     assert np.allclose(np.sort(trans, axis=1)[:, -1], 1.0), "a deterministic cycle has one successor per state"

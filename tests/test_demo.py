@@ -15,7 +15,14 @@ def test_demo_quick_writes_report(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["conservation_max_abs"] < 1e-3
     assert results["sdi_after_readout_max_abs"] == 0.0, "steps after the read-out must carry exactly zero SDI"
-    for name in ("fig_probe_sdi_margin.png", "fig_period.png", "fig_states.png", "fig_energy.png", "depth_ranking.csv", "config.json"):
+    for name in (
+        "fig_probe_sdi_margin.png",
+        "fig_period.png",
+        "fig_states.png",
+        "fig_energy.png",
+        "depth_ranking.csv",
+        "config.json",
+    ):
         assert (out / name).exists(), name
     assert not list(out.rglob("*.partial"))
 

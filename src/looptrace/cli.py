@@ -16,7 +16,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from looptrace.zoo import preset
 
     mc, tc, task = preset(args.task, args.preset)
-    overrides = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None
+    }
     tc = dataclasses.replace(tc, **overrides)
     out = Path(args.out or f"runs/{args.task}-{args.preset}")
     metrics = train(task, mc, tc, out, progress=not args.quiet)
@@ -34,13 +36,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from looptrace import bench
+
+    argv = (
+        [args.what, "--out", args.out] + (["--quick"] if args.quick else []) + (["--no-peer"] if args.no_peer else [])
+    )
+    return bench.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="looptrace", description="Step-resolved training-data attribution for looped transformers.")
+    p = argparse.ArgumentParser(
+        prog="looptrace", description="Step-resolved training-data attribution for looped transformers."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a zoo preset, recording TracIn checkpoints")
     t.add_argument("task", choices=["parity", "sudoku", "recursive-gpt"], help="which case study")
-    t.add_argument("--preset", default="small", choices=["small", "paper", "tiny"], help="model/training size (default: small)")
+    t.add_argument(
+        "--preset", default="small", choices=["small", "paper", "tiny"], help="model/training size (default: small)"
+    )
     t.add_argument("--out", default=None, help="run directory (default: runs/TASK-PRESET); resumed if it exists")
     t.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
     t.add_argument("--seed", type=int, default=None, help="override the seed of data, depth and init")
@@ -53,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     d.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks vs the exact baseline and the peers (JSON + Markdown)")
+    b.add_argument("what", choices=["all"], help="which benchmark")
+    b.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (<= 10 minutes on 2 cores)")
+    b.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
+    b.add_argument("--out", default="benchmarks/results", help="results directory")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

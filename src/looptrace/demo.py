@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def train_sample(cfg: ParityStudyConfig, max_digits: int) -> parity.ParityBatch:
     q = cfg.n_train // 4
     edges = np.linspace(1, max_digits, 4).round().astype(int)
     bits: list[list[int]] = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         b = parity.sample(q, int(lo), int(hi), g)
         bits += [b.x[i, : b.n[i]].tolist() for i in range(len(b))]
     at = min(20, max_digits)
@@ -101,7 +102,10 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     g = torch.Generator().manual_seed(cfg.seed + 22)
     test = parity.fixed_length(cfg.n_test, test_len, g)
     probes = parity.alternating_probes(test_len)
-    queries = parity.encode([probes.x[i, : probes.n[i]].tolist() for i in range(2)] + [test.x[i, : test.n[i]].tolist() for i in range(len(test))])
+    queries = parity.encode(
+        [probes.x[i, : probes.n[i]].tolist() for i in range(2)]
+        + [test.x[i, : test.n[i]].tolist() for i in range(len(test))]
+    )
     ckpts = [lt.Checkpoint(p) for p in checkpoint_paths(run)]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
     t0 = time.perf_counter()
@@ -142,9 +146,18 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     ev_states, ev_y, ev_n = _states_at_readout(model, evalset), evalset.y.numpy(), evalset.n.numpy()
     split = 20 if not tiny else 4
     proxy_rows = [
-        {"set": "alternating, length <= %d (in-distribution)" % split, **pc.proxy_accuracy(proxy, ev_states[ev_n <= split], ev_y[ev_n <= split])},
-        {"set": "alternating, length > %d (out-of-distribution)" % split, **pc.proxy_accuracy(proxy, ev_states[ev_n > split], ev_y[ev_n > split])},
-        {"set": "random bits (off the calibration family)", **pc.proxy_accuracy(proxy, _states_at_readout(model, rnd), rnd.y.numpy())},
+        {
+            "set": f"alternating, length <= {split} (in-distribution)",
+            **pc.proxy_accuracy(proxy, ev_states[ev_n <= split], ev_y[ev_n <= split]),
+        },
+        {
+            "set": f"alternating, length > {split} (out-of-distribution)",
+            **pc.proxy_accuracy(proxy, ev_states[ev_n > split], ev_y[ev_n > split]),
+        },
+        {
+            "set": "random bits (off the calibration family)",
+            **pc.proxy_accuracy(proxy, _states_at_readout(model, rnd), rnd.y.numpy()),
+        },
     ]
     model_acc = {"probe_correct": bool(margin[readout - 1] > 0), "test_accuracy": parity.accuracy(model, test)}
 
@@ -154,13 +167,19 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     horizon = app.influence_horizon(median_energy, cfg.horizon_frac)
     cancel = app.cancellation_pairs(sdi[:, 2:], ratio=0.1, top=10)
     ranking = app.depth_ranking(sdi[:, 2:], split_step=readout // 2)
-    app.export_ranking(ranking, out / "depth_ranking.csv", ids=[f"train[{i}] n={int(n)}" for i, n in enumerate(trainset.n)])
+    app.export_ranking(
+        ranking, out / "depth_ranking.csv", ids=[f"train[{i}] n={int(n)}" for i, n in enumerate(trainset.n)]
+    )
 
     # --- figures
-    f1 = figures.sdi_and_margin(profile, margin, readout, out / "fig_probe_sdi_margin.png", f"Probe 0101... (n={readout}): SDI and logit margin")
+    f1 = figures.sdi_and_margin(
+        profile, margin, readout, out / "fig_probe_sdi_margin.png", f"Probe 0101... (n={readout}): SDI and logit margin"
+    )
     f2 = figures.autocorr_and_cosine(ac, cos, period, out / "fig_period.png")
     f3 = figures.phase_portrait(z, labels, trans, out / "fig_states.png")
-    f4 = figures.energy_curves(energy, out / "fig_energy.png", f"SDI energy over {energy.shape[0]} length-{test_len} test queries")
+    f4 = figures.energy_curves(
+        energy, out / "fig_energy.png", f"SDI energy over {energy.shape[0]} length-{test_len} test queries"
+    )
     results = {
         "tau": tau,
         "n_train": int(sdi.shape[0]),
@@ -170,7 +189,12 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         "sketch": spec.to_dict(),
         "sdi_seconds": sdi_time,
         "conservation_max_abs": conservation,
-        "probe": {"readout": readout, "summed_sdi": profile.tolist(), "margin": margin.tolist(), "sdi_peak_step": sdi_peak},
+        "probe": {
+            "readout": readout,
+            "summed_sdi": profile.tolist(),
+            "margin": margin.tolist(),
+            "sdi_peak_step": sdi_peak,
+        },
         "period": period,
         "autocorrelation": ac.tolist(),
         "cos_lagged": cos.tolist(),
@@ -186,7 +210,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         "cancellation_pairs": cancel,
     }
     atomic_write_json(results, out / "results.json")
-    sections = [
+    sections: list[dict[str, Any]] = [
         {
             "heading": "Setup",
             "text": [
@@ -208,24 +232,45 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
             f"the probe 0101... The SDI peak is at step {sdi_peak}; detected margin period p = {period}.",
             "source": "results.json: probe.summed_sdi, probe.margin",
         },
-        {"heading": "Periodicity", "figure": f2, "caption": "Autocorrelation of the margin and cos(h_t, h_(t+p)).", "source": "results.json: autocorrelation, cos_lagged"},
+        {
+            "heading": "Periodicity",
+            "figure": f2,
+            "caption": "Autocorrelation of the margin and cos(h_t, h_(t+p)).",
+            "source": "results.json: autocorrelation, cos_lagged",
+        },
         {
             "heading": "Discrete latent states",
             "figure": f3,
             "caption": f"2-D PCA of the answer-token state (explained variance {evr.sum():.2f}), coloured by k-means state, and the transition matrix.",
             "source": "results.json: states, transition_matrix",
         },
-        {"heading": "Proxy circuit (state -> parity lookup)", "table": proxy_rows, "text": [f"Model accuracy on the test set: {model_acc['test_accuracy']:.3f}."]},
+        {
+            "heading": "Proxy circuit (state -> parity lookup)",
+            "table": proxy_rows,
+            "text": [f"Model accuracy on the test set: {model_acc['test_accuracy']:.3f}."],
+        },
         {
             "heading": "SDI energy and the influence horizon",
             "figure": f4,
             "caption": f"Median and IQR of per-query energy sum_i |SDI_t|. Influence horizon (energy stays below {cfg.horizon_frac:.0%} of peak after): step {horizon}.",
             "source": "results.json: energy_median",
         },
-        {"heading": "Signal cancellation (|TracIn| < 10% of sum_t |SDI_t|)", "table": cancel[:10] or [{"note": "no pair found"}]},
-        {"heading": "Depth-targeted curation", "text": ["The full ranking (late- minus early-step influence) is in depth_ranking.csv."]},
+        {
+            "heading": "Signal cancellation (|TracIn| < 10% of sum_t |SDI_t|)",
+            "table": cancel[:10] or [{"note": "no pair found"}],
+        },
+        {
+            "heading": "Depth-targeted curation",
+            "text": ["The full ranking (late- minus early-step influence) is in depth_ranking.csv."],
+        },
     ]
-    prov = {"run": str(run), "run_config": run_cfg, "study_config": dataclasses.asdict(cfg), "torch": torch.__version__, "looptrace": lt.__version__}
+    prov = {
+        "run": str(run),
+        "run_config": run_cfg,
+        "study_config": dataclasses.asdict(cfg),
+        "torch": torch.__version__,
+        "looptrace": lt.__version__,
+    }
     write_report(out, "looptrace: parity case study", sections, prov)
     return results
 
@@ -247,6 +292,10 @@ def run_demo(out: Path, quick: bool = False, retrain: bool = False) -> Path:
         print(f"reusing the trained model in {run}", flush=True)
     metrics = json.loads(metrics_path.read_text())
     print({k: v for k, v in metrics.items() if k.startswith("accuracy")}, flush=True)
-    cfg = ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64) if quick else ParityStudyConfig()
+    cfg = (
+        ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
+        if quick
+        else ParityStudyConfig()
+    )
     run_parity_study(run, out, cfg)
     return out

@@ -35,7 +35,9 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if _is_dataclass_batch(batch):
-        return dataclasses.replace(batch, **{f.name: _to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)})
+        return dataclasses.replace(
+            batch, **{f.name: _to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)}
+        )
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
@@ -49,7 +51,10 @@ def _batch_structure(batch: Any) -> Any:
     if isinstance(batch, dict):
         return ("dict", tuple(sorted((k, _batch_structure(v)) for k, v in batch.items())))
     if _is_dataclass_batch(batch):
-        return (type(batch).__name__, tuple((f.name, _batch_structure(getattr(batch, f.name))) for f in dataclasses.fields(batch)))
+        return (
+            type(batch).__name__,
+            tuple((f.name, _batch_structure(getattr(batch, f.name))) for f in dataclasses.fields(batch)),
+        )
     if isinstance(batch, tuple | list):
         return (type(batch).__name__, tuple(_batch_structure(v) for v in batch))
     return type(batch).__name__

@@ -136,7 +136,7 @@ def train(
     if state_path.exists():
         try:
             st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise CheckpointError(f"cannot resume from {state_path}: {exc}; delete it to start over") from exc
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
@@ -165,7 +165,9 @@ def train(
         opt.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            history.append({"step": done, "loss": loss.item(), "lr": lr, "loops": loops, "time_s": time.perf_counter() - t0})
+            history.append(
+                {"step": done, "loss": loss.item(), "lr": lr, "loops": loops, "time_s": time.perf_counter() - t0}
+            )
         if done % cfg.eval_every == 0 and done != cfg.steps:
             model.eval()
             history.append({"step": done, "eval": task.evaluate(model, cfg)})
@@ -184,7 +186,12 @@ def train(
             }
             atomic_save(ck, out / "checkpoints" / f"ckpt_{cfg.stage}_{done:06d}.pt")
             atomic_save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "history": json.dumps(history)},
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": done,
+                    "history": json.dumps(history),
+                },
                 state_path,
             )
         if bar is not None:

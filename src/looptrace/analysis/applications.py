@@ -40,7 +40,13 @@ def cancellation_pairs(sdi: np.ndarray, ratio: float = 0.1, top: int = 20) -> li
     idx = np.argwhere(mask)
     order = np.argsort(-(score[mask] * mass[mask]))[:top]
     return [
-        {"train": int(idx[o][0]), "query": int(idx[o][1]), "tracin": float(tracin[tuple(idx[o])]), "abs_sdi_mass": float(mass[tuple(idx[o])]), "cancellation": float(score[tuple(idx[o])])}
+        {
+            "train": int(idx[o][0]),
+            "query": int(idx[o][1]),
+            "tracin": float(tracin[tuple(idx[o])]),
+            "abs_sdi_mass": float(mass[tuple(idx[o])]),
+            "cancellation": float(score[tuple(idx[o])]),
+        }
         for o in order
     ]
 

@@ -6,6 +6,7 @@ All functions take arrays: SDI tensors, per-iteration margins, hidden-state traj
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100, restarts: int
 def transition_matrix(labels: np.ndarray, k: int) -> np.ndarray:
     """Row-normalised empirical transition matrix of a state sequence (rows with no exits are zero)."""
     m = np.zeros((k, k))
-    for a, b in zip(labels[:-1], labels[1:], strict=True):
+    for a, b in itertools.pairwise(labels):
         m[a, b] += 1
     rows = m.sum(1, keepdims=True)
     return np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
@@ -101,7 +102,9 @@ class ProxyCircuit:
         return self.table[self.assign(states)[0]]
 
 
-def fit_proxy(states: np.ndarray, parity: np.ndarray, k: int = 4, seed: int = 0, quantile: float = 0.95) -> ProxyCircuit:
+def fit_proxy(
+    states: np.ndarray, parity: np.ndarray, k: int = 4, seed: int = 0, quantile: float = 0.95
+) -> ProxyCircuit:
     """Cluster calibration states into ``k`` states and map each to its majority parity."""
     labels, cent = kmeans(states, k, seed=seed)
     table = np.array([int(np.round(parity[labels == j].mean())) if np.any(labels == j) else 0 for j in range(k)])

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
@@ -20,7 +20,9 @@ def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def sdi_and_margin(profile: np.ndarray, margin: np.ndarray, readout: int, path: str | os.PathLike[str], title: str) -> Path:
+def sdi_and_margin(
+    profile: np.ndarray, margin: np.ndarray, readout: int, path: str | os.PathLike[str], title: str
+) -> Path:
     """Summed SDI profile and logit margin per loop iteration, sharing the step axis."""
     steps = np.arange(1, len(profile) + 1)
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -71,7 +73,9 @@ def phase_portrait(z: np.ndarray, labels: np.ndarray, trans: np.ndarray, path: s
     return _save(fig, path)
 
 
-def energy_curves(energy: np.ndarray, path: str | os.PathLike[str], title: str, groups: dict[str, np.ndarray] | None = None) -> Path:
+def energy_curves(
+    energy: np.ndarray, path: str | os.PathLike[str], title: str, groups: dict[str, np.ndarray] | None = None
+) -> Path:
     """Median and IQR of per-query SDI energy vs step (log y). ``energy``: [M, tau]."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     groups = groups or {"all queries": np.arange(len(energy))}
@@ -89,7 +93,15 @@ def energy_curves(energy: np.ndarray, path: str | os.PathLike[str], title: str, 
     return _save(fig, path)
 
 
-def lines(x: np.ndarray, ys: dict[str, np.ndarray], path: str | os.PathLike[str], xlabel: str, ylabel: str, title: str, logy: bool = False) -> Path:
+def lines(
+    x: np.ndarray,
+    ys: dict[str, np.ndarray],
+    path: str | os.PathLike[str],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for k, (name, y) in enumerate(ys.items()):
         ax.plot(x, y, "o-", ms=3, color=f"C{k}", label=name)

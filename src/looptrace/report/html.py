@@ -59,7 +59,11 @@ def write_report(
             )
         if sec.get("table"):
             parts.append(_table(sec["table"]))
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(provenance, indent=2, sort_keys=True, default=str)) + "</pre>")
+    parts.append(
+        "<h2>Provenance</h2><pre>"
+        + html.escape(json.dumps(provenance, indent=2, sort_keys=True, default=str))
+        + "</pre>"
+    )
     parts.append("</body></html>")
     path = out / "report.html"
     tmp = path.with_name(path.name + ".partial")

@@ -47,7 +47,9 @@ def encode(bits: list[list[int]], pad_to: int | None = None) -> ParityBatch:
     return ParityBatch(x, y, n)
 
 
-def sample(batch_size: int, min_len: int, max_len: int, generator: torch.Generator, pad_to: int | None = None) -> ParityBatch:
+def sample(
+    batch_size: int, min_len: int, max_len: int, generator: torch.Generator, pad_to: int | None = None
+) -> ParityBatch:
     """Random parity examples with n uniform in [min_len, max_len]."""
     ns = torch.randint(min_len, max_len + 1, (batch_size,), generator=generator).tolist()
     bits = [torch.randint(0, 2, (n,), generator=generator).tolist() for n in ns]

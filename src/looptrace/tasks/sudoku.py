@@ -163,7 +163,9 @@ def n_blanks(features: torch.Tensor) -> torch.Tensor:
 
 def save(path: str | os.PathLike[str], features: torch.Tensor, labels: torch.Tensor) -> None:
     """Save compactly as .npz (uint8 boards and solutions; no pickle)."""
-    np.savez_compressed(path, boards=boards(features).numpy().astype(np.uint8), solutions=solutions(labels).numpy().astype(np.uint8))
+    np.savez_compressed(
+        path, boards=boards(features).numpy().astype(np.uint8), solutions=solutions(labels).numpy().astype(np.uint8)
+    )
 
 
 def load(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,20 +175,24 @@ def load(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             feats = torch.load(path / "features.pt", map_location="cpu", weights_only=True)
             labels = torch.load(path / "labels.pt", map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise CorruptFileError(f"cannot read SATNet tensors from {path}: {exc}") from exc
         if feats.shape[1:] != (9, 9, 9) or labels.shape != feats.shape:
-            raise CorruptFileError(f"SATNet tensors in {path} have shapes {tuple(feats.shape)}, {tuple(labels.shape)}; expected (N, 9, 9, 9)")
+            raise CorruptFileError(
+                f"SATNet tensors in {path} have shapes {tuple(feats.shape)}, {tuple(labels.shape)}; expected (N, 9, 9, 9)"
+            )
         return feats.float(), labels.float()
     try:
         with np.load(path, allow_pickle=False) as z:
             b, s = torch.from_numpy(z["boards"].astype(np.int64)), torch.from_numpy(z["solutions"].astype(np.int64))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CorruptFileError(f"cannot read Sudoku puzzles from {path}: {exc}") from exc
     return to_satnet(b, s)
 
 
-def difficulty_split(features: torch.Tensor, labels: torch.Tensor, train_frac: float = 0.8, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def difficulty_split(
+    features: torch.Tensor, labels: torch.Tensor, train_frac: float = 0.8, seed: int = 0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The paper's non-IID split: sort by blanks, easiest 80 % train, hardest 20 % test, each shuffled."""
     order = torch.argsort(n_blanks(features), stable=True)
     cut = int(train_frac * len(order))
@@ -205,7 +211,9 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: int | None =
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: int, batch_size: int = 256) -> tuple[float, float]:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: int, batch_size: int = 256
+) -> tuple[float, float]:
     """(board accuracy, blank-cell accuracy) at a loop budget; a board counts only if every blank is right."""
     boards_ok, cells_ok, cells = 0, 0.0, 0.0
     for i in range(0, len(x), batch_size):
