@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ from looptrace.errors import LooptraceError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from looptrace.train import train
-    from looptrace.zoo import preset
+    from looptrace.zoo import train_preset
 
-    mc, tc, task = preset(args.task, args.preset)
-    overrides = {
-        k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None
-    }
-    tc = dataclasses.replace(tc, **overrides)
+    overrides = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None}
     out = Path(args.out or f"runs/{args.task}-{args.preset}")
-    metrics = train(task, mc, tc, out, progress=not args.quiet)
+    metrics = train_preset(args.task, args.preset, out, progress=not args.quiet, **overrides)
     summary = {k: v for k, v in metrics.items() if k != "history"}
     print(json.dumps(summary, indent=2, default=str))
     print(f"run directory: {out}")

@@ -7,6 +7,7 @@ CPU cores in minutes; ``size="paper"`` follows appendix D (and the public code i
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 
 from looptrace.errors import ConfigError
 from looptrace.models.looped import LoopedConfig
-from looptrace.tasks import parity
-from looptrace.train import TrainConfig
+from looptrace.tasks import parity, sudoku, text
+from looptrace.train import TrainConfig, atomic_write_json, train
 
 TASKS = ("parity", "sudoku", "recursive-gpt")
 SIZES = ("small", "paper", "tiny")
@@ -56,6 +57,159 @@ class ParityTask:
         }
 
 
+@dataclasses.dataclass
+class SudokuTask:
+    """Sudoku on generated unique-solution puzzles, split easy (train) / hard (test) by blanks."""
+
+    name: str = "sudoku"
+    n_puzzles: int = 3000
+    min_blanks: int = 30
+    max_blanks: int = 50
+    data_seed: int = 0
+    data_path: str | None = None  # a SATNet directory or our .npz; default: generate
+    budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
+    eval_n: int = 300
+    _split: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
+
+    def split(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"train": (boards, solutions), "test": ...} as token tensors [N, 81]."""
+        if self._split is None:
+            if self.data_path:
+                feats, labels = sudoku.load(self.data_path)
+            else:
+                cache = Path("runs/.cache") / f"sudoku_{self.n_puzzles}_{self.min_blanks}_{self.max_blanks}_{self.data_seed}.npz"
+                if cache.exists():
+                    feats, labels = sudoku.load(cache)
+                else:
+                    feats, labels = sudoku.generate(self.n_puzzles, self.min_blanks, self.max_blanks, seed=self.data_seed)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_name(cache.stem + ".partial.npz")
+                    sudoku.save(tmp, feats, labels)
+                    tmp.replace(cache)
+            sp = sudoku.difficulty_split(feats, labels, seed=self.data_seed)
+            self._split = {k: (sudoku.boards(f), sudoku.solutions(lab)) for k, (f, lab) in sp.items()}
+        return self._split
+
+    def batch(self, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.split()["train"]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+        return x[idx], y[idx]
+
+    def loss(self, model: nn.Module, batch: Any, loops: int | None) -> torch.Tensor:
+        return sudoku.loss(model, batch[0], batch[1], loops)
+
+    def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+        x, y = self.split()["test"]
+        x, y = x[: self.eval_n], y[: self.eval_n]
+        board, cell = {}, {}
+        for b in self.budgets:
+            board[str(b)], cell[str(b)] = sudoku.accuracy(model, x, y, loops=b)
+        blanks = (x == 0).sum(1)
+        return {
+            "board_accuracy": board,
+            "cell_accuracy": cell,
+            "test_blanks": [int(blanks.min()), int(blanks.max())],
+            "train_depth_mean": cfg.depth_mean,
+        }
+
+
+@dataclasses.dataclass
+class TextData:
+    tok: text.BPETokenizer
+    stream: torch.Tensor  # [n, seq + 1] pretraining windows
+    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, answer mask
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class RecursiveGPTTask:
+    """Pretrain on stdlib docstrings + arithmetic problems, then fine-tune on the answers only."""
+
+    name: str = "recursive-gpt"
+    stage: str = "pretrain"
+    seq: int = 96
+    vocab: int = 512
+    n_train: int = 4000
+    n_test: int = 256
+    doc_bytes: int = 300_000
+    eval_loops: tuple[int, ...] = tuple(range(1, 17))
+    seed: int = 0
+    _data: TextData | None = dataclasses.field(default=None, repr=False)
+
+    def data(self) -> TextData:
+        if self._data is None:
+            cache = Path("runs/.cache") / f"bpe_{self.vocab}_{self.doc_bytes}_{self.n_train}_{self.seed}.json"
+            train_pairs = text.arithmetic_problems(self.n_train, "train", self.seed)
+            test_pairs = text.arithmetic_problems(self.n_test, "test", self.seed)
+            docs = text.stdlib_docstrings(self.doc_bytes)
+            corpus = docs + "\n\n" + "\n".join("".join(text.render(q, a)) for q, a in train_pairs)
+            if cache.exists():
+                tok = text.BPETokenizer.load(cache)
+            else:
+                tok = text.BPETokenizer.train(corpus, self.vocab)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tok.save(cache)
+            self._data = TextData(
+                tok,
+                text.pack(tok.encode(corpus), self.seq),
+                text.finetune_examples(tok, train_pairs, self.seq),
+                text.finetune_examples(tok, test_pairs, self.seq),
+            )
+        return self._data
+
+    def batch(self, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.data()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        if self.stage == "pretrain":
+            idx = torch.randint(0, len(d.stream), (cfg.batch_size,), generator=g)
+            w = d.stream[idx]
+            return w[:, :-1], w[:, 1:], torch.ones(cfg.batch_size, self.seq)
+        x, y, m = d.train
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+        return x[idx], y[idx], m[idx]
+
+    def loss(self, model: nn.Module, batch: Any, loops: int | None) -> torch.Tensor:
+        return masked_lm_loss(model, batch, loops)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+        x, y, m = self.data().test
+        acc, loss = {}, {}
+        for r in self.eval_loops:
+            logits = model(x, n_loops=r)
+            ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+            loss[str(r)] = float(((ce * m).sum(1) / m.sum(1)).mean())
+            right = (logits.argmax(-1) == y) | (m == 0)
+            acc[str(r)] = float(right.all(1).float().mean())
+        return {"answer_accuracy": acc, "answer_loss": loss, "stage": self.stage}
+
+
+def masked_lm_loss(model: nn.Module, batch: Any, loops: int | None = None) -> torch.Tensor:
+    """Per-example mean token cross-entropy over the mask (all tokens, or the answer only)."""
+    x, y, m = batch
+    logits = model(x, n_loops=loops)
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    return (ce * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def train_preset(task: str, size: str, out: Path, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Train a preset into ``out``; recursive-gpt runs two stages (out/pretrain, out/finetune)."""
+    mc, tc, tk = preset(task, size)
+    tc = dataclasses.replace(tc, **overrides)
+    if task != "recursive-gpt":
+        return train(tk, mc, tc, out, progress=progress)
+    pre = train(tk, mc, dataclasses.replace(tc, stage="pretrain"), out / "pretrain", progress=progress)
+    init = torch.load(out / "pretrain" / "model.pt", map_location="cpu", weights_only=True)
+    ft_task = dataclasses.replace(tk, stage="finetune", _data=tk._data)
+    ft_cfg = dataclasses.replace(tc, stage="finetune", steps=max(1, tc.steps // 2), lr=tc.lr / 3, warmup=max(1, tc.warmup // 2))
+    fin = train(ft_task, mc, ft_cfg, out / "finetune", init=init, progress=progress)
+    metrics = {"task": task, "pretrain": {k: v for k, v in pre.items() if k != "history"}, **{k: v for k, v in fin.items() if k != "history"}}
+    metrics["train_time_s"] = pre.get("train_time_s", 0.0) + fin.get("train_time_s", 0.0)
+    atomic_write_json(metrics, out / "metrics.json")
+    return metrics
+
+
 def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, Any]:
     """The model config, training config and task of a named preset."""
     if task not in TASKS:
@@ -79,4 +233,38 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
         # one thread: at d=64 the per-op work is too small for two threads to pay off
         tc = TrainConfig(steps=6000, batch_size=64, lr=1e-3, warmup=100, ckpt_every=500, eval_every=1000, threads=1)
         return mc, tc, ParityTask(curriculum_every=250)
-    raise ConfigError(f"preset {task!r} is not available yet")
+    if task == "sudoku":
+        common = dict(
+            vocab_size=10, out_size=9, causal=False, injection="none", state_init="embedding", positions="learned",
+            max_len=81, head_bias=False, head_norm=True,
+        )  # fmt: skip
+        if size == "paper":  # Yang et al. / appendix D.3: d=128, 4 heads, depth mean 32 (max 64), batch 16
+            mc = LoopedConfig(d_model=128, n_heads=4, n_loops=32, dropout=0.1, **common)  # type: ignore[arg-type]
+            tc = TrainConfig(steps=50_000, batch_size=16, lr=1e-3, warmup=500, weight_decay=0.1, betas=(0.9, 0.95),
+                             depth_mean=32, depth_max=64, ckpt_every=2500, eval_every=5000)  # fmt: skip
+            return mc, tc, SudokuTask(n_puzzles=10_000)
+        if size == "tiny":
+            mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, n_loops=4, **common)  # type: ignore[arg-type]
+            tc = TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup=5, depth_mean=3, depth_max=6, ckpt_every=10, eval_every=1000, log_every=5)
+            return mc, tc, SudokuTask(n_puzzles=40, budgets=(2, 4), eval_n=8)
+        mc = LoopedConfig(d_model=128, n_heads=4, n_loops=8, **common)  # type: ignore[arg-type]
+        tc = TrainConfig(steps=4000, batch_size=32, lr=1e-3, warmup=200, weight_decay=0.1, betas=(0.9, 0.95),
+                         depth_mean=8, depth_max=16, ckpt_every=500, eval_every=2000)  # fmt: skip
+        return mc, tc, SudokuTask(n_puzzles=3000)
+    # recursive-gpt: nanochat-style prelude/core/coda with a concat adapter, RMSNorm, rotary, QK-norm,
+    # ReLU^2, logit soft-cap 15, truncated BPTT k=4, depth mean 4 (max 16), s_0 = e
+    common = dict(
+        causal=True, injection="concat", state_init="embedding", positions="rotary", norm="rmsnorm", mlp="relu2",
+        bias=False, qk_norm=True, softcap=15.0, bptt_k=4, head_norm=True,
+    )  # fmt: skip
+    if size == "paper":
+        mc = LoopedConfig(vocab_size=512, d_model=256, n_heads=4, n_prelude=2, n_core=4, n_coda=2, n_loops=4, max_len=256, **common)  # type: ignore[arg-type]
+        tc = TrainConfig(steps=20_000, batch_size=32, lr=1e-3, warmup=500, weight_decay=0.0, depth_mean=4, depth_max=16, ckpt_every=1000, eval_every=5000)
+        return mc, tc, RecursiveGPTTask(seq=256)
+    if size == "tiny":
+        mc = LoopedConfig(vocab_size=300, d_model=16, n_heads=2, d_mlp=32, n_prelude=1, n_core=1, n_coda=1, n_loops=3, max_len=64, **common)  # type: ignore[arg-type]
+        tc = TrainConfig(steps=10, batch_size=4, lr=1e-3, warmup=2, depth_mean=3, depth_max=6, ckpt_every=5, eval_every=1000, log_every=5)
+        return mc, tc, RecursiveGPTTask(seq=48, vocab=300, n_train=40, n_test=8, doc_bytes=20_000, eval_loops=(1, 2, 4))
+    mc = LoopedConfig(vocab_size=512, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=4, max_len=96, **common)  # type: ignore[arg-type]
+    tc = TrainConfig(steps=3000, batch_size=32, lr=2e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=250, eval_every=1500)
+    return mc, tc, RecursiveGPTTask()
