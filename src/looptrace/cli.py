@@ -13,7 +13,9 @@ from looptrace.errors import LooptraceError
 def _cmd_train(args: argparse.Namespace) -> int:
     from looptrace.zoo import train_preset
 
-    overrides = {k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None}
+    overrides = {
+        k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None
+    }
     out = Path(args.out or f"runs/{args.task}-{args.preset}")
     metrics = train_preset(args.task, args.preset, out, progress=not args.quiet, **overrides)
     summary = {k: v for k, v in metrics.items() if k != "history"}

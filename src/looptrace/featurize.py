@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -74,6 +75,30 @@ def _leading_size(batch: Any) -> int | None:
         if n is not None:
             return n
     return None
+
+
+def _slice_batch(batch: Any, lo: int, hi: int) -> Any:
+    """Rows lo:hi of every tensor whose leading axis is the batch (other leaves are kept)."""
+    n = _leading_size(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == n else batch
+    if _is_dataclass_batch(batch):
+        return dataclasses.replace(
+            batch, **{f.name: _slice_tree(getattr(batch, f.name), lo, hi, n) for f in dataclasses.fields(batch)}
+        )
+    return _slice_tree(batch, lo, hi, n)
+
+
+def _slice_tree(x: Any, lo: int, hi: int, n: int | None) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[lo:hi] if x.dim() > 0 and x.shape[0] == n else x
+    if isinstance(x, dict):
+        return {k: _slice_tree(v, lo, hi, n) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(_slice_tree(v, lo, hi, n) for v in x)
+    if _is_dataclass_batch(x):
+        return _slice_batch(x, lo, hi)
+    return x
 
 
 def check_loader_order(loader: Iterable[Any]) -> None:
@@ -268,6 +293,82 @@ def featurize(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_total or None, desc="featurize", unit="ex")
+
+    def one_batch(batch: Any, bi: int, check: bool, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward with capture, and optional verification of one batch."""
+        tracer.begin_batch()
+        with torch.enable_grad():
+            losses = validate_losses(loss_fn(model, batch), batch)
+        b = int(losses.shape[0])
+        if tracer.max_step == 0:
+            raise StepError(
+                "the step module never ran (no loop step was observed); pass the module that is "
+                "called once per iteration as step_module=, or mark iterations with looptrace.loop_step()"
+            )
+        steps = tracer.max_step
+        if tau is not None and steps != tau:
+            raise StepError(
+                f"batch {bi} ran {steps} loop steps but tau={tau} was declared; pass the true tau "
+                "(or tau=None to use the observed count)"
+            )
+        if per_step and n_total and bi == 0:
+            need = estimate_bytes(n_total, steps, plan.dim, dtype, per_step)
+            if need > limit:
+                raise MemoryBudgetError(
+                    f"features for {n_total} examples x {steps} steps x D={plan.dim} would take "
+                    f"{_fmt_bytes(need)} (limit {_fmt_bytes(limit)}); lower SketchSpec.dim, pass "
+                    "per_step=False, featurise in shards into a feature store, or raise max_memory"
+                )
+        feats = torch.zeros(b, steps, plan.dim, dtype=dtype, device=device)
+        tracer.feats = feats
+        tracer.batch_size = b
+        tracer.phase = "backward"
+        anchors = list(tracer.anchors.values())
+        inputs = anchors + (body_list if check else [])
+        grads: tuple[torch.Tensor | None, ...] = ()
+        if inputs:
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=check)
+        if tracer.recompute_fired:
+            raise StepError(
+                "reentrant activation checkpointing recomputes the body inside backward, where its "
+                "steps cannot be told apart; use torch.utils.checkpoint(..., use_reentrant=False)"
+            )
+        if check and inputs:
+            tracer.phase = "verify"
+            total = dict(zip(names, grads[len(anchors) :], strict=True))
+            _compare(plan, _sketch_grads(plan, total, dtype, device), feats.sum((0, 1)), "the batch's summed features")
+            for i in sorted({0, b - 1}):
+                gi = torch.autograd.grad(losses[i], body_list, allow_unused=True, retain_graph=i != b - 1)
+                _compare(
+                    plan,
+                    _sketch_grads(plan, dict(zip(names, gi, strict=True)), dtype, device),
+                    feats[i].sum(0),
+                    f"example {used + i}'s features",
+                )
+        tracer.phase = "idle"
+        return feats, losses.detach()
+
+    def run_batch(batch: Any, bi: int, check: bool, used: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``one_batch``, halving the batch and retrying (with a warning) on accelerator out-of-memory."""
+        try:
+            return [one_batch(batch, bi, check, used)]
+        except torch.OutOfMemoryError:
+            tracer.phase = "idle"
+            tracer.feats = None
+            n = _leading_size(batch)
+            if n is None or n < 2:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = n // 2
+            warnings.warn(
+                f"out of memory on batch {bi} ({n} examples); retrying it in chunks of {half} and {n - half}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            first, second = _slice_batch(batch, 0, half), _slice_batch(batch, half, n)
+            return run_batch(first, bi, check, used) + run_batch(second, bi, False, used + half)
+
     try:
         model.train(train_mode)
         for p, _ in saved_flags:
@@ -284,64 +385,13 @@ def featurize(
                     "yield batches of one consistent type"
                 )
             batch = _to_device(batch, device)
-            tracer.begin_batch()
-            with torch.enable_grad():
-                losses = validate_losses(loss_fn(model, batch), batch)
-            b = int(losses.shape[0])
-            if tracer.max_step == 0:
-                raise StepError(
-                    "the step module never ran (no loop step was observed); pass the module that is "
-                    "called once per iteration as step_module=, or mark iterations with looptrace.loop_step()"
-                )
-            steps = tracer.max_step
-            if tau is not None and steps != tau:
-                raise StepError(
-                    f"batch {bi} ran {steps} loop steps but tau={tau} was declared; pass the true tau "
-                    "(or tau=None to use the observed count)"
-                )
-            if per_step and n_total and bi == 0:
-                need = estimate_bytes(n_total, steps, plan.dim, dtype, per_step)
-                if need > limit:
-                    raise MemoryBudgetError(
-                        f"features for {n_total} examples x {steps} steps x D={plan.dim} would take "
-                        f"{_fmt_bytes(need)} (limit {_fmt_bytes(limit)}); lower SketchSpec.dim, pass "
-                        "per_step=False, featurise in shards into a feature store, or raise max_memory"
-                    )
-            feats = torch.zeros(b, steps, plan.dim, dtype=dtype, device=device)
-            tracer.feats = feats
-            tracer.batch_size = b
-            tracer.phase = "backward"
             check = verify is True or (verify == "first" and bi == 0)
-            anchors = list(tracer.anchors.values())
-            inputs = anchors + (body_list if check else [])
-            grads: tuple[torch.Tensor | None, ...] = ()
-            if inputs:
-                grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=check)
-            if tracer.recompute_fired:
-                raise StepError(
-                    "reentrant activation checkpointing recomputes the body inside backward, where its "
-                    "steps cannot be told apart; use torch.utils.checkpoint(..., use_reentrant=False)"
-                )
-            if check and inputs:
-                tracer.phase = "verify"
-                total = dict(zip(names, grads[len(anchors) :], strict=True))
-                _compare(
-                    plan, _sketch_grads(plan, total, dtype, device), feats.sum((0, 1)), "the batch's summed features"
-                )
-                for i in sorted({0, b - 1}):
-                    gi = torch.autograd.grad(losses[i], body_list, allow_unused=True, retain_graph=i != b - 1)
-                    _compare(
-                        plan,
-                        _sketch_grads(plan, dict(zip(names, gi, strict=True)), dtype, device),
-                        feats[i].sum(0),
-                        f"example {used + i}'s features",
-                    )
-            tracer.phase = "idle"
-            chunks.append(feats if per_step else feats.sum(1))
-            loss_chunks.append(losses.detach())
-            used += b
-            if bar is not None:
-                bar.update(b)
+            for feats, losses in run_batch(batch, bi, check, used):
+                chunks.append(feats if per_step else feats.sum(1))
+                loss_chunks.append(losses)
+                used += int(losses.shape[0])
+                if bar is not None:
+                    bar.update(int(losses.shape[0]))
     finally:
         tracer.phase = "idle"
         tracer.remove()

@@ -77,11 +77,16 @@ class SudokuTask:
             if self.data_path:
                 feats, labels = sudoku.load(self.data_path)
             else:
-                cache = Path("runs/.cache") / f"sudoku_{self.n_puzzles}_{self.min_blanks}_{self.max_blanks}_{self.data_seed}.npz"
+                cache = (
+                    Path("runs/.cache")
+                    / f"sudoku_{self.n_puzzles}_{self.min_blanks}_{self.max_blanks}_{self.data_seed}.npz"
+                )
                 if cache.exists():
                     feats, labels = sudoku.load(cache)
                 else:
-                    feats, labels = sudoku.generate(self.n_puzzles, self.min_blanks, self.max_blanks, seed=self.data_seed)
+                    feats, labels = sudoku.generate(
+                        self.n_puzzles, self.min_blanks, self.max_blanks, seed=self.data_seed
+                    )
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     tmp = cache.with_name(cache.stem + ".partial.npz")
                     sudoku.save(tmp, feats, labels)
@@ -202,9 +207,15 @@ def train_preset(task: str, size: str, out: Path, progress: bool = True, **overr
     pre = train(tk, mc, dataclasses.replace(tc, stage="pretrain"), out / "pretrain", progress=progress)
     init = torch.load(out / "pretrain" / "model.pt", map_location="cpu", weights_only=True)
     ft_task = dataclasses.replace(tk, stage="finetune", _data=tk._data)
-    ft_cfg = dataclasses.replace(tc, stage="finetune", steps=max(1, tc.steps // 2), lr=tc.lr / 3, warmup=max(1, tc.warmup // 2))
+    ft_cfg = dataclasses.replace(
+        tc, stage="finetune", steps=max(1, tc.steps // 2), lr=tc.lr / 3, warmup=max(1, tc.warmup // 2)
+    )
     fin = train(ft_task, mc, ft_cfg, out / "finetune", init=init, progress=progress)
-    metrics = {"task": task, "pretrain": {k: v for k, v in pre.items() if k != "history"}, **{k: v for k, v in fin.items() if k != "history"}}
+    metrics = {
+        "task": task,
+        "pretrain": {k: v for k, v in pre.items() if k != "history"},
+        **{k: v for k, v in fin.items() if k != "history"},
+    }
     metrics["train_time_s"] = pre.get("train_time_s", 0.0) + fin.get("train_time_s", 0.0)
     atomic_write_json(metrics, out / "metrics.json")
     return metrics
@@ -217,19 +228,19 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
     if size not in SIZES:
         raise ConfigError(f"unknown preset size {size!r}; choose one of {SIZES}")
     if task == "parity":
-        common = dict(
+        common: dict[str, Any] = dict(
             vocab_size=parity.VOCAB, causal=True, injection="additive", read_in="linear", positions="none",
             core_norm=True, head_norm=False, head_bias=True, max_len=64, n_loops=23,
         )  # fmt: skip
         if size == "paper":  # Fan et al.: d=256, 64 heads, MLP 1024, lr 1e-4, batch 64, ~100k steps
-            mc = LoopedConfig(d_model=256, n_heads=64, d_mlp=1024, **common)  # type: ignore[arg-type]
+            mc = LoopedConfig(d_model=256, n_heads=64, d_mlp=1024, **common)
             tc = TrainConfig(steps=100_000, batch_size=64, lr=1e-4, warmup=1000, ckpt_every=5000, eval_every=5000)
             return mc, tc, ParityTask(curriculum_every=500)
         if size == "tiny":
-            mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, **common)  # type: ignore[arg-type]
+            mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, **common)
             tc = TrainConfig(steps=40, batch_size=16, lr=1e-3, warmup=5, ckpt_every=20, eval_every=1000, log_every=10)
             return mc, tc, ParityTask(curriculum_every=10, final_max=6, eval_examples=32, test_length=8)
-        mc = LoopedConfig(d_model=64, n_heads=4, d_mlp=256, **common)  # type: ignore[arg-type]
+        mc = LoopedConfig(d_model=64, n_heads=4, d_mlp=256, **common)
         # one thread: at d=64 the per-op work is too small for two threads to pay off
         tc = TrainConfig(steps=6000, batch_size=64, lr=1e-3, warmup=100, ckpt_every=500, eval_every=1000, threads=1)
         return mc, tc, ParityTask(curriculum_every=250)
@@ -239,15 +250,25 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
             max_len=81, head_bias=False, head_norm=True,
         )  # fmt: skip
         if size == "paper":  # Yang et al. / appendix D.3: d=128, 4 heads, depth mean 32 (max 64), batch 16
-            mc = LoopedConfig(d_model=128, n_heads=4, n_loops=32, dropout=0.1, **common)  # type: ignore[arg-type]
+            mc = LoopedConfig(d_model=128, n_heads=4, n_loops=32, dropout=0.1, **common)
             tc = TrainConfig(steps=50_000, batch_size=16, lr=1e-3, warmup=500, weight_decay=0.1, betas=(0.9, 0.95),
                              depth_mean=32, depth_max=64, ckpt_every=2500, eval_every=5000)  # fmt: skip
             return mc, tc, SudokuTask(n_puzzles=10_000)
         if size == "tiny":
-            mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, n_loops=4, **common)  # type: ignore[arg-type]
-            tc = TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup=5, depth_mean=3, depth_max=6, ckpt_every=10, eval_every=1000, log_every=5)
+            mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, n_loops=4, **common)
+            tc = TrainConfig(
+                steps=20,
+                batch_size=8,
+                lr=1e-3,
+                warmup=5,
+                depth_mean=3,
+                depth_max=6,
+                ckpt_every=10,
+                eval_every=1000,
+                log_every=5,
+            )
             return mc, tc, SudokuTask(n_puzzles=40, budgets=(2, 4), eval_n=8)
-        mc = LoopedConfig(d_model=128, n_heads=4, n_loops=8, **common)  # type: ignore[arg-type]
+        mc = LoopedConfig(d_model=128, n_heads=4, n_loops=8, **common)
         tc = TrainConfig(steps=4000, batch_size=32, lr=1e-3, warmup=200, weight_decay=0.1, betas=(0.9, 0.95),
                          depth_mean=8, depth_max=16, ckpt_every=500, eval_every=2000)  # fmt: skip
         return mc, tc, SudokuTask(n_puzzles=3000)
@@ -258,13 +279,50 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
         bias=False, qk_norm=True, softcap=15.0, bptt_k=4, head_norm=True,
     )  # fmt: skip
     if size == "paper":
-        mc = LoopedConfig(vocab_size=512, d_model=256, n_heads=4, n_prelude=2, n_core=4, n_coda=2, n_loops=4, max_len=256, **common)  # type: ignore[arg-type]
-        tc = TrainConfig(steps=20_000, batch_size=32, lr=1e-3, warmup=500, weight_decay=0.0, depth_mean=4, depth_max=16, ckpt_every=1000, eval_every=5000)
+        mc = LoopedConfig(
+            vocab_size=512, d_model=256, n_heads=4, n_prelude=2, n_core=4, n_coda=2, n_loops=4, max_len=256, **common
+        )
+        tc = TrainConfig(
+            steps=20_000,
+            batch_size=32,
+            lr=1e-3,
+            warmup=500,
+            weight_decay=0.0,
+            depth_mean=4,
+            depth_max=16,
+            ckpt_every=1000,
+            eval_every=5000,
+        )
         return mc, tc, RecursiveGPTTask(seq=256)
     if size == "tiny":
-        mc = LoopedConfig(vocab_size=300, d_model=16, n_heads=2, d_mlp=32, n_prelude=1, n_core=1, n_coda=1, n_loops=3, max_len=64, **common)  # type: ignore[arg-type]
-        tc = TrainConfig(steps=10, batch_size=4, lr=1e-3, warmup=2, depth_mean=3, depth_max=6, ckpt_every=5, eval_every=1000, log_every=5)
+        mc = LoopedConfig(
+            vocab_size=300,
+            d_model=16,
+            n_heads=2,
+            d_mlp=32,
+            n_prelude=1,
+            n_core=1,
+            n_coda=1,
+            n_loops=3,
+            max_len=64,
+            **common,
+        )
+        tc = TrainConfig(
+            steps=10,
+            batch_size=4,
+            lr=1e-3,
+            warmup=2,
+            depth_mean=3,
+            depth_max=6,
+            ckpt_every=5,
+            eval_every=1000,
+            log_every=5,
+        )
         return mc, tc, RecursiveGPTTask(seq=48, vocab=300, n_train=40, n_test=8, doc_bytes=20_000, eval_loops=(1, 2, 4))
-    mc = LoopedConfig(vocab_size=512, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=4, max_len=96, **common)  # type: ignore[arg-type]
-    tc = TrainConfig(steps=3000, batch_size=32, lr=2e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=250, eval_every=1500)
+    mc = LoopedConfig(
+        vocab_size=512, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=4, max_len=96, **common
+    )
+    tc = TrainConfig(
+        steps=3000, batch_size=32, lr=2e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=250, eval_every=1500
+    )
     return mc, tc, RecursiveGPTTask()

@@ -171,10 +171,11 @@ class Tracer:
     def install(self) -> None:
         if self.step_module is not None:
             self._handles.append(self.step_module.register_forward_pre_hook(self._step_pre))
-            self._handles.append(self.step_module.register_forward_hook(self._step_post))
         for mod, rule, name in self._targets:
             hook = partial(self._on_forward, rule=rule, name=name)
             self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+        if self.step_module is not None:  # after the capture hooks: a step module may itself be a layer
+            self._handles.append(self.step_module.register_forward_hook(self._step_post))
         _ACTIVE.append(self)
 
     def remove(self) -> None:

@@ -60,6 +60,11 @@ def attribute(
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one Checkpoint")
+    bad = [type(c).__name__ for c in checkpoints if not isinstance(c, Checkpoint)]
+    if bad:
+        raise ConfigError(
+            f"checkpoints must be looptrace.Checkpoint objects, got {bad}; wrap each as lt.Checkpoint(state_or_path, lr=eta)"
+        )
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
     spec = sketch if sketch is not None else SketchSpec()

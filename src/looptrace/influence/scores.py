@@ -13,6 +13,7 @@ Positive: training on z reduced the loss on z' (a proponent); negative: it raise
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -73,7 +74,7 @@ def stream_sdi(
     """Write eta * test-side SDI ``[N, M, tau]`` to ``path`` (.npy) block by block.
 
     The full tensor is never held in memory. With ``accumulate=True`` the scores are added to an
-    existing file of the same shape (one checkpoint after another); otherwise the file is written to a
+    existing file of the same shape (one checkpoint after another). Either way the result is written to a
     temporary name and renamed when complete, so a reader never sees a partial result.
     """
     from numpy.lib.format import open_memmap
@@ -82,23 +83,30 @@ def stream_sdi(
     steps = query.require_steps("test-side SDI")
     n, m, tau = train.n, query.n, steps.shape[1]
     path = Path(path)
-    if accumulate:
-        arr = open_memmap(path, mode="r+")
+    target = path.with_name(path.name + ".partial")
+    if accumulate:  # add into a copy, then swap it in: a failure leaves the old scores intact
+        shutil.copyfile(path, target)
+        arr = open_memmap(target, mode="r+")
         if arr.shape != (n, m, tau):
-            raise ConfigError(f"{path} holds scores of shape {arr.shape}, not {(n, m, tau)}")
-        target = path
+            shape = arr.shape
+            del arr
+            target.unlink()
+            raise ConfigError(f"{path} holds scores of shape {shape}, not {(n, m, tau)}; write to a new file")
     else:
-        target = path.with_name(path.name + ".partial")
         arr = open_memmap(target, mode="w+", dtype=dtype, shape=(n, m, tau))
-    for rows, cols in iter_blocks(n, m, block_rows, block_cols):
-        block = eta * torch.einsum("nd,mtd->nmt", train.total[rows], steps[cols])
-        blk = block.detach().cpu().numpy().astype(arr.dtype)
-        if accumulate:
-            arr[rows, cols] += blk
-        else:
-            arr[rows, cols] = blk
-    arr.flush()
+    try:
+        for rows, cols in iter_blocks(n, m, block_rows, block_cols):
+            block = eta * torch.einsum("nd,mtd->nmt", train.total[rows], steps[cols])
+            blk = block.detach().cpu().numpy().astype(arr.dtype)
+            if accumulate:
+                arr[rows, cols] += blk
+            else:
+                arr[rows, cols] = blk
+        arr.flush()
+    except BaseException:
+        del arr
+        target.unlink(missing_ok=True)
+        raise
     del arr
-    if not accumulate:
-        os.replace(target, path)
+    os.replace(target, path)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import itertools
 import json
 import os
 import random
@@ -54,10 +55,18 @@ _TRAIN_TEMPLATES = [
     ("{n} has {a} {i}. {n} buys {b} more. How many {i} does {n} have now?", "{a} + {b} = {r}", lambda a, b, c: a + b),
     ("{n} had {a} {i} and gave away {b}. How many {i} are left?", "{a} - {b} = {r}", lambda a, b, c: a - b),
     ("{n} packs {a} boxes with {b} {i} each. How many {i} in total?", "{a} * {b} = {r}", lambda a, b, c: a * b),
-    ("{n} has {a} {i}, finds {b} and then {c} more. How many {i} now?", "{a} + {b} = {s}, {s} + {c} = {r}", lambda a, b, c: a + b + c),
+    (
+        "{n} has {a} {i}, finds {b} and then {c} more. How many {i} now?",
+        "{a} + {b} = {s}, {s} + {c} = {r}",
+        lambda a, b, c: a + b + c,
+    ),
 ]
 _TEST_TEMPLATES = [
-    ("There are {a} {i} in a jar. {n} adds {b}. How many {i} are in the jar?", "{a} + {b} = {r}", lambda a, b, c: a + b),
+    (
+        "There are {a} {i} in a jar. {n} adds {b}. How many {i} are in the jar?",
+        "{a} + {b} = {r}",
+        lambda a, b, c: a + b,
+    ),
     ("{n} sells {b} of {a} {i}. How many {i} remain?", "{a} - {b} = {r}", lambda a, b, c: a - b),
     ("Each of {a} bags holds {b} {i}. How many {i} are there?", "{a} * {b} = {r}", lambda a, b, c: a * b),
 ]
@@ -108,7 +117,7 @@ class BPETokenizer:
         pairs: collections.Counter[tuple[int, int]] = collections.Counter()
         where: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
         for wi, w in enumerate(words):
-            for p in zip(w, w[1:], strict=False):
+            for p in itertools.pairwise(w):
                 pairs[p] += freq[wi]
                 where[p].add(wi)
         merges: list[tuple[int, int]] = []
@@ -120,7 +129,7 @@ class BPETokenizer:
             merges.append(best)
             for wi in list(where[best]):
                 w = words[wi]
-                for p in zip(w, w[1:], strict=False):
+                for p in itertools.pairwise(w):
                     pairs[p] -= freq[wi]
                     if pairs[p] <= 0:
                         del pairs[p]
@@ -133,7 +142,7 @@ class BPETokenizer:
                         merged.append(w[i])
                         i += 1
                 words[wi] = merged
-                for p in zip(merged, merged[1:], strict=False):
+                for p in itertools.pairwise(merged):
                     pairs[p] += freq[wi]
                     where[p].add(wi)
             where.pop(best, None)
@@ -145,11 +154,11 @@ class BPETokenizer:
             return ids
         ids = list(word.encode())
         while len(ids) > 1:
-            ranked = [(self.ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(ids, ids[1:], strict=False))]
+            ranked = [(self.ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(ids))]
             rank, i = min(ranked)
             if rank == 1 << 30:
                 break
-            ids = ids[:i] + [256 + rank] + ids[i + 2 :]
+            ids = [*ids[:i], 256 + rank, *ids[i + 2 :]]
         self._cache[word] = ids
         return ids
 
@@ -174,7 +183,9 @@ def pack(ids: list[int], seq: int) -> torch.Tensor:
     return torch.stack([t[i * seq : i * seq + seq + 1] for i in range(n)])
 
 
-def finetune_examples(tok: BPETokenizer, pairs: list[tuple[str, str]], seq: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def finetune_examples(
+    tok: BPETokenizer, pairs: list[tuple[str, str]], seq: int, pad: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x [n, seq], y [n, seq], mask [n, seq]): the mask marks completion (answer) tokens only."""
     xs, ys, ms = [], [], []
     for q, a in pairs:

@@ -1,0 +1,174 @@
+"""Bad input gives one of looptrace's own exceptions with a message that says what to do."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import looptrace as lt
+from tests.conftest import lm_loss, tiny_batches, tiny_model
+from tests.test_capture import Net, loss_fn, make_batches
+
+
+def feat(model: nn.Module, batches: Any = None, fn: Any = loss_fn, **kw: Any) -> lt.Features:
+    kw.setdefault("sketch", lt.SketchSpec(dim=16))
+    kw.setdefault("step_module", model.core)
+    return lt.featurize(model, batches if batches is not None else make_batches(), fn, **kw)
+
+
+def test_step_module_that_never_runs() -> None:
+    model = Net()
+    model.spare = nn.Linear(6, 6).double()  # registered but never called
+    with pytest.raises(lt.StepError, match="never ran"):
+        feat(model, step_module=model.spare)
+
+
+def test_step_count_differs_from_declared() -> None:
+    model = Net(loops=3)
+    with pytest.raises(lt.StepError, match=r"ran 3 loop steps but tau=4"):
+        feat(model, tau=4)
+
+
+class Leaky(Net):
+    """Uses the body's weight outside the loop through a functional call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        h = e
+        for _ in range(self.loops):
+            h = self.core(h, x)
+        h = F.linear(h, self.core.fc.weight)  # body weight used in the read-out
+        return self.head(h).mean(1)
+
+
+class CalledOutside(Net):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.core.fc(self.emb(x))  # a body layer run before the loop
+        for _ in range(self.loops):
+            h = self.core(h, x)
+        return self.head(h).mean(1)
+
+
+def test_body_weights_used_outside_the_step_module() -> None:
+    with pytest.raises(lt.VerificationError, match="used outside the step module"):
+        feat(Leaky())
+    with pytest.raises(lt.StepError, match="outside a loop step"):
+        feat(CalledOutside())
+
+
+def test_parameter_without_rule_when_fallback_disabled() -> None:
+    model = Net("fallback")
+    with pytest.raises(lt.UnsupportedLayerError, match=r"core\.scale\.gamma"):
+        feat(model, fallback=False)
+
+
+def test_parameter_tied_between_body_and_readout() -> None:
+    model = Net()
+    model.head.weight = nn.Parameter(torch.randn(6, 6, dtype=torch.float64))
+    model.core.fc.weight = model.head.weight
+    model.head = nn.Linear(6, 6).double()
+    model.head.weight = model.core.fc.weight
+    with pytest.raises(lt.TiedParameterError, match="also used outside the loop body"):
+        feat(model)
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (lambda m, b: loss_fn(m, b).sum(), r"shape \[B\]"),
+        (lambda m, b: loss_fn(m, b)[:2], "losses for a batch of 3"),
+        (lambda m, b: loss_fn(m, b).long(), "floating point"),
+        (lambda m, b: loss_fn(m, b) * torch.tensor([1.0, math.nan, 1.0], dtype=torch.float64), r"example\(s\) \[1\]"),
+        (lambda m, b: loss_fn(m, b) / torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), r"example\(s\) \[2\]"),
+        (lambda m, b: loss_fn(m, b).detach(), "do not require grad"),
+        (lambda m, b: [1.0, 2.0, 3.0], "Tensor"),
+    ],
+)
+def test_bad_losses(bad: Any, words: str) -> None:
+    with pytest.raises(lt.LossError, match=words):
+        feat(Net(), fn=bad)
+
+
+def test_loader_inconsistent_batches() -> None:
+    b = make_batches()
+    mixed = [b[0], {"x": b[1][0], "y": b[1][1]}]
+    with pytest.raises(lt.LoaderError, match="different structure"):
+        feat(
+            Net(),
+            mixed,
+            fn=lambda m, batch: loss_fn(m, batch if isinstance(batch, tuple) else (batch["x"], batch["y"])),
+        )
+    with pytest.raises(lt.LoaderError, match="no batches"):
+        feat(Net(), [])
+
+
+def test_checkpoint_problems(tmp_path) -> None:
+    model = tiny_model()
+    sd = model.state_dict()
+    bad = dict(sd)
+    bad.pop("head.weight")
+    bad["core.blocks.0.mlp.fc.weight"] = torch.zeros(3, 3)
+    bad["extra"] = torch.zeros(1)
+    data = (tiny_batches(1), tiny_batches(1), lm_loss)
+    with pytest.raises(
+        lt.CheckpointError, match=r"missing \['head.weight'\].*unexpected \['extra'\].*shape mismatches"
+    ):
+        lt.attribute(model, [lt.Checkpoint(bad, lr=1.0)], *data, step_module=model.core)
+    for eta, words in [(-1.0, ">= 0"), (math.nan, "finite"), (None, "no learning rate")]:
+        with pytest.raises(lt.CheckpointError, match=words):
+            lt.attribute(model, [lt.Checkpoint(sd, lr=eta)], *data, step_module=model.core)
+    with pytest.raises(lt.ConfigError, match="Checkpoint"):
+        lt.attribute(model, [sd], *data, step_module=model.core)  # type: ignore[list-item]
+    with pytest.raises(lt.CheckpointError, match="does not exist"):
+        lt.Checkpoint(tmp_path / "nope.pt", lr=1.0).load()
+
+
+class Evil:
+    def __reduce__(self) -> Any:
+        return (print, ("this must never run",))
+
+
+def test_pickle_bearing_checkpoint_is_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Evil()}, path)
+    with pytest.raises(lt.CheckpointError, match="weights_only=True"):
+        lt.Checkpoint(path, lr=1.0).load()
+    assert "must never run" not in capsys.readouterr().out
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(pickle.dumps([1, 2, 3])[:5])
+    with pytest.raises(lt.CheckpointError):
+        lt.Checkpoint(junk, lr=1.0).load()
+
+
+def test_memory_estimate_refuses_up_front() -> None:
+    model = Net()
+    x = torch.randint(0, 5, (10, 4))
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(10, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(ds, batch_size=5)
+    with pytest.raises(lt.MemoryBudgetError, match=r"would take .* \(limit"):
+        lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), max_memory=1000)
+
+
+def test_stream_sdi_never_leaves_partial_output(tmp_path, monkeypatch) -> None:
+    model = tiny_model()
+    f = lt.featurize(model, tiny_batches(), lm_loss, step_module=model.core, sketch=lt.SketchSpec(dim=16))
+    calls = {"n": 0}
+    real = torch.einsum
+
+    def flaky(*a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("disk on fire")
+        return real(*a)
+
+    monkeypatch.setattr(torch, "einsum", flaky)
+    with pytest.raises(RuntimeError):
+        lt.stream_sdi(f, f, tmp_path / "sdi.npy", block_rows=1, block_cols=1)
+    assert not (tmp_path / "sdi.npy").exists(), "a failed write must not leave a result file"
+    assert not list(tmp_path.glob("*.partial")), "a failed write must clean up its temporary file"
