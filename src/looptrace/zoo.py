@@ -7,6 +7,7 @@ CPU cores in minutes; ``size="paper"`` follows appendix D (and the public code i
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +327,90 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
         steps=3000, batch_size=32, lr=2e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=250, eval_every=1500
     )
     return mc, tc, RecursiveGPTTask()
+
+
+@dataclasses.dataclass
+class InfluenceSetup:
+    """Everything attribution needs for a trained zoo run: model, body, loss, datasets, checkpoints."""
+
+    model: nn.Module
+    step_module: nn.Module
+    loss_fn: Any
+    datasets: dict[str, Any]
+    checkpoints: list[Path]
+    info: dict[str, Any]
+
+
+def influence_setup(
+    run: str | os.PathLike[str], n_train: int = 512, n_query: int = 256, loops: int | None = None
+) -> InfluenceSetup:
+    """The paper's influence sets for a run directory made by ``looptrace train``.
+
+    parity: a length-stratified train sample and length-40 test examples (after the two probes);
+    sudoku: the easy train split and the hard test split at a fixed horizon (default: the model's);
+    recursive-gpt: fine-tuning arithmetic train and test problems at a fixed recurrence.
+    """
+    from looptrace.train import checkpoint_paths, load_run
+
+    run = Path(run)
+    stage_dir = run / "finetune" if (run / "finetune" / "config.json").exists() else run
+    model, cfg = load_run(stage_dir)
+    task = cfg["task"]
+    cks = checkpoint_paths(stage_dir)
+    if not cks:
+        raise ConfigError(f"{stage_dir} has no TracIn checkpoints; train with `looptrace train`")
+    from torch.utils.data import TensorDataset
+
+    if task == "parity":
+        from looptrace.demo import ParityStudyConfig, train_sample
+
+        tiny = cfg["model"]["d_model"] <= 16
+        max_digits, test_len = (6, 8) if tiny else (21, 40)
+        tr = train_sample(ParityStudyConfig(n_train=n_train), max_digits)
+        g = torch.Generator().manual_seed(22)
+        te = parity.fixed_length(n_query, test_len, g)
+        pr = parity.alternating_probes(test_len)
+        q = parity.encode(
+            [pr.x[i, : pr.n[i]].tolist() for i in range(2)] + [te.x[i, : te.n[i]].tolist() for i in range(len(te))]
+        )
+
+        def parity_loss(m: nn.Module, b: Any) -> torch.Tensor:
+            return parity.loss(m, parity.ParityBatch(*b))
+
+        ds = {"train": TensorDataset(tr.x, tr.y, tr.n), "query": TensorDataset(q.x, q.y, q.n)}
+        return InfluenceSetup(
+            model,
+            model.core,
+            parity_loss,
+            ds,
+            cks,
+            {"task": task, "query_note": "queries 0, 1 are the alternating probes"},
+        )  # type: ignore[arg-type]
+    if task == "sudoku":
+        st = SudokuTask()
+        split = st.split()
+        horizon = loops or int(cfg["model"]["n_loops"])
+
+        def sudoku_loss(m: nn.Module, b: Any) -> torch.Tensor:
+            return sudoku.loss(m, b[0], b[1], horizon)
+
+        ds = {
+            "train": TensorDataset(*(t[:n_train] for t in split["train"])),
+            "query": TensorDataset(*(t[:n_query] for t in split["test"])),
+        }
+        return InfluenceSetup(model, model.core, sudoku_loss, ds, cks, {"task": task, "horizon": horizon})  # type: ignore[arg-type]
+    if task == "recursive-gpt":
+        _, _, rt = preset("recursive-gpt", "tiny" if cfg["model"]["d_model"] <= 16 else "small")
+        rt = dataclasses.replace(rt, stage="finetune")
+        d = rt.data()
+        r = loops or 8
+
+        def lm_loss(m: nn.Module, b: Any) -> torch.Tensor:
+            return masked_lm_loss(m, b, r)
+
+        ds = {
+            "train": TensorDataset(*(t[:n_train] for t in d.train)),
+            "query": TensorDataset(*(t[:n_query] for t in d.test)),
+        }
+        return InfluenceSetup(model, model.core, lm_loss, ds, cks, {"task": task, "recurrence": r})  # type: ignore[arg-type]
+    raise ConfigError(f"unknown task {task!r} in {stage_dir}/config.json")

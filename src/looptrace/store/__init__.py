@@ -1,0 +1,6 @@
+"""On-disk feature store, sharded featurisation (one or many processes) and top-k retrieval."""
+
+from looptrace.store.features import FeatureStore, featurize_to_store
+from looptrace.store.retrieval import TopK, score_to_disk, topk
+
+__all__ = ["FeatureStore", "TopK", "featurize_to_store", "score_to_disk", "topk"]

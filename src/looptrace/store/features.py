@@ -1,0 +1,417 @@
+"""The feature store: per checkpoint and role, shards of features in safetensors files.
+
+Layout::
+
+    store/manifest.json                                  spec, body layout, fingerprints, checkpoints (eta)
+    store/ck000/train/shard_000000000_000001024.safetensors   "features" [n, D] (train: totals)
+    store/ck000/train/shard_000000000_000001024.json          sidecar: range, shape, dtype, sha256
+    store/ck000/query/...                                "features" [n, tau, D] (query: per step)
+
+A shard is written to a temporary name and renamed, then its sidecar (with the shard's sha256) is
+written the same way: a shard counts as done only once its sidecar exists, so an interrupted run
+resumes by redoing just the shards without one. Shards are plain tensors in safetensors (no pickle)
+and are memory-mapped on read. Reopening a store with another spec, model body, dataset or shard
+size raises and says what differs. Several processes (``torch.distributed`` ranks, or machines
+sharing a file system) can fill one store: shard i belongs to rank i mod world_size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from looptrace.errors import ConfigError, CorruptFileError, SpecMismatchError
+from looptrace.features import Features, layout_fingerprint
+from looptrace.featurize import LossFn, featurize
+from looptrace.influence.checkpoints import Checkpoint, load_into
+from looptrace.sketch.spec import SketchSpec
+
+FORMAT = "looptrace-feature-store"
+VERSION = 1
+ROLES = ("train", "query")
+_SHARD = re.compile(r"^shard_(\d{9})_(\d{9})\.safetensors$")
+_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """Length plus a hash of the first and last examples' tensors (cheap, catches swapped datasets)."""
+    n = len(dataset)
+    h = hashlib.sha256(str(n).encode())
+    for i in sorted({0, n - 1} if n else set()):
+        item = dataset[i]
+        items = item if isinstance(item, tuple | list) else [item]
+        for t in items:
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_safetensors(path: Path, name: str = "features") -> np.ndarray:
+    """Memory-map one tensor of a safetensors file (read-only, no copy)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 10_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+        info = header[name]
+        dtype = _NP[info["dtype"]]
+        if dtype is None:
+            raise ValueError(f"dtype {info['dtype']} cannot be memory-mapped")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + end > path.stat().st_size:
+            raise ValueError("data offsets do not match the shape or the file size")
+        return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+    except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError) as exc:
+        raise CorruptFileError(
+            f"{path} is not a readable looptrace shard ({exc}); delete it and its .json sidecar to recompute"
+        ) from exc
+
+
+class FeatureStore:
+    """A directory of feature shards with a manifest. Create with :meth:`open` (mode "a" or "r")."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+        self._verified: set[Path] = set()
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        spec: SketchSpec | None = None,
+        layout: list[dict[str, Any]] | None = None,
+        checkpoints: Sequence[dict[str, Any]] | None = None,
+        datasets: dict[str, dict[str, Any]] | None = None,
+        shard_size: int = 1024,
+        dtype: str = "float32",
+    ) -> FeatureStore:
+        """Open ``root``; with ``spec`` (and the rest) create it, or check that it matches."""
+        root = Path(root)
+        path = root / "manifest.json"
+        if spec is None:
+            if not path.exists():
+                raise ConfigError(
+                    f"{root} is not a looptrace feature store (no manifest.json); featurise into it first"
+                )
+            return cls(root, cls._read_manifest(path))
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
+        if shard_size < 1:
+            raise ConfigError("shard_size must be >= 1")
+        want: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": spec.to_dict(),
+            "layout": layout or [],
+            "model_fingerprint": layout_fingerprint(layout or []),
+            "checkpoints": list(checkpoints or []),
+            "datasets": datasets or {},
+            "shard_size": shard_size,
+            "dtype": dtype,
+        }
+        if path.exists():
+            have = cls._read_manifest(path)
+            diffs = [
+                k for k in ("spec", "model_fingerprint", "checkpoints", "shard_size", "dtype") if have.get(k) != want[k]
+            ]
+            for role, d in want["datasets"].items():
+                if role in have["datasets"] and have["datasets"][role] != d:
+                    diffs.append(f"datasets.{role}")
+            if diffs:
+                detail = "; ".join(
+                    f"{k}: store has {have.get(k.split('.')[0])!r}, asked for {want.get(k.split('.')[0])!r}"
+                    for k in diffs[:3]
+                )
+                raise SpecMismatchError(
+                    f"{root} was created with a different {', '.join(diffs)} ({detail[:600]}); use another store "
+                    "directory or the same settings"
+                )
+            merged = dict(have)
+            merged["datasets"] = {**have["datasets"], **want["datasets"]}
+            if merged != have:
+                _atomic_write(path, json.dumps(merged, indent=1, sort_keys=True).encode())
+            return cls(root, merged)
+        root.mkdir(parents=True, exist_ok=True)
+        try:  # exclusive create: when several ranks start at once, one writes and the others re-check
+            fd = os.open(root / "manifest.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+            _atomic_write(path, json.dumps(want, indent=1, sort_keys=True).encode())
+        except FileExistsError:
+            import time
+
+            for _ in range(600):
+                if path.exists():
+                    break
+                time.sleep(0.05)
+            return cls.open(
+                root,
+                spec=spec,
+                layout=layout,
+                checkpoints=checkpoints,
+                datasets=datasets,
+                shard_size=shard_size,
+                dtype=dtype,
+            )
+        return cls(root, want)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(f"{path} is not valid JSON ({exc}); the store is damaged") from exc
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise CorruptFileError(f"{path} is not a looptrace feature store manifest")
+        if m.get("version") != VERSION:
+            raise CorruptFileError(f"{path} has store version {m.get('version')}, this looptrace reads {VERSION}")
+        return m
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def spec(self) -> SketchSpec:
+        return SketchSpec.from_dict(self.manifest["spec"])
+
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self.manifest["checkpoints"])
+
+    def n(self, role: str) -> int:
+        return int(self.manifest["datasets"].get(role, {}).get("n", 0))
+
+    def _dir(self, ck: int, role: str) -> Path:
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, got {role!r}")
+        if not 0 <= ck < len(self.manifest["checkpoints"]):
+            raise ConfigError(
+                f"checkpoint index {ck} is not in this store (it has {len(self.manifest['checkpoints'])})"
+            )
+        return self.root / f"ck{ck:03d}" / role
+
+    def shard_ranges(self, role: str) -> list[tuple[int, int]]:
+        n, s = self.n(role), int(self.manifest["shard_size"])
+        return [(i, min(i + s, n)) for i in range(0, n, s)]
+
+    # ------------------------------------------------------------------ shards
+    def shard_path(self, ck: int, role: str, start: int, stop: int) -> Path:
+        return self._dir(ck, role) / f"shard_{start:09d}_{stop:09d}.safetensors"
+
+    def is_done(self, ck: int, role: str, start: int, stop: int) -> bool:
+        p = self.shard_path(ck, role, start, stop)
+        return p.exists() and p.with_suffix(".json").exists()
+
+    def done(self, ck: int, role: str) -> list[tuple[int, int]]:
+        return [r for r in self.shard_ranges(role) if self.is_done(ck, role, *r)]
+
+    def write_shard(
+        self, ck: int, role: str, start: int, stop: int, features: torch.Tensor, losses: torch.Tensor
+    ) -> Path:
+        from safetensors.torch import save_file
+
+        expect = (stop - start,)
+        if tuple(features.shape[:1]) != expect:
+            raise ConfigError(f"shard {start}:{stop} got {features.shape[0]} rows")
+        d = self._dir(ck, role)
+        d.mkdir(parents=True, exist_ok=True)
+        path = self.shard_path(ck, role, start, stop)
+        tmp = path.with_name(path.name + ".partial")
+        dt = torch.float16 if self.manifest["dtype"] == "float16" else torch.float32
+        save_file(
+            {
+                "features": features.detach().to("cpu", dt).contiguous(),
+                "losses": losses.detach().to("cpu", torch.float32).contiguous(),
+            },
+            str(tmp),
+        )
+        os.replace(tmp, path)
+        side = {
+            "file": path.name,
+            "start": start,
+            "stop": stop,
+            "shape": list(features.shape),
+            "sha256": _sha256(path),
+            "spec": self.spec.fingerprint(),
+        }
+        _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
+        return path
+
+    def _check(self, path: Path) -> dict[str, Any]:
+        side_path = path.with_suffix(".json")
+        try:
+            side = json.loads(side_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(
+                f"{side_path} is missing or damaged ({exc}); delete the shard to recompute it"
+            ) from exc
+        if side.get("file") != path.name or "/" in str(side.get("file")) or ".." in str(side.get("file")):
+            raise CorruptFileError(
+                f"{side_path} names {side.get('file')!r}, not its own shard; refusing a path outside the store"
+            )
+        if side.get("spec") != self.spec.fingerprint():
+            raise SpecMismatchError(f"{path} was written with another sketch spec than this store's")
+        if path not in self._verified:
+            if _sha256(path) != side.get("sha256"):
+                raise CorruptFileError(
+                    f"{path} does not match its checksum (truncated or corrupted); delete it and its sidecar to recompute"
+                )
+            self._verified.add(path)
+        return side
+
+    def read_shard(self, ck: int, role: str, start: int, stop: int) -> np.ndarray:
+        path = self.shard_path(ck, role, start, stop)
+        if not path.exists():
+            raise ConfigError(
+                f"shard {role}[{start}:{stop}] of checkpoint {ck} is not in {self.root}; featurise it first"
+            )
+        side = self._check(path)
+        arr = read_safetensors(path)
+        if list(arr.shape) != side["shape"]:
+            raise CorruptFileError(f"{path} holds shape {arr.shape}, its sidecar says {side['shape']}")
+        return arr
+
+    def iter_shards(self, ck: int, role: str) -> Iterator[tuple[int, int, np.ndarray]]:
+        missing = [r for r in self.shard_ranges(role) if not self.is_done(ck, role, *r)]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} {role} shard(s) of checkpoint {ck} are not done (first: {missing[0]}); finish featurising"
+            )
+        for start, stop in self.shard_ranges(role):
+            yield start, stop, self.read_shard(ck, role, start, stop)
+
+    def read(self, ck: int, role: str) -> np.ndarray:
+        """All rows of one checkpoint and role (a copy; use :meth:`iter_shards` for streaming)."""
+        return np.concatenate([a for _, _, a in self.iter_shards(ck, role)])
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "root": str(self.root),
+            "spec": self.manifest["spec"],
+            "model_fingerprint": self.manifest["model_fingerprint"],
+            "dtype": self.manifest["dtype"],
+            "shard_size": self.manifest["shard_size"],
+            "checkpoints": self.checkpoints,
+            "datasets": self.manifest["datasets"],
+        }
+        progress = {}
+        size = 0
+        for k in range(len(self.checkpoints)):
+            for role in ROLES:
+                if self.n(role):
+                    progress[f"ck{k:03d}/{role}"] = f"{len(self.done(k, role))}/{len(self.shard_ranges(role))} shards"
+                    size += sum(self.shard_path(k, role, *r).stat().st_size for r in self.done(k, role))
+        out["progress"] = progress
+        out["bytes"] = size
+        return out
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def featurize_to_store(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    datasets: dict[str, Any],
+    loss_fn: LossFn,
+    store_dir: str | os.PathLike[str],
+    *,
+    step_module: nn.Module | None = None,
+    body: nn.Module | Sequence[nn.Module] | None = None,
+    sketch: SketchSpec | None = None,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    dtype: str = "float32",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = False,
+    **featurize_kwargs: Any,
+) -> FeatureStore:
+    """Featurise ``datasets`` (``{"train": ds, "query": ds}``) at every checkpoint into a store.
+
+    Train rows keep only step totals ``[n, D]``; query rows keep ``[n, tau, D]``. Done shards are
+    skipped (resume); with ``rank``/``world_size`` (default: torch.distributed's) this process does
+    shards ``i`` with ``i % world_size == rank``. Each checkpoint is loaded once per process.
+    """
+    spec = sketch if sketch is not None else SketchSpec()
+    r0, w0 = _rank_world()
+    rank = r0 if rank is None else rank
+    world = w0 if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank {rank} is not in a world of {world}")
+    bad = sorted(set(datasets) - set(ROLES))
+    if bad:
+        raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
+    cks = [c.load() for c in checkpoints]
+    meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(cks)]
+    # layout from a featurisation-free plan: build it through a one-example run lazily below
+    from looptrace.capture.tracer import body_parameters
+    from looptrace.featurize import resolve_body
+    from looptrace.sketch.plan import SketchPlan
+
+    params = body_parameters(model, resolve_body(model, step_module, body))
+    layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
+    dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
+    store = FeatureStore.open(
+        store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype
+    )
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for k, (state, _eta, name) in enumerate(cks):
+            todo = [
+                (role, start, stop)
+                for role in datasets
+                for i, (start, stop) in enumerate(store.shard_ranges(role))
+                if i % world == rank and not store.is_done(k, role, start, stop)
+            ]
+            if not todo:
+                continue
+            load_into(model, state, name)
+            for role, start, stop in todo:
+                subset = torch.utils.data.Subset(datasets[role], range(start, stop))
+                loader = torch.utils.data.DataLoader(
+                    subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+                )
+                f: Features = featurize(
+                    model, loader, loss_fn, step_module=step_module, body=body, sketch=spec, per_step=role == "query",
+                    checkpoint=name, progress=progress, **featurize_kwargs,
+                )  # fmt: skip
+                store.write_shard(k, role, start, stop, f.per_step if role == "query" else f.total, f.losses)  # type: ignore[arg-type]
+    finally:
+        model.load_state_dict(original)
+    return store
+
+
+def shard_count(n: int, shard_size: int) -> int:
+    return math.ceil(n / shard_size)

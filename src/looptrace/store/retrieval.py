@@ -1,0 +1,177 @@
+"""Streaming scores and top-k retrieval over a feature store.
+
+TracIn over checkpoints is one inner product in a stacked space:
+    sum_k eta_k <g_k(z), p_k(z')> = < [sqrt(eta_k) g_k(z)]_k , [sqrt(eta_k) p_k(z')]_k >,
+so proponents (largest scores) and opponents (smallest) of a query are a maximum-inner-product
+search for q and -q over the stacked train vectors. FAISS does the search (exact ``IndexFlatIP`` by
+default; ``"ivf"`` or ``"hnsw"`` approximate), then every retrieved candidate is re-scored exactly
+in float64 from the stored features and re-sorted. Per-step retrieval uses the query's step-t
+features phi_t instead of its total (test-side SDI_t).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from looptrace.errors import ConfigError
+from looptrace.store.features import FeatureStore
+
+Index = Literal["flat", "ivf", "hnsw", "brute"]
+
+
+def _etas(store: FeatureStore) -> list[float]:
+    etas = [float(c["eta"]) for c in store.checkpoints]
+    if any(e < 0 or not math.isfinite(e) for e in etas):
+        raise ConfigError(f"checkpoint learning rates must be finite and >= 0, got {etas}")
+    return etas
+
+
+def _query_steps(store: FeatureStore, ck: int) -> np.ndarray:
+    parts = [a for _, _, a in store.iter_shards(ck, "query")]
+    tau = max(p.shape[1] for p in parts)
+    out = np.zeros((sum(p.shape[0] for p in parts), tau, parts[0].shape[2]), dtype=np.float64)
+    row = 0
+    for p in parts:
+        out[row : row + p.shape[0], : p.shape[1]] = p
+        row += p.shape[0]
+    return out
+
+
+def score_to_disk(
+    store: FeatureStore,
+    out: str | os.PathLike[str],
+    kind: Literal["sdi", "tracin"] = "sdi",
+    query_block: int = 256,
+) -> Path:
+    """sum_k eta_k scores as .npy (``sdi``: [N, M, tau]; ``tracin``: [N, M]) written block by block.
+
+    Only one train shard and one query block are in memory at a time (plus the memory-mapped output);
+    the file appears under its name only when complete.
+    """
+    from numpy.lib.format import open_memmap
+
+    if kind not in ("sdi", "tracin"):
+        raise ConfigError(f"kind must be 'sdi' or 'tracin', got {kind!r}")
+    etas = _etas(store)
+    n, m = store.n("train"), store.n("query")
+    if not n or not m:
+        raise ConfigError("the store needs both train and query features to score")
+    qs = [_query_steps(store, k) for k in range(len(etas))]
+    tau = max(q.shape[1] for q in qs)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shape = (n, m, tau) if kind == "sdi" else (n, m)
+    arr = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    try:
+        arr[...] = 0
+        for k, eta in enumerate(etas):
+            q = qs[k]
+            for start, stop, tr in store.iter_shards(k, "train"):
+                t = np.asarray(tr, dtype=np.float64)
+                for j in range(0, m, query_block):
+                    qb = q[j : j + query_block]
+                    if kind == "sdi":
+                        arr[start:stop, j : j + query_block, : qb.shape[1]] += (
+                            eta * np.einsum("nd,mtd->nmt", t, qb)
+                        ).astype(np.float32)
+                    else:
+                        arr[start:stop, j : j + query_block] += (eta * t @ qb.sum(1).T).astype(np.float32)
+        arr.flush()
+    except BaseException:
+        del arr
+        tmp.unlink(missing_ok=True)
+        raise
+    del arr
+    os.replace(tmp, out)
+    return out
+
+
+@dataclasses.dataclass
+class TopK:
+    """Top-k proponents and opponents for each query: indices into the train set and exact scores."""
+
+    proponents: np.ndarray  # [M, k] train indices, largest score first
+    proponent_scores: np.ndarray  # [M, k]
+    opponents: np.ndarray  # [M, k] train indices, smallest (most negative) first
+    opponent_scores: np.ndarray
+    step: int | None  # None: TracIn; t: test-side SDI at step t (1-based)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def stacked(store: FeatureStore, role: str, step: int | None = None) -> np.ndarray:
+    """[n, K * D] float64 rows of sqrt(eta_k)-scaled features (query: total, or step ``step``)."""
+    etas = _etas(store)
+    blocks = []
+    for k, eta in enumerate(etas):
+        if role == "train":
+            a = store.read(k, "train").astype(np.float64)
+        else:
+            q = _query_steps(store, k)
+            if step is not None and not 1 <= step <= q.shape[1]:
+                raise ConfigError(f"step must be in 1..{q.shape[1]}, got {step}")
+            a = q.sum(1) if step is None else q[:, step - 1]
+        blocks.append(math.sqrt(eta) * a)
+    return np.concatenate(blocks, axis=1)
+
+
+def _faiss_index(x: np.ndarray, index: Index, seed: int = 0) -> Any:
+    import faiss  # type: ignore[import-not-found]
+
+    d = x.shape[1]
+    xf = np.ascontiguousarray(x, dtype=np.float32)
+    if index == "flat":
+        idx: Any = faiss.IndexFlatIP(d)
+    elif index == "ivf":
+        nlist = max(1, int(math.sqrt(len(x))))
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        idx.cp.seed = seed
+        idx.train(xf)
+        idx.nprobe = max(1, nlist // 4)
+    elif index == "hnsw":
+        idx = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ConfigError(f"unknown index {index!r}; use 'flat', 'ivf', 'hnsw' or 'brute'")
+    idx.add(xf)
+    return idx
+
+
+def topk(
+    store: FeatureStore, k: int = 10, step: int | None = None, index: Index = "flat", candidates: int | None = None
+) -> TopK:
+    """Proponents and opponents of every query (TracIn, or SDI at ``step``), exactly re-scored.
+
+    ``candidates`` (default 4k for approximate indices, k for exact) are retrieved, re-scored in
+    float64 from the stored features, and the best k kept.
+    """
+    if k < 1:
+        raise ConfigError("k must be >= 1")
+    x = stacked(store, "train")
+    q = stacked(store, "query", step)
+    k = min(k, len(x))
+    c = min(len(x), candidates or (k if index in ("flat", "brute") else 4 * k))
+    if index == "brute":
+        s = q @ x.T
+        pro = np.argsort(-s, axis=1, kind="stable")[:, :c]
+        opp = np.argsort(s, axis=1, kind="stable")[:, :c]
+    else:
+        idx = _faiss_index(x, index)
+        _, pro = idx.search(np.ascontiguousarray(q, dtype=np.float32), c)
+        _, opp = idx.search(np.ascontiguousarray(-q, dtype=np.float32), c)
+
+    def rescore(cand: np.ndarray, sign: float) -> tuple[np.ndarray, np.ndarray]:
+        cand = np.where(cand < 0, 0, cand)  # faiss pads with -1 when fewer results exist
+        exact = np.einsum("md,mcd->mc", q, x[cand])
+        order = np.argsort(-sign * exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
+
+    p_idx, p_s = rescore(pro, 1.0)
+    o_idx, o_s = rescore(opp, -1.0)
+    return TopK(p_idx, p_s, o_idx, o_s, step)
