@@ -36,6 +36,61 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(task: str, run: Path, out: Path, quick: bool) -> Path:
+    if task == "parity":
+        from looptrace.demo import ParityStudyConfig, run_parity_study
+
+        pcfg = (
+            ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
+            if quick
+            else ParityStudyConfig()
+        )
+        run_parity_study(run, out, pcfg)
+    elif task == "sudoku":
+        from looptrace.studies import SudokuStudyConfig, run_sudoku_study
+
+        scfg = (
+            SudokuStudyConfig(n_train=16, n_test=8, sketch_dim=256, budgets=(1, 2, 4), max_checkpoints=2)
+            if quick
+            else SudokuStudyConfig()
+        )
+        run_sudoku_study(run, out, scfg)
+    else:
+        from looptrace.studies import RecursiveStudyConfig, run_recursive_study
+
+        rcfg = (
+            RecursiveStudyConfig(recurrences=(2, 3, 4), n_train=6, n_test=4, sketch_dim=256, max_checkpoints=1)
+            if quick
+            else RecursiveStudyConfig()
+        )
+        run_recursive_study(run, out, rcfg)
+    return out / "report.html"
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else Path(args.run) / "analysis"
+    print(f"report: {_study(args.task, Path(args.run), out, args.quick)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json as _json
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else run / "analysis"
+    if (out / "report.html").exists() and not args.force:
+        print(f"report: {out / 'report.html'}")
+        return 0
+    cfg_path = (
+        (run / "finetune" / "config.json") if (run / "finetune" / "config.json").exists() else run / "config.json"
+    )
+    if not cfg_path.exists():
+        raise ConfigError(f"{run} is not a looptrace run directory (no config.json)")
+    task = _json.loads(cfg_path.read_text())["task"]
+    print(f"report: {_study(task, run, out, args.quick)}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from looptrace import bench
 
@@ -178,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     d.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
     d.set_defaults(func=_cmd_demo)
+
+    an = sub.add_parser("analyze", help="run a case study's analysis on a trained run (figures, JSON, HTML report)")
+    an.add_argument("task", choices=["parity", "sudoku", "recursive-gpt"])
+    an.add_argument("--run", required=True, help="run directory from `looptrace train`")
+    an.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
+    an.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
+    an.set_defaults(func=_cmd_analyze)
+
+    rp = sub.add_parser("report", help="the HTML report of a run (computing its analysis if needed)")
+    rp.add_argument("--run", required=True)
+    rp.add_argument("--out", default=None, help="analysis directory (default: RUN/analysis)")
+    rp.add_argument("--force", action="store_true", help="recompute even if a report exists")
+    rp.add_argument("--quick", action="store_true")
+    rp.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks vs the exact baseline and the peers (JSON + Markdown)")
     b.add_argument("what", choices=["all"], help="which benchmark")

@@ -1,0 +1,28 @@
+"""Each case study runs end to end from the CLI on a tiny run (smoke)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from looptrace.cli import main
+
+
+@pytest.mark.parametrize("task", ["sudoku", "recursive-gpt"])
+def test_train_then_analyze_then_report(tmp_path, monkeypatch, task: str) -> None:
+    monkeypatch.chdir(tmp_path)  # data caches go under ./runs
+    run = tmp_path / "run"
+    assert main(["train", task, "--preset", "tiny", "--out", str(run), "--quiet"]) == 0
+    assert main(["analyze", task, "--run", str(run), "--quick"]) == 0
+    out = run / "analysis"
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "report.html").exists() and (out / "config.json").exists()
+    if task == "sudoku":
+        assert results["conservation_max_abs"] < 1e-3
+        assert set(results["board_accuracy_by_bin"])
+    else:
+        assert all(r["conservation_max_abs"] < 1e-3 for r in results["full_bptt"])
+        trunc = results["truncated_bptt"]
+        assert all(r["nonzero_steps"] <= r["bptt_k"] for r in trunc), "truncated BPTT must leave only k steps with SDI"
+    assert main(["report", "--run", str(run)]) == 0
