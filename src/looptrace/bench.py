@@ -567,11 +567,17 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="looptrace bench")
-    p.add_argument("what", choices=["all"], help="which benchmark")
+    p.add_argument("what", choices=["all", "scale"], help="which benchmark")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
+    if a.what == "scale":
+        from looptrace import bench_scale
+
+        print(json.dumps(bench_scale.run(a.n, Path(a.out)), indent=2, default=str))
+        return 0
     cfg = BenchConfig.quick() if a.quick else BenchConfig()
     if a.no_peer:
         cfg = dataclasses.replace(cfg, peer=False)

@@ -94,9 +94,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from looptrace import bench
 
-    argv = (
-        [args.what, "--out", args.out] + (["--quick"] if args.quick else []) + (["--no-peer"] if args.no_peer else [])
-    )
+    argv = [args.what, "--out", args.out, "--n", str(args.n)]
+    argv += (["--quick"] if args.quick else []) + (["--no-peer"] if args.no_peer else [])
     return bench.main(argv)
 
 
@@ -249,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks vs the exact baseline and the peers (JSON + Markdown)")
-    b.add_argument("what", choices=["all"], help="which benchmark")
+    b.add_argument(
+        "what",
+        choices=["all", "scale"],
+        help="all: fidelity/speed/memory/peers; scale: the feature store at 100k examples",
+    )
+    b.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     b.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (<= 10 minutes on 2 cores)")
     b.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
     b.add_argument("--out", default="benchmarks/results", help="results directory")
