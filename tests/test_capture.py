@@ -25,6 +25,20 @@ class Scale(nn.Module):
         return torch.tanh(x * self.gamma)
 
 
+class Conv1D(nn.Module):
+    """The Hugging Face GPT-2 layer, re-declared: y = x @ W + b with W [in, out]."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
 class Body(nn.Module):
     def __init__(self, d: int, kind: str) -> None:
         super().__init__()
@@ -41,6 +55,10 @@ class Body(nn.Module):
             self.emb = nn.Embedding(5, d, padding_idx=0)
         if kind == "fallback":
             self.scale = Scale(d)
+        if kind == "conv1d":
+            self.conv = Conv1D(d, d)
+        if kind == "rmsnorm":
+            self.rms = nn.RMSNorm(d)
         self.ln = nn.LayerNorm(d)
 
     def inner(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +77,10 @@ class Body(nn.Module):
             u = u + self.emb(x % 5)
         if self.kind == "fallback":
             u = self.scale(u)
+        if self.kind == "conv1d":
+            u = u + self.conv(torch.tanh(u))
+        if self.kind == "rmsnorm":
+            u = self.rms(u)
         return h + u
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +119,7 @@ def make_batches(n: int = 2, b: int = 3) -> list[Any]:
     return [(torch.randint(0, 5, (b, 4), generator=g), torch.randint(0, 3, (b,), generator=g)) for _ in range(n)]
 
 
-KINDS = ["plain", "tied", "twice", "mha", "mha-seqfirst", "embedding", "fallback", "ckpt"]
+KINDS = ["plain", "tied", "twice", "mha", "mha-seqfirst", "embedding", "fallback", "ckpt", "conv1d", "rmsnorm"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -110,7 +132,7 @@ def test_layer_kinds_match_oracle(kind: str) -> None:
     assert_close(feats.per_step, want, f"exact features vs oracle ({kind})")
 
 
-@pytest.mark.parametrize("kind", ["plain", "tied", "mha", "embedding", "fallback"])
+@pytest.mark.parametrize("kind", ["plain", "tied", "mha", "embedding", "fallback", "conv1d"])
 @pytest.mark.parametrize("method", ["tensorsketch", "countsketch"])
 def test_sketched_conservation(kind: str, method: str) -> None:
     """sum_t sketch(phi_t) equals the sketch of the per-example autograd gradient."""

@@ -269,9 +269,10 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
                 log_every=5,
             )
             return mc, tc, SudokuTask(n_puzzles=40, budgets=(2, 4), eval_n=8)
-        mc = LoopedConfig(d_model=128, n_heads=4, n_loops=8, **common)
-        tc = TrainConfig(steps=4000, batch_size=32, lr=1e-3, warmup=200, weight_decay=0.1, betas=(0.9, 0.95),
-                         depth_mean=8, depth_max=16, ckpt_every=500, eval_every=2000)  # fmt: skip
+        # CPU-sized: d=64 and depth mean 8 (max 16) so that training fits in 20 minutes on 2 cores
+        mc = LoopedConfig(d_model=64, n_heads=4, n_loops=8, **common)
+        tc = TrainConfig(steps=3000, batch_size=32, lr=2e-3, warmup=150, weight_decay=0.1, betas=(0.9, 0.95),
+                         depth_mean=8, depth_max=16, ckpt_every=300, eval_every=1500)  # fmt: skip
         return mc, tc, SudokuTask(n_puzzles=3000)
     # recursive-gpt: nanochat-style prelude/core/coda with a concat adapter, RMSNorm, rotary, QK-norm,
     # ReLU^2, logit soft-cap 15, truncated BPTT k=4, depth mean 4 (max 16), s_0 = e

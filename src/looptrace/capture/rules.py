@@ -77,7 +77,13 @@ def find_rule(module: nn.Module) -> Rule | None:
         if rule is not None and getattr(t, "forward", None) is getattr(base, "forward", None):
             return rule
     _register_optional()
-    return _REGISTRY.get(t)
+    if t in _REGISTRY:
+        return _REGISTRY[t]
+    if t.__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        # HF-style Conv1D (GPT-2): y = x @ W + b with W [in, out]; a copy of the class from another
+        # package gets the same rule. The first-batch verification catches a different forward.
+        return _CONV1D
+    return None
 
 
 def _direct(module: nn.Module, *names: str) -> dict[str, nn.Parameter]:
@@ -126,6 +132,7 @@ def _conv1d_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, s
         sink.dense(module.bias, d.sum(1))  # type: ignore[arg-type]
 
 
+_CONV1D = Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _conv1d_contribute, "Conv1D")
 _OPTIONAL_DONE = False
 
 
