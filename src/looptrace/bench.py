@@ -426,7 +426,7 @@ def reference(cfg: BenchConfig, exact: lt.Features, ours_overhead_s: float, venv
     errs: dict[int, list[float]] = {}
     for key, phi in feats.items():
         m = int(key.split("_")[0])
-        s = torch.einsum("nsd,mtd->nmt", phi.sum(1), phi)
+        s = torch.einsum("nd,mtd->nmt", phi.sum(1), phi)
         errs.setdefault(m, []).append(rel(s, s_ex))
     res["equal_total_dim"] = [
         {"m": m, "D": m * n_tensors, "sdi_rel_error": statistics.mean(v), "sdi_sd": statistics.pstdev(v)}

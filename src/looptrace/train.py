@@ -141,6 +141,8 @@ def train(
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start, history = int(st["step"]), list(json.loads(st["history"]))
+        if hasattr(task, "load_state_dict") and "task_state" in st:
+            task.load_state_dict(json.loads(st["task_state"]))
     sampler = cfg.depth_sampler()
     bar = None
     if progress:
@@ -163,11 +165,14 @@ def train(
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
+        if hasattr(task, "after_step"):
+            task.after_step(model, step, cfg)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            history.append(
-                {"step": done, "loss": loss.item(), "lr": lr, "loops": loops, "time_s": time.perf_counter() - t0}
-            )
+            entry = {"step": done, "loss": loss.item(), "lr": lr, "loops": loops, "time_s": time.perf_counter() - t0}
+            if hasattr(task, "state_dict"):
+                entry.update(task.state_dict())
+            history.append(entry)
         if done % cfg.eval_every == 0 and done != cfg.steps:
             model.eval()
             history.append({"step": done, "eval": task.evaluate(model, cfg)})

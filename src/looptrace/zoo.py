@@ -25,19 +25,47 @@ SIZES = ("small", "paper", "tiny")
 
 @dataclasses.dataclass
 class ParityTask:
-    """Parity with a length curriculum (max digits 2 -> 21, one more every ``curriculum_every`` steps,
-    advanced early once training accuracy at the current maximum passes ``advance_at``)."""
+    """Parity with a length curriculum: the maximum digit count starts at ``start_max`` and rises to
+    ``final_max``. Fixed (Fan et al.: one more every ``curriculum_every`` steps) or adaptive: one
+    more once the model gets ``advance_at`` of a held-out batch at the current maximum right (checked
+    every ``check_every`` steps). The current maximum is training state, saved for resuming."""
 
     name: str = "parity"
     min_digits: int = 1
     start_max: int = 2
     final_max: int = 21
     curriculum_every: int = 500
+    adaptive: bool = False
+    advance_at: float = 0.95
+    check_every: int = 50
     eval_examples: int = 512
     test_length: int = 40
+    current_max: int = 0
+
+    def __post_init__(self) -> None:
+        self.current_max = self.current_max or self.start_max
 
     def max_digits(self, step: int) -> int:
+        if self.adaptive:
+            return self.current_max
         return min(self.final_max, self.start_max + step // self.curriculum_every)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current_max": self.current_max}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current_max = int(state.get("current_max", self.start_max))
+
+    def after_step(self, model: nn.Module, step: int, cfg: TrainConfig) -> None:
+        """Adaptive curriculum: advance the maximum length once it is learned."""
+        if not self.adaptive or (step + 1) % self.check_every or self.current_max >= self.final_max:
+            return
+        g = torch.Generator().manual_seed(1_000_000 + cfg.seed * 7919 + step)
+        model.eval()
+        acc = parity.accuracy(model, parity.fixed_length(64, self.current_max, g))
+        model.train()
+        if acc >= self.advance_at:
+            self.current_max += 1
 
     def batch(self, step: int, cfg: TrainConfig) -> parity.ParityBatch:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
