@@ -122,8 +122,19 @@ def stacked(store: FeatureStore, role: str, step: int | None = None) -> np.ndarr
     return np.concatenate(blocks, axis=1)
 
 
+def _have_faiss() -> bool:
+    try:
+        import faiss  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _faiss_index(x: np.ndarray, index: Index, seed: int = 0) -> Any:
-    import faiss  # type: ignore[import-not-found]
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError(f"the {index!r} index needs FAISS: pip install 'looptrace[store]' (or use index='flat')") from exc
 
     d = x.shape[1]
     xf = np.ascontiguousarray(x, dtype=np.float32)
@@ -157,6 +168,8 @@ def topk(
     q = stacked(store, "query", step)
     k = min(k, len(x))
     c = min(len(x), candidates or (k if index in ("flat", "brute") else 4 * k))
+    if index == "flat" and not _have_faiss():
+        index = "brute"  # the exact search, without FAISS: same answer, O(N M) time
     if index == "brute":
         s = q @ x.T
         pro = np.argsort(-s, axis=1, kind="stable")[:, :c]
