@@ -23,10 +23,11 @@ import torch
 import looptrace as lt
 from looptrace.analysis import applications as app
 from looptrace.analysis import parity_circuit as pc
+from looptrace.io import atomic_write_json
 from looptrace.report import figures
 from looptrace.report.html import write_report
 from looptrace.tasks import parity
-from looptrace.train import atomic_write_json, checkpoint_paths, load_run, train
+from looptrace.train import checkpoint_paths, load_run, train
 from looptrace.zoo import preset
 
 

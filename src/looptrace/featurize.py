@@ -271,14 +271,20 @@ def featurize(
         raise ConfigError(f"tau must be a positive int, got {tau!r}")
     limit = max_memory if max_memory is not None else _physical_memory() // 2
     n_total = len(getattr(loader, "dataset", ())) if hasattr(loader, "dataset") else None
-    if n_total and tau is not None:
-        need = estimate_bytes(n_total, tau, plan.dim, dtype, per_step)
+
+    def check_memory(steps: int) -> None:
+        """Refuse up front, with the estimate, features that would not fit in ``limit`` bytes."""
+        assert n_total
+        need = estimate_bytes(n_total, steps, plan.dim, dtype, per_step)
         if need > limit:
             raise MemoryBudgetError(
-                f"features for {n_total} examples x {tau} steps x D={plan.dim} would take {_fmt_bytes(need)} "
+                f"features for {n_total} examples x {steps} steps x D={plan.dim} would take {_fmt_bytes(need)} "
                 f"(limit {_fmt_bytes(limit)}); lower SketchSpec.dim, pass per_step=False, featurise in "
                 "shards into a feature store, or raise max_memory"
             )
+
+    if n_total and tau is not None:
+        check_memory(tau)
 
     tracer = Tracer(model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path)
     was_training = model.training
@@ -312,13 +318,7 @@ def featurize(
                 "(or tau=None to use the observed count)"
             )
         if per_step and n_total and bi == 0:
-            need = estimate_bytes(n_total, steps, plan.dim, dtype, per_step)
-            if need > limit:
-                raise MemoryBudgetError(
-                    f"features for {n_total} examples x {steps} steps x D={plan.dim} would take "
-                    f"{_fmt_bytes(need)} (limit {_fmt_bytes(limit)}); lower SketchSpec.dim, pass "
-                    "per_step=False, featurise in shards into a feature store, or raise max_memory"
-                )
+            check_memory(steps)
         feats = torch.zeros(b, steps, plan.dim, dtype=dtype, device=device)
         tracer.feats = feats
         tracer.batch_size = b

@@ -19,10 +19,11 @@ import looptrace as lt
 from looptrace.analysis import applications as app
 from looptrace.analysis import difficulty as dif
 from looptrace.analysis import recurrence as rec
+from looptrace.io import atomic_write_json
 from looptrace.report import figures
 from looptrace.report.html import write_report
 from looptrace.tasks import sudoku
-from looptrace.train import atomic_write_json, checkpoint_paths, load_run
+from looptrace.train import checkpoint_paths, load_run
 from looptrace.zoo import SIZES, preset
 
 

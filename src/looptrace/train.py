@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from looptrace.errors import CheckpointError, ConfigError
+from looptrace.io import atomic_torch_save as atomic_save
+from looptrace.io import atomic_write_json
 from looptrace.models.depth import DepthSampler
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
@@ -80,18 +82,6 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any, loops: int | None) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]: ...
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

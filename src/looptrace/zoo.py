@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from looptrace.errors import ConfigError
+from looptrace.io import atomic_write_json
 from looptrace.models.looped import LoopedConfig
 from looptrace.tasks import parity, sudoku, text
-from looptrace.train import TrainConfig, atomic_write_json, train
+from looptrace.train import TrainConfig, train
 
 TASKS = ("parity", "sudoku", "recursive-gpt")
 SIZES = ("small", "paper", "tiny")
@@ -273,7 +274,9 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
         # One thread: at d=64 the per-op work is too small for two threads to pay off. An adaptive
         # curriculum (advance once 95% of a held-out batch at the current maximum is right) with
         # lr 5e-4: lr 1e-3 and fixed schedules of 150-300 steps per length diverged or stalled here.
-        tc = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=100, min_lr_ratio=0.5, ckpt_every=500, eval_every=2000, threads=1)
+        tc = TrainConfig(
+            steps=8000, batch_size=64, lr=5e-4, warmup=100, min_lr_ratio=0.5, ckpt_every=500, eval_every=2000, threads=1
+        )
         return mc, tc, ParityTask(adaptive=True)
     if task == "sudoku":
         common = dict(

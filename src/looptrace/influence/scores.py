@@ -13,7 +13,6 @@ Positive: training on z reduced the loss on z' (a proponent); negative: it raise
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,7 @@ import torch
 
 from looptrace.errors import ConfigError
 from looptrace.features import Features
+from looptrace.io import atomic_npy
 
 Decomposition = Literal["test", "train", "matrix"]
 
@@ -77,24 +77,11 @@ def stream_sdi(
     existing file of the same shape (one checkpoint after another). Either way the result is written to a
     temporary name and renamed when complete, so a reader never sees a partial result.
     """
-    from numpy.lib.format import open_memmap
-
     train.compatible_with(query)
     steps = query.require_steps("test-side SDI")
     n, m, tau = train.n, query.n, steps.shape[1]
     path = Path(path)
-    target = path.with_name(path.name + ".partial")
-    if accumulate:  # add into a copy, then swap it in: a failure leaves the old scores intact
-        shutil.copyfile(path, target)
-        arr = open_memmap(target, mode="r+")
-        if arr.shape != (n, m, tau):
-            shape = arr.shape
-            del arr
-            target.unlink()
-            raise ConfigError(f"{path} holds scores of shape {shape}, not {(n, m, tau)}; write to a new file")
-    else:
-        arr = open_memmap(target, mode="w+", dtype=dtype, shape=(n, m, tau))
-    try:
+    with atomic_npy(path, (n, m, tau), dtype, update=accumulate) as arr:
         for rows, cols in iter_blocks(n, m, block_rows, block_cols):
             block = eta * torch.einsum("nd,mtd->nmt", train.total[rows], steps[cols])
             blk = block.detach().cpu().numpy().astype(arr.dtype)
@@ -102,11 +89,4 @@ def stream_sdi(
                 arr[rows, cols] += blk
             else:
                 arr[rows, cols] = blk
-        arr.flush()
-    except BaseException:
-        del arr
-        target.unlink(missing_ok=True)
-        raise
-    del arr
-    os.replace(target, path)
     return path

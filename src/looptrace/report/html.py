@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from looptrace.io import atomic_write_bytes
+
 
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
@@ -66,7 +68,5 @@ def write_report(
     )
     parts.append("</body></html>")
     path = out / "report.html"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "\n".join(parts).encode())
     return path

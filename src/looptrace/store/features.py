@@ -35,6 +35,7 @@ from looptrace.errors import ConfigError, CorruptFileError, SpecMismatchError
 from looptrace.features import Features, layout_fingerprint
 from looptrace.featurize import LossFn, featurize
 from looptrace.influence.checkpoints import Checkpoint, load_into
+from looptrace.io import atomic_write_bytes
 from looptrace.sketch.spec import SketchSpec
 
 FORMAT = "looptrace-feature-store"
@@ -42,12 +43,6 @@ VERSION = 1
 ROLES = ("train", "query")
 _SHARD = re.compile(r"^shard_(\d{9})_(\d{9})\.safetensors$")
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -159,13 +154,13 @@ class FeatureStore:
             merged = dict(have)
             merged["datasets"] = {**have["datasets"], **want["datasets"]}
             if merged != have:
-                _atomic_write(path, json.dumps(merged, indent=1, sort_keys=True).encode())
+                atomic_write_bytes(path, json.dumps(merged, indent=1, sort_keys=True).encode())
             return cls(root, merged)
         root.mkdir(parents=True, exist_ok=True)
         try:  # exclusive create: when several ranks start at once, one writes and the others re-check
             fd = os.open(root / "manifest.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.close(fd)
-            _atomic_write(path, json.dumps(want, indent=1, sort_keys=True).encode())
+            atomic_write_bytes(path, json.dumps(want, indent=1, sort_keys=True).encode())
         except FileExistsError:
             import time
 
@@ -261,7 +256,7 @@ class FeatureStore:
             "sha256": _sha256(path),
             "spec": self.spec.fingerprint(),
         }
-        _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(side).encode())
         return path
 
     def _check(self, path: Path) -> dict[str, Any]:

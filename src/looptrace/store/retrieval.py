@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from looptrace.errors import ConfigError
+from looptrace.io import atomic_npy
 from looptrace.store.features import FeatureStore
 
 Index = Literal["flat", "ivf", "hnsw", "brute"]
@@ -54,8 +55,6 @@ def score_to_disk(
     Only one train shard and one query block are in memory at a time (plus the memory-mapped output);
     the file appears under its name only when complete.
     """
-    from numpy.lib.format import open_memmap
-
     if kind not in ("sdi", "tracin"):
         raise ConfigError(f"kind must be 'sdi' or 'tracin', got {kind!r}")
     etas = _etas(store)
@@ -65,10 +64,8 @@ def score_to_disk(
     qs = [_query_steps(store, k) for k in range(len(etas))]
     tau = max(q.shape[1] for q in qs)
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
     shape = (n, m, tau) if kind == "sdi" else (n, m)
-    arr = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    try:
+    with atomic_npy(out, shape, np.float32) as arr:
         arr[...] = 0
         for k, eta in enumerate(etas):
             q = qs[k]
@@ -82,13 +79,6 @@ def score_to_disk(
                         ).astype(np.float32)
                     else:
                         arr[start:stop, j : j + query_block] += (eta * t @ qb.sum(1).T).astype(np.float32)
-        arr.flush()
-    except BaseException:
-        del arr
-        tmp.unlink(missing_ok=True)
-        raise
-    del arr
-    os.replace(tmp, out)
     return out
 
 
@@ -134,7 +124,9 @@ def _faiss_index(x: np.ndarray, index: Index, seed: int = 0) -> Any:
     try:
         import faiss
     except ImportError as exc:
-        raise ConfigError(f"the {index!r} index needs FAISS: pip install 'looptrace[store]' (or use index='flat')") from exc
+        raise ConfigError(
+            f"the {index!r} index needs FAISS: pip install 'looptrace[store]' (or use index='flat')"
+        ) from exc
 
     d = x.shape[1]
     xf = np.ascontiguousarray(x, dtype=np.float32)
