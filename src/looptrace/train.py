@@ -139,7 +139,8 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", unit="step")
-    t0 = time.perf_counter()
+    # wall time accumulates across resumes
+    t0 = time.perf_counter() - next((h["time_s"] for h in reversed(history) if "time_s" in h), 0.0)
     model.train()
     for step in range(start, cfg.steps):
         lr = cfg.lr_at(step)
@@ -168,8 +169,9 @@ def train(
             history.append({"step": done, "eval": task.evaluate(model, cfg)})
             model.train()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            task_state = json.dumps(task.state_dict()) if hasattr(task, "state_dict") else "{}"
             # eta_k is the learning rate of the step that produced these weights
-            ck = {
+            ck: dict[str, Any] = {
                 "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "lr": lr,
                 "step": done,
@@ -177,6 +179,7 @@ def train(
                 "depth_seed": cfg.seed,
                 "data_seed": cfg.seed,
                 "stage": cfg.stage,
+                "task_state": task_state,
                 "config": json.dumps(config, default=str),
             }
             atomic_save(ck, out / "checkpoints" / f"ckpt_{cfg.stage}_{done:06d}.pt")
@@ -186,6 +189,7 @@ def train(
                     "optimizer": opt.state_dict(),
                     "step": done,
                     "history": json.dumps(history),
+                    "task_state": task_state,
                 },
                 state_path,
             )

@@ -269,7 +269,11 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
         if size == "tiny":
             mc = LoopedConfig(d_model=16, n_heads=2, d_mlp=32, **common)
             tc = TrainConfig(steps=40, batch_size=16, lr=1e-3, warmup=5, ckpt_every=20, eval_every=1000, log_every=10)
-            return mc, tc, ParityTask(curriculum_every=10, final_max=6, eval_examples=32, test_length=8)
+            return (
+                mc,
+                tc,
+                ParityTask(adaptive=True, advance_at=0.5, check_every=5, final_max=6, eval_examples=32, test_length=8),
+            )
         mc = LoopedConfig(d_model=64, n_heads=4, d_mlp=256, **common)
         # One thread: at d=64 the per-op work is too small for two threads to pay off. An adaptive
         # curriculum (advance once 95% of a held-out batch at the current maximum is right) with
