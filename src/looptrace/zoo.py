@@ -358,13 +358,14 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
             log_every=5,
         )
         return mc, tc, RecursiveGPTTask(seq=48, vocab=300, n_train=40, n_test=8, doc_bytes=20_000, eval_loops=(1, 2, 4))
+    # CPU-sized: d=64, sequences of 64 tokens, 1/2/1 blocks; both stages fit in 20 minutes on 2 cores
     mc = LoopedConfig(
-        vocab_size=512, d_model=128, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=4, max_len=96, **common
+        vocab_size=512, d_model=64, n_heads=4, n_prelude=1, n_core=2, n_coda=1, n_loops=4, max_len=64, **common
     )
     tc = TrainConfig(
-        steps=3000, batch_size=32, lr=2e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=250, eval_every=1500
+        steps=1600, batch_size=16, lr=3e-3, warmup=100, depth_mean=4, depth_max=16, ckpt_every=100, eval_every=800
     )
-    return mc, tc, RecursiveGPTTask()
+    return mc, tc, RecursiveGPTTask(seq=64)
 
 
 @dataclasses.dataclass
