@@ -62,6 +62,7 @@ class BenchConfig:
     memory_cap_mib: int = 2048
     peer: bool = True
     seed: int = 0
+    device: str = "cpu"
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -98,12 +99,19 @@ def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], Any], reps: int) -> float:
     fn()  # warm-up
     ts = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -272,16 +280,16 @@ def project_after(
 
     def dense() -> torch.Tensor:  # Gaussian JL, generated in seeded blocks (never a P x k matrix)
         gen = torch.Generator().manual_seed(0)
-        out = torch.zeros(cfg.batch, k)
+        out = torch.zeros(cfg.batch, k, device=g.device)
         for i in range(0, p, 16384):
-            r = torch.randn(min(16384, p - i), k, generator=gen) / math.sqrt(k)
+            r = torch.randn(min(16384, p - i), k, generator=gen).to(g.device) / math.sqrt(k)
             out += g[:, i : i + 16384] @ r
         return out
 
     slot = SketchPlan.build(lt.SketchSpec(dim=k, method="countsketch", budget="shared"), [("all", (p,))]).slots[0]
 
     def sparse() -> torch.Tensor:
-        out = torch.zeros(cfg.batch, k)
+        out = torch.zeros(cfg.batch, k, device=g.device)
         slot.add_dense(out, g)
         return out
 
@@ -332,6 +340,38 @@ def _peak_mib(cfg: BenchConfig, mode: str, batch: int) -> float:
     )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     return (r["peak_kib"] - r["base_kib"]) / 1024
+
+
+def memory_cuda(cfg: BenchConfig, step: int = 4, max_batch: int = 256) -> dict[str, Any]:
+    """On a GPU: the largest batch that runs (batch sizes 4, 8, 12, ... until out of memory, as in the
+    paper) and the peak allocated memory at the configured batch, for plain, sketched and exact."""
+    out: dict[str, Any] = {"cap_mib": torch.cuda.get_device_properties(0).total_memory / 2**20}
+    for mode in ("plain", "sketched", "exact"):
+        best, peak = 0, None
+        for b in range(step, max_batch + 1, step):
+            model, batch = build(dataclasses.replace(cfg, batch=b), cfg.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                if mode == "plain":
+                    loss_fn(model, batch).sum().backward()
+                else:
+                    featurize(model, batch, lt.SketchSpec() if mode == "sketched" else lt.SketchSpec.exact())
+                torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                del model, batch
+            best = b
+            if b == cfg.batch:
+                peak = torch.cuda.max_memory_allocated() / 2**20
+        out[mode] = {"max_batch_under_cap": best, f"peak_mib_b{cfg.batch}": peak, "mib_per_example": float("nan")}
+        torch.cuda.empty_cache()
+    out["sketched_over_plain_peak"] = (out["sketched"][f"peak_mib_b{cfg.batch}"] or 0) / max(
+        out["plain"][f"peak_mib_b{cfg.batch}"] or 1, 1e-6
+    )
+    out["max_batch_ratio"] = out["sketched"]["max_batch_under_cap"] / max(out["exact"]["max_batch_under_cap"], 1)
+    return out
 
 
 def memory(cfg: BenchConfig) -> dict[str, Any]:
@@ -440,7 +480,7 @@ def reference(cfg: BenchConfig, exact: lt.Features, ours_overhead_s: float, venv
 # ---------------------------------------------------------------------------------------- all
 def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench-venv")) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, batch = build(cfg)
+    model, batch = build(cfg, cfg.device)
     t0 = time.perf_counter()
     exact = featurize(model, batch, lt.SketchSpec.exact())
     results: dict[str, Any] = {
@@ -458,7 +498,7 @@ def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench
     print("project-after-the-fact ...", flush=True)
     results["project_after"] = project_after(model, batch, cfg, exact)
     print("memory ...", flush=True)
-    results["memory"] = memory(cfg)
+    results["memory"] = memory_cuda(cfg) if cfg.device.startswith("cuda") else memory(cfg)
     if cfg.peer:
         print("reference implementation ...", flush=True)
         results["reference"] = reference(cfg, exact, results["speed"]["overhead_tensorsketch_m2048_materialize"], venv)
@@ -471,8 +511,9 @@ def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench
     results["slope"] = fi["slope"]
     results["conservation_rel"] = results["conservation"]["relative"]
     results["max_batch_ratio"] = results["memory"]["max_batch_ratio"]
-    (out_dir / "latest.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "README.md").write_text(markdown(results))
+    stem = "latest" if cfg.device == "cpu" else "gpu"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / ("README.md" if cfg.device == "cpu" else "gpu.md")).write_text(markdown(results))
     return results
 
 
@@ -571,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
+    p.add_argument(
+        "--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32): for a GPU"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     if a.what == "scale":
@@ -578,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(bench_scale.run(a.n, Path(a.out)), indent=2, default=str))
         return 0
-    cfg = BenchConfig.quick() if a.quick else BenchConfig()
+    cfg = BenchConfig.paper() if a.paper else BenchConfig.quick() if a.quick else BenchConfig()
+    cfg = dataclasses.replace(cfg, device=a.device)
     if a.no_peer:
         cfg = dataclasses.replace(cfg, peer=False)
     r = run_all(cfg, Path(a.out))
