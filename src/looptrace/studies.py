@@ -35,6 +35,11 @@ def _preset_task(task: str, model_cfg: dict[str, Any]) -> tuple[str, Any]:
     return "small", preset(task, "small")[2]
 
 
+def batches(tensors: list[torch.Tensor], size: int) -> list[tuple[torch.Tensor, ...]]:
+    """Loader-ordered batches of aligned tensors (rows i:i+size of each)."""
+    return [tuple(t[i : i + size] for t in tensors) for i in range(0, len(tensors[0]), size)]
+
+
 def _stratified(blanks: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices spread as evenly as possible over the blank-count strata (appendix D.4)."""
     rng = np.random.default_rng(seed)
@@ -88,16 +93,13 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
     def loss(m: torch.nn.Module, b: Any) -> torch.Tensor:
         return sudoku.loss(m, b[0], b[1], horizon)
 
-    def batches(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-
     paths = checkpoint_paths(run)
     if len(paths) > cfg.max_checkpoints:  # evenly spaced, always including the last
         keep = np.unique(np.linspace(0, len(paths) - 1, cfg.max_checkpoints).round().astype(int))
         paths = [paths[i] for i in keep]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
     t0 = time.perf_counter()
-    res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches(trx[ti], try_[ti]), batches(tex[qi], tey[qi]), loss,
+    res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches([trx[ti], try_[ti]], cfg.batch_size), batches([tex[qi], tey[qi]], cfg.batch_size), loss,
                        step_module=model.core, sketch=spec, progress=True)  # fmt: skip
     sdi_s = time.perf_counter() - t0
     sdi = res.sdi.double().numpy()
@@ -190,9 +192,6 @@ def run_recursive_study(run: Path, out: Path, cfg: RecursiveStudyConfig) -> dict
     paths = checkpoint_paths(stage)[-cfg.max_checkpoints :]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
 
-    def batches(ts: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-        return [tuple(t[i : i + cfg.batch_size] for t in ts) for i in range(0, len(ts[0]), cfg.batch_size)]
-
     rows, cum, trunc_rows = [], {}, []
     with torch.no_grad():
         acc = {}
@@ -213,8 +212,8 @@ def run_recursive_study(run: Path, out: Path, cfg: RecursiveStudyConfig) -> dict
             res = lt.attribute(
                 model,
                 [lt.Checkpoint(p) for p in paths],
-                batches(tr),
-                batches(te),
+                batches(tr, cfg.batch_size),
+                batches(te, cfg.batch_size),
                 loss,
                 step_module=model.core,
                 sketch=spec,
