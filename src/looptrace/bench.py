@@ -310,22 +310,25 @@ def project_after(
 
 # ---------------------------------------------------------------------------------------- memory
 _MEM_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {src!r})
 from looptrace import bench
 import looptrace as lt
+def hwm():  # this process's peak RSS in KiB (VmHWM: per address space, unlike ru_maxrss which survives exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 cfg = bench.BenchConfig(**json.loads(sys.argv[1]))
 model, batch = bench.build(cfg)
 mode = sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 if mode == "plain":
     bench.loss_fn(model, batch).sum().backward()
 elif mode == "exact":
     bench.featurize(model, batch, lt.SketchSpec.exact())
 else:
     bench.featurize(model, batch, lt.SketchSpec())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"base_kib": base, "peak_kib": peak}}))
+print(json.dumps({{"base_kib": base, "peak_kib": hwm()}}))
 """
 
 

@@ -183,18 +183,16 @@ def _norm_dims(module: nn.Module) -> int:
     return len(module.normalized_shape)  # type: ignore[arg-type]
 
 
-def _layernorm_capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    assert isinstance(module, nn.LayerNorm)
-    x = (args[0] if args else kwargs["input"]).detach()
-    return F.layer_norm(x, module.normalized_shape, eps=module.eps)
-
-
-def _rmsnorm_capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    x = (args[0] if args else kwargs["input"]).detach()
+def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x-hat, recomputed in backward from the saved input (which autograd keeps anyway), so the
+    forward pass holds no extra activation memory for norms."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
     return F.rms_norm(x, module.normalized_shape, eps=module.eps)  # type: ignore[arg-type]
 
 
-def _norm_contribute(module: nn.Module, xhat: Any, delta: torch.Tensor, i: int, sink: Sink) -> None:
+def _norm_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, sink: Sink) -> None:
+    xhat = _normalized(module, x)
     b = delta.shape[0]
     affine: Any = getattr(module, "weight", None)
     if affine is None:
@@ -209,12 +207,12 @@ def _norm_contribute(module: nn.Module, xhat: Any, delta: torch.Tensor, i: int, 
 
 register_rule(
     nn.LayerNorm,
-    Rule(lambda m: _direct(m, "weight", "bias"), _layernorm_capture, _norm_contribute, "LayerNorm"),
+    Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _norm_contribute, "LayerNorm"),
 )
 if hasattr(nn, "RMSNorm"):
     register_rule(
         nn.RMSNorm,
-        Rule(lambda m: _direct(m, "weight"), _rmsnorm_capture, _norm_contribute, "RMSNorm"),
+        Rule(lambda m: _direct(m, "weight"), _save_input, _norm_contribute, "RMSNorm"),
     )
 
 
