@@ -172,3 +172,13 @@ def test_stream_sdi_never_leaves_partial_output(tmp_path, monkeypatch) -> None:
         lt.stream_sdi(f, f, tmp_path / "sdi.npy", block_rows=1, block_cols=1)
     assert not (tmp_path / "sdi.npy").exists(), "a failed write must not leave a result file"
     assert not list(tmp_path.glob("*.partial")), "a failed write must clean up its temporary file"
+
+
+def test_truncated_checkpoint_is_refused(tmp_path) -> None:
+    model = tiny_model()
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "lr": 0.1}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(lt.CheckpointError, match="cannot be loaded safely"):
+        lt.Checkpoint(path).load()

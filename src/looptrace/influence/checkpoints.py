@@ -43,7 +43,7 @@ class Checkpoint:
                 raise CheckpointError(f"checkpoint {path} does not exist")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
                 raise CheckpointError(
                     f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
                     "looptrace loads with weights_only=True and never executes pickled code; save the "
