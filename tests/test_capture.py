@@ -234,12 +234,6 @@ def test_dataloader_rows_in_dataset_order() -> None:
 
 def test_bitwise_deterministic_on_cpu() -> None:
     spec = lt.SketchSpec(dim=64, seed=3)
-    a = (
-        lt.featurize(Net("mha"), make_batches(), loss_fn, step_module=None or Net("mha").core, sketch=spec)
-        if False
-        else None
-    )
-    del a
     m1, m2 = Net("mha"), Net("mha")
     f1 = lt.featurize(m1, make_batches(), loss_fn, step_module=m1.core, sketch=spec)
     f2 = lt.featurize(m2, make_batches(), loss_fn, step_module=m2.core, sketch=spec)

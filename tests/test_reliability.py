@@ -182,3 +182,21 @@ def test_truncated_checkpoint_is_refused(tmp_path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(lt.CheckpointError, match="cannot be loaded safely"):
         lt.Checkpoint(path).load()
+
+
+class SeqFirst(Net):
+    """Runs the body on [L, B, d] (sequence first): per-example rows would mix examples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).transpose(0, 1)  # [L, B, d]
+        for _ in range(self.loops):
+            h = self.core(h, x.T)
+        return self.head(h.transpose(0, 1)).mean(1)
+
+
+def test_batch_not_on_the_first_axis_is_refused() -> None:
+    with pytest.raises(lt.StepError, match="batch axis"):
+        feat(SeqFirst(), make_batches(b=3))  # sequence length 4 != batch 3
+    square = [(x[:, :3], y) for x, y in make_batches(b=3)]  # sequence length 3 == batch 3
+    with pytest.raises(lt.VerificationError, match="example"):
+        feat(SeqFirst(), square)

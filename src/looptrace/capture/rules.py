@@ -51,12 +51,14 @@ class Rule:
         capture: (module, args, kwargs, output) -> what backward needs (called in forward).
         contribute: (module, saved, grad of output number ``i``, i, sink) -> None.
         name: shown in errors.
+        batch_dim: (module, output index) -> the batch axis of that output (checked against the batch).
     """
 
     handles: Callable[[nn.Module], dict[str, nn.Parameter]]
     capture: Capture
     contribute: Contribute
     name: str
+    batch_dim: Callable[[nn.Module, int], int] = lambda module, output_index: 0
 
 
 _REGISTRY: dict[type, Rule] = {}
@@ -353,4 +355,10 @@ def _mha_contribute(module: nn.Module, saved: Any, delta: torch.Tensor, i: int, 
     _mha_fallback(module, saved, delta, i, sink)
 
 
-register_rule(nn.MultiheadAttention, Rule(_mha_params, _mha_capture, _mha_contribute, "MultiheadAttention"))
+def _mha_batch_dim(module: nn.Module, output_index: int) -> int:
+    return 0 if output_index == 1 or getattr(module, "batch_first", False) else 1
+
+
+register_rule(
+    nn.MultiheadAttention, Rule(_mha_params, _mha_capture, _mha_contribute, "MultiheadAttention", _mha_batch_dim)
+)

@@ -304,9 +304,10 @@ class Tracer:
     ) -> None:
         if self.phase != "backward" or self.feats is None:
             return
-        if grad.shape[0] != self.batch_size and not (rule.name == "MultiheadAttention"):
+        bd = rule.batch_dim(module, index)
+        if grad.dim() <= bd or grad.shape[bd] != self.batch_size:
             raise StepError(
-                f"output of body module {name!r} has leading size {grad.shape[0]} but the batch has "
+                f"output of body module {name!r} has size {tuple(grad.shape)} (batch axis {bd}) but the batch has "
                 f"{self.batch_size} examples; looptrace needs the batch on the first axis of every body "
                 "layer's input and output (use batch_first=True)"
             )
