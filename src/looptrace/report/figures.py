@@ -66,6 +66,8 @@ def phase_portrait(z: np.ndarray, labels: np.ndarray, trans: np.ndarray, path: s
     im = axes[1].imshow(trans, cmap="Blues", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(trans):
         axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    axes[1].set_xticks(range(len(trans)))
+    axes[1].set_yticks(range(len(trans)))
     axes[1].set_xlabel("next state")
     axes[1].set_ylabel("state")
     axes[1].set_title("row-normalised transitions")
