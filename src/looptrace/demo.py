@@ -25,7 +25,7 @@ from looptrace.analysis import applications as app
 from looptrace.analysis import parity_circuit as pc
 from looptrace.io import atomic_write_json
 from looptrace.report import figures
-from looptrace.report.html import write_report
+from looptrace.report.html import write_study
 from looptrace.tasks import parity
 from looptrace.train import checkpoint_paths, load_run, train
 from looptrace.zoo import preset
@@ -210,7 +210,6 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         "sdi_after_readout_max_abs": float(np.abs(sdi[:, :2, readout:]).max()) if tau > readout else 0.0,
         "cancellation_pairs": cancel,
     }
-    atomic_write_json(results, out / "results.json")
     sections: list[dict[str, Any]] = [
         {
             "heading": "Setup",
@@ -272,7 +271,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         "torch": torch.__version__,
         "looptrace": lt.__version__,
     }
-    write_report(out, "looptrace: parity case study", sections, prov)
+    write_study(out, "looptrace: parity case study", results, sections, prov)
     return results
 
 

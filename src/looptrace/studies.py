@@ -21,7 +21,7 @@ from looptrace.analysis import difficulty as dif
 from looptrace.analysis import recurrence as rec
 from looptrace.io import atomic_write_json
 from looptrace.report import figures
-from looptrace.report.html import write_report
+from looptrace.report.html import write_study
 from looptrace.tasks import sudoku
 from looptrace.train import checkpoint_paths, load_run
 from looptrace.zoo import SIZES, preset
@@ -143,7 +143,6 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
         "late_from_step": late_from, "table1": t1, "conservation_max_abs": conservation, "influence_horizon": horizon_step,
         "train_blanks": trb.tolist(), "test_blanks": teb.tolist(), "self_influence": self_inf.tolist(),
     }  # fmt: skip
-    atomic_write_json(results, out / "results.json")
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: {run_cfg['model']['d_model']}-wide bidirectional looped block ({run_cfg['model']['n_heads']} heads, learned positions, "
@@ -159,9 +158,10 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
         {"heading": "Table 1: |TracIn| share and SDI late mass by train group", "table": t1,
          "text": [f"Late mass = share of a group's SDI energy at steps >= {late_from}."]},
     ]  # fmt: skip
-    write_report(
+    write_study(
         out,
         "looptrace: Sudoku case study",
+        results,
         sections,
         {"run": str(run), "run_config": run_cfg, "study": dataclasses.asdict(cfg), "torch": torch.__version__},
     )
@@ -238,7 +238,6 @@ def run_recursive_study(run: Path, out: Path, cfg: RecursiveStudyConfig) -> dict
                            out / "fig_last_step.png", "recurrence r", "fraction of |SDI| in the last step", "Influence in the final step")  # fmt: skip
     results = {"preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
                "truncated_bptt": trunc_rows, "cumulative_share": cum}  # fmt: skip
-    atomic_write_json(results, out / "results.json")
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: recursive GPT ({run_cfg['model']['n_prelude']}/{run_cfg['model']['n_core']}/{run_cfg['model']['n_coda']} prelude/core/coda, "
@@ -250,9 +249,10 @@ def run_recursive_study(run: Path, out: Path, cfg: RecursiveStudyConfig) -> dict
         {"heading": "Final-step influence", "figure": f_last, "caption": "Fraction of absolute SDI mass in the last loop step.", "source": "results.json: full_bptt", "table": rows},
         {"heading": "With the training-time truncated BPTT", "table": trunc_rows, "text": ["Only the last k steps carry SDI, by construction."]},
     ]  # fmt: skip
-    write_report(
+    write_study(
         out,
         "looptrace: recursive LM case study",
+        results,
         sections,
         {"run": str(run), "run_config": run_cfg, "study": dataclasses.asdict(cfg), "torch": torch.__version__},
     )

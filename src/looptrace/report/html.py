@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from looptrace.io import atomic_write_bytes
+from looptrace.io import atomic_write_bytes, atomic_write_json
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -70,3 +70,15 @@ def write_report(
     path = out / "report.html"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path
+
+
+def write_study(
+    out: str | os.PathLike[str],
+    title: str,
+    results: dict[str, Any],
+    sections: list[dict[str, Any]],
+    provenance: dict[str, Any],
+) -> Path:
+    """A study's outputs: ``results.json`` (every number the figures and tables show) and the report."""
+    atomic_write_json(results, Path(out) / "results.json")
+    return write_report(out, title, sections, provenance)
