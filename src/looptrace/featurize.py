@@ -79,25 +79,20 @@ def _leading_size(batch: Any) -> int | None:
 
 def _slice_batch(batch: Any, lo: int, hi: int) -> Any:
     """Rows lo:hi of every tensor whose leading axis is the batch (other leaves are kept)."""
-    n = _leading_size(batch)
-    if isinstance(batch, torch.Tensor):
-        return batch[lo:hi] if batch.dim() > 0 and batch.shape[0] == n else batch
-    if _is_dataclass_batch(batch):
-        return dataclasses.replace(
-            batch, **{f.name: _slice_tree(getattr(batch, f.name), lo, hi, n) for f in dataclasses.fields(batch)}
-        )
-    return _slice_tree(batch, lo, hi, n)
+    return _slice_tree(batch, lo, hi, _leading_size(batch))
 
 
 def _slice_tree(x: Any, lo: int, hi: int, n: int | None) -> Any:
     if isinstance(x, torch.Tensor):
         return x[lo:hi] if x.dim() > 0 and x.shape[0] == n else x
+    if _is_dataclass_batch(x):
+        return dataclasses.replace(
+            x, **{f.name: _slice_tree(getattr(x, f.name), lo, hi, n) for f in dataclasses.fields(x)}
+        )
     if isinstance(x, dict):
         return {k: _slice_tree(v, lo, hi, n) for k, v in x.items()}
     if isinstance(x, tuple | list):
         return type(x)(_slice_tree(v, lo, hi, n) for v in x)
-    if _is_dataclass_batch(x):
-        return _slice_batch(x, lo, hi)
     return x
 
 

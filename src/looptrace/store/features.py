@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -370,7 +369,7 @@ def featurize_to_store(
         raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
     cks = [c.load() for c in checkpoints]
     meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(cks)]
-    # layout from a featurisation-free plan: build it through a one-example run lazily below
+    # the feature layout comes from the plan alone: no featurisation is needed to create the store
     from looptrace.capture.tracer import body_parameters
     from looptrace.featurize import resolve_body
     from looptrace.sketch.plan import SketchPlan
@@ -406,7 +405,3 @@ def featurize_to_store(
     finally:
         model.load_state_dict(original)
     return store
-
-
-def shard_count(n: int, shard_size: int) -> int:
-    return math.ceil(n / shard_size)
