@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import looptrace as lt
+from looptrace.io import atomic_write_json
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 from looptrace.sketch.plan import SketchPlan
 
@@ -377,11 +378,11 @@ def memory_cuda(cfg: BenchConfig, step: int = 4, max_batch: int = 256) -> dict[s
     return out
 
 
-def memory(cfg: BenchConfig) -> dict[str, Any]:
+def memory(cfg: BenchConfig, batches: tuple[int, int] | None = None) -> dict[str, Any]:
     """Peak RSS above the loaded model (fresh process per point); the largest batch under the cap
     comes from a linear fit of peak memory in the batch size (two points per mode)."""
     out: dict[str, Any] = {"cap_mib": cfg.memory_cap_mib}
-    b1, b2 = 2, cfg.batch
+    b1, b2 = batches or (2, cfg.batch)
     for mode in ("plain", "sketched", "exact"):
         m1, m2 = _peak_mib(cfg, mode, b1), _peak_mib(cfg, mode, b2)
         slope = max((m2 - m1) / (b2 - b1), 1e-6)
@@ -395,6 +396,49 @@ def memory(cfg: BenchConfig) -> dict[str, Any]:
     out["sketched_over_plain_peak"] = out["sketched"][f"peak_mib_b{b2}"] / max(out["plain"][f"peak_mib_b{b2}"], 1e-6)
     out["max_batch_ratio"] = out["sketched"]["max_batch_under_cap"] / max(out["exact"]["max_batch_under_cap"], 1)
     return out
+
+
+PAPER_MEMORY = "memory-paper-model"
+A6000_MIB = 48 * 1024  # the paper's GPU (RTX A6000, 48 GB)
+
+
+def memory_paper_model(out_dir: Path = RESULTS) -> dict[str, Any]:
+    """The paper's configuration (135M parameters, tau = 32, sequence 128) on the CPU: peak RSS of
+    plain / sketched / exact at batch 1 and 2, extrapolated linearly to the paper's 48 GB card.
+
+    RSS on the CPU is not CUDA allocator memory (no fragmentation, no cuBLAS workspaces), so this is the
+    memory the computation needs, not a GPU measurement; ``benchmarks/gpu.sh`` measures the GPU."""
+    cfg = dataclasses.replace(BenchConfig.paper(), memory_cap_mib=A6000_MIB, device="cpu")
+    t0 = time.perf_counter()
+    res = {"machine": machine(), "config": dataclasses.asdict(cfg), **memory(cfg, batches=(1, 2))}
+    res["seconds"] = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(res, out_dir / f"{PAPER_MEMORY}.json")
+    return res
+
+
+def _paper_memory_lines(out_dir: Path) -> list[str]:
+    path = out_dir / f"{PAPER_MEMORY}.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    m, c = r["machine"], r["config"]
+    lines = [
+        "",
+        "## Memory at the paper's configuration (CPU, peak RSS)",
+        "",
+        f"From `looptrace bench memory --paper` on {m['date']} ({m['cpu']}, torch {m['torch']}): looped GPT "
+        f"{c['n_prelude']}/{c['n_core']}/{c['n_coda']}, d={c['d_model']}, tau={c['loops']}, sequence {c['seq']}, "
+        f"vocabulary {c['vocab']}, float32; peak RSS at batch 1 and 2 in fresh processes, extrapolated to the "
+        f"paper's {r['cap_mib'] // 1024} GB card (the paper: 4 -> 40). CPU memory, not a GPU measurement.",
+        "",
+        "| mode | MiB per example | largest batch under cap |",
+        "|---|---|---|",
+    ]
+    for mode in ("plain", "sketched", "exact"):
+        lines.append(f"| {mode} | {r[mode]['mib_per_example']:.0f} | {r[mode]['max_batch_under_cap']} |")
+    lines.append(f"| **sketched / exact** | | **{r['max_batch_ratio']:.1f}x** |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- the reference implementation
@@ -516,11 +560,11 @@ def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench
     results["max_batch_ratio"] = results["memory"]["max_batch_ratio"]
     stem = "latest" if cfg.device == "cpu" else "gpu"
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / ("README.md" if cfg.device == "cpu" else "gpu.md")).write_text(markdown(results))
+    (out_dir / ("README.md" if cfg.device == "cpu" else "gpu.md")).write_text(markdown(results, out_dir))
     return results
 
 
-def markdown(r: dict[str, Any]) -> str:
+def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
     m, sp, fi, mem, pa, ref = (
         r["machine"],
         r["speed"],
@@ -595,6 +639,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"dense Gaussian projection to k={pa['k']}: {pa['dense_projection_s']:.2f} s (TracIn rel. error {pa['tracin_rel_error_dense']:.4f}); "
         f"sparse JL: {pa['sparse_projection_s']:.3f} s (error {pa['tracin_rel_error_sparse']:.4f}). {pa['note']}.",
     ]
+    lines += _paper_memory_lines(out_dir)
     if ref:
         lines += [
             "",
@@ -611,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="looptrace bench")
-    p.add_argument("what", choices=["all", "scale"], help="which benchmark")
+    p.add_argument(
+        "what",
+        choices=["all", "scale", "memory"],
+        help="all: the benchmark suite; scale: the feature store at N examples; memory --paper: the "
+        "paper configuration's memory on the CPU",
+    )
     p.add_argument("--quick", action="store_true")
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
@@ -625,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
         from looptrace import bench_scale
 
         print(json.dumps(bench_scale.run(a.n, Path(a.out)), indent=2, default=str))
+        return 0
+    if a.what == "memory":
+        if a.paper:
+            r = memory_paper_model(Path(a.out))
+        else:
+            r = memory(dataclasses.replace(BenchConfig(), device=a.device))
+        print(json.dumps(r, indent=2, default=str))
         return 0
     cfg = BenchConfig.paper() if a.paper else BenchConfig.quick() if a.quick else BenchConfig()
     cfg = dataclasses.replace(cfg, device=a.device)

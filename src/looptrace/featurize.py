@@ -400,10 +400,15 @@ def featurize(
     losses_all = torch.cat(loss_chunks)
     if per_step:
         t_max = max(c.shape[1] for c in chunks)
+        if len(chunks) == 1:  # no copy: exact features can be most of the memory
+            return Features(chunks[0], spec, plan.describe(), losses_all, checkpoint)
         out = torch.zeros(sum(c.shape[0] for c in chunks), t_max, plan.dim, dtype=dtype, device=device)
         row = 0
-        for c in chunks:
+        chunks.reverse()
+        while chunks:  # free each chunk once copied: the peak is the output plus one chunk
+            c = chunks.pop()
             out[row : row + c.shape[0], : c.shape[1]] = c
             row += c.shape[0]
+            del c
         return Features(out, spec, plan.describe(), losses_all, checkpoint)
     return Features(None, spec, plan.describe(), losses_all, checkpoint, _total=torch.cat(chunks))

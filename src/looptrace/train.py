@@ -142,7 +142,11 @@ def train(
     # wall time accumulates across resumes
     t0 = time.perf_counter() - next((h["time_s"] for h in reversed(history) if "time_s" in h), 0.0)
     model.train()
+    stopped_at = None
     for step in range(start, cfg.steps):
+        if _task_done(task):  # a resumed run that had already stopped early
+            stopped_at = step
+            break
         lr = cfg.lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -159,16 +163,17 @@ def train(
         if hasattr(task, "after_step"):
             task.after_step(model, step, cfg)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        last = done == cfg.steps or _task_done(task)
+        if done % cfg.log_every == 0 or last:
             entry = {"step": done, "loss": loss.item(), "lr": lr, "loops": loops, "time_s": time.perf_counter() - t0}
             if hasattr(task, "state_dict"):
                 entry.update(task.state_dict())
             history.append(entry)
-        if done % cfg.eval_every == 0 and done != cfg.steps:
+        if done % cfg.eval_every == 0 and not last:
             model.eval()
             history.append({"step": done, "eval": task.evaluate(model, cfg)})
             model.train()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or last:
             task_state = json.dumps(task.state_dict()) if hasattr(task, "state_dict") else "{}"
             # eta_k is the learning rate of the step that produced these weights
             ck: dict[str, Any] = {
@@ -200,11 +205,20 @@ def train(
         bar.close()
     model.eval()
     final = task.evaluate(model, cfg)
-    metrics = {"task": task.name, "steps": cfg.steps, "history": history, **final}
+    steps_done = next((h["step"] for h in reversed(history) if "loss" in h), cfg.steps)
+    metrics = {"task": task.name, "steps": steps_done, "history": history, **final}
+    if stopped_at is not None or steps_done < cfg.steps:
+        metrics["stopped_early"] = True
     metrics["train_time_s"] = next((h["time_s"] for h in reversed(history) if "time_s" in h), 0.0)
     atomic_write_json(metrics, out / "metrics.json")
     atomic_save(model.state_dict(), out / "model.pt")
     return metrics
+
+
+def _task_done(task: Task) -> bool:
+    """A task may end training early (``task.done()``, e.g. once its curriculum is learned)."""
+    done = getattr(task, "done", None)
+    return bool(done()) if callable(done) else False
 
 
 def load_run(run: str | os.PathLike[str]) -> tuple[LoopedTransformer, dict[str, Any]]:

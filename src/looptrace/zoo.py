@@ -29,7 +29,12 @@ class ParityTask:
     """Parity with a length curriculum: the maximum digit count starts at ``start_max`` and rises to
     ``final_max``. Fixed (Fan et al.: one more every ``curriculum_every`` steps) or adaptive: one
     more once the model gets ``advance_at`` of a held-out batch at the current maximum right (checked
-    every ``check_every`` steps). The current maximum is training state, saved for resuming."""
+    every ``check_every`` steps). The current maximum is training state, saved for resuming.
+
+    With ``stop_after`` > 0 training ends early once the model has got ``stop_accuracy`` of fresh
+    held-out inputs at the final length (and at ``stop_length``, if set: a validation length beyond
+    the curriculum) right at ``stop_after`` checks in a row. The adaptive curriculum reaches the final
+    length at a step that depends on the run, and length generalisation comes and goes after it."""
 
     name: str = "parity"
     min_digits: int = 1
@@ -41,7 +46,11 @@ class ParityTask:
     check_every: int = 50
     eval_examples: int = 512
     test_length: int = 40
+    stop_after: int = 0
+    stop_accuracy: float = 0.99
+    stop_length: int = 0
     current_max: int = 0
+    passes_at_final: int = 0
 
     def __post_init__(self) -> None:
         self.current_max = self.current_max or self.start_max
@@ -52,20 +61,32 @@ class ParityTask:
         return min(self.final_max, self.start_max + step // self.curriculum_every)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current_max": self.current_max}
+        return {"current_max": self.current_max, "passes_at_final": self.passes_at_final}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.current_max = int(state.get("current_max", self.start_max))
+        self.passes_at_final = int(state.get("passes_at_final", 0))
+
+    def done(self) -> bool:
+        return self.stop_after > 0 and self.passes_at_final >= self.stop_after
 
     def after_step(self, model: nn.Module, step: int, cfg: TrainConfig) -> None:
-        """Adaptive curriculum: advance the maximum length once it is learned."""
-        if not self.adaptive or (step + 1) % self.check_every or self.current_max >= self.final_max:
+        """Adaptive curriculum: advance the maximum length once it is learned; at the final length,
+        count consecutive passing checks for early stopping."""
+        if not self.adaptive or (step + 1) % self.check_every:
+            return
+        at_final = self.current_max >= self.final_max
+        if at_final and not self.stop_after:
             return
         g = torch.Generator().manual_seed(1_000_000 + cfg.seed * 7919 + step)
         model.eval()
-        acc = parity.accuracy(model, parity.fixed_length(64, self.current_max, g))
+        acc = parity.accuracy(model, parity.fixed_length(256 if at_final else 64, self.current_max, g))
+        if at_final and self.stop_length and acc >= self.stop_accuracy:
+            acc = min(acc, parity.accuracy(model, parity.fixed_length(256, self.stop_length, g)))
         model.train()
-        if acc >= self.advance_at:
+        if at_final:
+            self.passes_at_final = self.passes_at_final + 1 if acc >= self.stop_accuracy else 0
+        elif acc >= self.advance_at:
             self.current_max += 1
 
     def batch(self, step: int, cfg: TrainConfig) -> parity.ParityBatch:
@@ -76,7 +97,7 @@ class ParityTask:
         return parity.loss(model, batch)
 
     def evaluate(self, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
-        g = torch.Generator().manual_seed(10_000 + cfg.seed)
+        g = torch.Generator().manual_seed(2**40 + cfg.seed)  # disjoint from the training and check seeds
         ind = parity.sample(self.eval_examples, self.min_digits, self.final_max, g)
         ood = parity.fixed_length(self.eval_examples, self.test_length, g)
         return {
