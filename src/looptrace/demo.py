@@ -124,6 +124,8 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     sdi = res.sdi.double().numpy()  # [N, M, tau]
     tau = sdi.shape[-1]
     conservation = float(np.abs(sdi.sum(-1) - res.tracin.double().numpy()).max())
+    # relative to the largest per-pair step mass sum_t |SDI_t| (float32 features, scores up to ~1e10)
+    conservation_rel = conservation / max(float(np.abs(sdi).sum(-1).max()), 1e-300)
 
     # --- mechanistic read-outs on the final model, probe 0101...
     model, _ = load_run(run)
@@ -190,6 +192,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         "sketch": spec.to_dict(),
         "sdi_seconds": sdi_time,
         "conservation_max_abs": conservation,
+        "conservation_rel": conservation_rel,
         "probe": {
             "readout": readout,
             "summed_sdi": profile.tolist(),
@@ -221,7 +224,8 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
                 f"Attribution: test-side SDI summed over {len(res.checkpoints)} TracIn checkpoints weighted by their recorded "
                 f"learning rates; sketch {spec}. Scores are eta x gradient dot products: positive means training on z lowered "
                 "the loss on the query.",
-                f"Conservation: max |sum_t SDI_t - TracIn| = {conservation:.2e}. SDI after the read-out step: "
+                f"Conservation: max |sum_t SDI_t - TracIn| = {conservation:.2e} ({conservation_rel:.1e} of the largest "
+                "step mass sum_t |SDI_t|, float32 features). SDI after the read-out step: "
                 f"{results['sdi_after_readout_max_abs']:.1e} (exactly zero by construction).",
             ],
         },

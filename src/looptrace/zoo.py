@@ -295,16 +295,19 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
                 tc,
                 ParityTask(adaptive=True, advance_at=0.5, check_every=5, final_max=6, eval_examples=32, test_length=8),
             )
-        # d=128 (4 heads) with an adaptive curriculum (advance once 95% of a held-out batch at the current
-        # maximum is right) and a constant lr 5e-4 after warm-up: measured here to reach ~98% at length 40
-        # in 4000 steps; d=64 learned every trained length but a period-5 cycle that did not extrapolate,
-        # and fixed schedules of 150-300 steps per length stalled or diverged. One thread: the per-op work
-        # is too small for two to pay off.
+        # d=128 (4 heads), AdamW lr 1e-3 constant after warm-up with weight decay 0.1, an adaptive
+        # curriculum (one more digit once 95 % of a held-out batch at the current maximum is right),
+        # and early stopping once fresh held-out inputs of 21 and 40 digits are 99 % right at two
+        # checks in a row. Measured here: without weight decay (lr 5e-4 or 1e-3) every run stalled for
+        # 700-3000 steps at 9-10 digits, and length-40 accuracy came and went after the curriculum ended
+        # (75 % -> 10 % -> 97 % on one run); d=64 stalled longer. Sized for two cores (compute-bound:
+        # two threads are 1.4x one at 21 digits).
         mc = LoopedConfig(d_model=128, n_heads=4, d_mlp=512, **common)
         tc = TrainConfig(
-            steps=4000, batch_size=64, lr=5e-4, warmup=100, min_lr_ratio=1.0, ckpt_every=250, eval_every=2000, threads=1
-        )
-        return mc, tc, ParityTask(adaptive=True)
+            steps=5000, batch_size=64, lr=1e-3, warmup=100, min_lr_ratio=1.0, weight_decay=0.1, ckpt_every=250,
+            eval_every=10_000,
+        )  # fmt: skip
+        return mc, tc, ParityTask(adaptive=True, stop_after=2, stop_length=40)
     if task == "sudoku":
         common = dict(
             vocab_size=10, out_size=9, causal=False, injection="none", state_init="embedding", positions="learned",
@@ -329,11 +332,14 @@ def preset(task: str, size: str = "small") -> tuple[LoopedConfig, TrainConfig, A
                 log_every=5,
             )
             return mc, tc, SudokuTask(n_puzzles=40, budgets=(2, 4), eval_n=8)
-        # CPU-sized: d=64 and depth mean 8 (max 16) so that training fits in 20 minutes on 2 cores
+        # CPU-sized: d=64 and depth mean 8 (max 16) so that training fits in 20 minutes on 2 cores, on
+        # puzzles with 10-40 blanks (train: the easiest 80 %, test: the hardest 20 %, 34-40 blanks).
+        # Measured here: with 30-50 blanks and 3000 steps blank-cell accuracy stayed at 0.2; with 10-40
+        # it reached 0.34 in 3000 steps and was still improving.
         mc = LoopedConfig(d_model=64, n_heads=4, n_loops=8, **common)
-        tc = TrainConfig(steps=3000, batch_size=32, lr=2e-3, warmup=150, weight_decay=0.1, betas=(0.9, 0.95),
-                         depth_mean=8, depth_max=16, ckpt_every=300, eval_every=1500)  # fmt: skip
-        return mc, tc, SudokuTask(n_puzzles=3000)
+        tc = TrainConfig(steps=6000, batch_size=32, lr=2e-3, warmup=150, weight_decay=0.1, betas=(0.9, 0.95),
+                         depth_mean=8, depth_max=16, ckpt_every=600, eval_every=3000)  # fmt: skip
+        return mc, tc, SudokuTask(n_puzzles=3000, min_blanks=10, max_blanks=40)
     # recursive-gpt: nanochat-style prelude/core/coda with a concat adapter, RMSNorm, rotary, QK-norm,
     # ReLU^2, logit soft-cap 15, truncated BPTT k=4, depth mean 4 (max 16), s_0 = e
     common = dict(
