@@ -85,6 +85,14 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
         for b, idx in bins_all.items()
     }
     cell = {str(r): sudoku.accuracy(model, tex, tey, loops=r)[1] for r in cfg.budgets}
+    # the same on fresh puzzles of the training difficulty (the hard split is harder than anything trained on)
+    hx, hy = task.heldout()
+    held = {str(r): sudoku.accuracy(model, hx, hy, loops=r) for r in cfg.budgets}
+    in_dist = {
+        "board_accuracy": {r: v[0] for r, v in held.items()},
+        "cell_accuracy": {r: v[1] for r, v in held.items()},
+        "blanks": [int((hx == 0).sum(1).min()), int((hx == 0).sum(1).max())],
+    }
 
     # SDI on stratified subsets at a fixed horizon
     ti = _stratified(tr_blanks, cfg.n_train, cfg.seed)
@@ -125,9 +133,15 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
     e = np.abs(sdi).sum(0)
     horizon_step = app.influence_horizon(np.median(e, 0), 0.05)
 
-    f_acc = figures.lines(np.array(cfg.budgets), {f"{b} blanks": np.array([acc[b][str(r)] for r in cfg.budgets]) for b in acc},
-                          out / "fig_accuracy_vs_loops.png", "test-time loop budget r", "board accuracy",
-                          f"Board accuracy vs loops (trained with mean depth {depth_mean})")  # fmt: skip
+    curves = {
+        "board, held-out (train difficulty)": in_dist["board_accuracy"],
+        "cell, held-out (train difficulty)": in_dist["cell_accuracy"],
+        "cell, hard test split": cell,
+        **{f"board, test {b} blanks": acc[b] for b in acc},
+    }
+    f_acc = figures.lines(np.array(cfg.budgets), {k: np.array([v[str(r)] for r in cfg.budgets]) for k, v in curves.items()},
+                          out / "fig_accuracy_vs_loops.png", "test-time loop budget r", "accuracy",
+                          f"Accuracy vs loops (trained with mean depth {depth_mean})")  # fmt: skip
     f_en = figures.energy_curves(
         e,
         out / "fig_energy.png",
@@ -138,7 +152,8 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
                          out / "fig_self_influence.png", "train puzzle blanks", "self-influence sum_k eta_k |g|^2", "Memorisation proxy vs difficulty", logy=True)  # fmt: skip
     results = {
         "preset": size, "horizon": horizon, "checkpoints": res.checkpoints, "etas": res.etas, "sketch": spec.to_dict(),
-        "sdi_seconds": sdi_s, "board_accuracy_by_bin": acc, "cell_accuracy": cell, "energy_by_bin": energy,
+        "sdi_seconds": sdi_s, "board_accuracy_by_bin": acc, "cell_accuracy": cell, "in_distribution": in_dist,
+        "energy_by_bin": energy,
         "correlations": {k: v for k, v in corr.items() if k != "cross_mass"}, "shares": shares, "late_mass": late,
         "late_from_step": late_from, "table1": t1, "conservation_max_abs": conservation, "influence_horizon": horizon_step,
         "train_blanks": trb.tolist(), "test_blanks": teb.tolist(), "self_influence": self_inf.tolist(),
@@ -151,7 +166,7 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
             f"tau = {horizon}, {len(paths)} checkpoints weighted by their learning rates, sketch {spec}.",
             f"Conservation: max |sum_t SDI_t - TracIn| = {conservation:.2e}.",
         ]},
-        {"heading": "Loop-compute scaling", "figure": f_acc, "caption": "Board accuracy on the hard split vs test-time loops, by blanks.", "source": "results.json: board_accuracy_by_bin"},
+        {"heading": "Loop-compute scaling", "figure": f_acc, "caption": "Board and blank-cell accuracy vs test-time loops: on fresh puzzles of the training difficulty, and on the hard test split (board accuracy by blanks).", "source": "results.json: in_distribution, cell_accuracy, board_accuracy_by_bin"},
         {"heading": "SDI energy", "figure": f_en, "caption": f"Median and IQR of sum_i |SDI_t| per test bin; influence horizon (5% of peak): step {horizon_step}.", "source": "results.json: energy_by_bin"},
         {"heading": "Memorisation vs difficulty", "figure": f_sc, "caption": "Self-influence by train difficulty.", "source": "results.json: self_influence, train_blanks",
          "table": [{"relation": k, "Spearman rho": v["rho"], "p": v["p"]} for k, v in results["correlations"].items()]},

@@ -146,6 +146,22 @@ class SudokuTask:
             self._split = {k: (sudoku.boards(f), sudoku.solutions(lab)) for k, (f, lab) in sp.items()}
         return self._split
 
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh puzzles of the training difficulty (blanks up to the train split's maximum), from
+        another generator seed: in-distribution accuracy without scoring puzzles trained on."""
+        x_train = self.split()["train"][0]
+        hi = int((x_train == 0).sum(1).max())
+        cache = Path("runs/.cache") / f"sudoku_heldout_{self.eval_n}_{self.min_blanks}_{hi}_{self.data_seed}.npz"
+        if cache.exists():
+            feats, labels = sudoku.load(cache)
+        else:
+            feats, labels = sudoku.generate(self.eval_n, self.min_blanks, hi, seed=self.data_seed + 10_007)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.stem + ".partial.npz")
+            sudoku.save(tmp, feats, labels)
+            tmp.replace(cache)
+        return sudoku.boards(feats), sudoku.solutions(labels)
+
     def batch(self, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.split()["train"]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -162,10 +178,18 @@ class SudokuTask:
         for b in self.budgets:
             board[str(b)], cell[str(b)] = sudoku.accuracy(model, x, y, loops=b)
         blanks = (x == 0).sum(1)
+        hx, hy = self.heldout()
+        held = {str(b): sudoku.accuracy(model, hx, hy, loops=b) for b in self.budgets}
+        hb = (hx == 0).sum(1)
         return {
             "board_accuracy": board,
             "cell_accuracy": cell,
             "test_blanks": [int(blanks.min()), int(blanks.max())],
+            "in_distribution": {
+                "board_accuracy": {k: v[0] for k, v in held.items()},
+                "cell_accuracy": {k: v[1] for k, v in held.items()},
+                "blanks": [int(hb.min()), int(hb.max())],
+            },
             "train_depth_mean": cfg.depth_mean,
         }
 
