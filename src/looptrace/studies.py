@@ -88,9 +88,11 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
     # the same on fresh puzzles of the training difficulty (the hard split is harder than anything trained on)
     hx, hy = task.heldout()
     held = {str(r): sudoku.accuracy(model, hx, hy, loops=r) for r in cfg.budgets}
+    held_board = {r: v[0] for r, v in held.items()}
+    held_cell = {r: v[1] for r, v in held.items()}
     in_dist = {
-        "board_accuracy": {r: v[0] for r, v in held.items()},
-        "cell_accuracy": {r: v[1] for r, v in held.items()},
+        "board_accuracy": held_board,
+        "cell_accuracy": held_cell,
         "blanks": [int((hx == 0).sum(1).min()), int((hx == 0).sum(1).max())],
     }
 
@@ -133,9 +135,9 @@ def run_sudoku_study(run: Path, out: Path, cfg: SudokuStudyConfig) -> dict[str, 
     e = np.abs(sdi).sum(0)
     horizon_step = app.influence_horizon(np.median(e, 0), 0.05)
 
-    curves = {
-        "board, held-out (train difficulty)": in_dist["board_accuracy"],
-        "cell, held-out (train difficulty)": in_dist["cell_accuracy"],
+    curves: dict[str, dict[str, float]] = {
+        "board, held-out (train difficulty)": held_board,
+        "cell, held-out (train difficulty)": held_cell,
         "cell, hard test split": cell,
         **{f"board, test {b} blanks": acc[b] for b in acc},
     }
