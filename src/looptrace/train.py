@@ -73,7 +73,11 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What the loop needs from a task (see :mod:`looptrace.zoo`)."""
+    """What the loop needs from a task (see :mod:`looptrace.zoo`).
+
+    Optional hooks, used when present: ``after_step(model, step, cfg)`` (curricula),
+    ``done() -> bool`` (end training early; the stopping step leaves a checkpoint), and
+    ``state_dict()`` / ``load_state_dict(state)`` (task state saved in checkpoints, for resuming)."""
 
     name: str
 
