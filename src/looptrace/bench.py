@@ -614,7 +614,7 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         f"{m['threads']} torch threads of {m['cores']} cores, torch {m['torch']}. Model: looped GPT "
         f"{c['n_prelude']}/{c['n_core']}/{c['n_coda']} prelude/core/coda, d={c['d_model']}, tau={c['loops']}, sequence "
         f"{c['seq']}, batch {c['batch']}, float32, full BPTT; body = core + concat adapter, {r['body_parameters']:,} "
-        f"parameters in {r['body_tensors']} tensors. Timings: medians of {c['reps']} repetitions; ratios within this run.",
+        f"parameters in {r['body_tensors']} tensors. Timings: medians of {c['reps']} repetitions; ratios are medians over rounds of alternating plain and featurisation calls, within this run.",
         "",
         "## Headline",
         "",
