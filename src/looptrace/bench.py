@@ -14,6 +14,7 @@ Peers, on the same model, batch and run:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -422,6 +423,11 @@ def memory(cfg: BenchConfig, batches: dict[str, tuple[int, ...]] | None = None) 
     return out
 
 
+def _memory(cfg: BenchConfig) -> dict[str, Any]:
+    """Allocator peaks and an out-of-memory search on a GPU; peak RSS and a linear fit on the CPU."""
+    return memory_cuda(cfg) if cfg.device.startswith("cuda") else memory(cfg)
+
+
 PAPER_MEMORY = "memory-paper-model"
 A6000_MIB = 48 * 1024  # the paper's GPU (RTX A6000, 48 GB)
 
@@ -574,7 +580,7 @@ def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench
     print("project-after-the-fact ...", flush=True)
     results["project_after"] = project_after(model, batch, cfg, exact)
     print("memory ...", flush=True)
-    results["memory"] = memory_cuda(cfg) if cfg.device.startswith("cuda") else memory(cfg)
+    results["memory"] = _memory(cfg)
     if cfg.peer:
         print("reference implementation ...", flush=True)
         results["reference"] = reference(cfg, exact, results["speed"]["overhead_tensorsketch_m2048_materialize"], venv)
@@ -693,25 +699,30 @@ def _f(v: Any) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="looptrace bench")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options: one definition for ``looptrace bench`` and :func:`main`."""
     p.add_argument(
         "what",
         choices=["all", "scale", "memory"],
-        help="all: the benchmark suite; scale: the feature store at N examples; memory --paper: the "
-        "paper configuration's memory on the CPU",
+        help="all: fidelity/speed/memory/peers; scale: the feature store at N examples; memory: peak memory of "
+        "plain / sketched / exact (with --paper: the paper's configuration, on the CPU)",
     )
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (<= 10 minutes on 2 cores)")
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
-    p.add_argument(
-        "--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32): for a GPU"
-    )
+    p.add_argument("--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out", default=str(RESULTS))
-    a = p.parse_args(argv)
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="looptrace bench")
+    add_arguments(p)
+    return run_args(p.parse_args(argv))
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the benchmark chosen by parsed :func:`add_arguments` options."""
     if a.what == "scale":
         from looptrace import bench_scale
 
@@ -721,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.paper:
             r = memory_paper_model(Path(a.out))
         else:
-            r = memory(dataclasses.replace(BenchConfig(), device=a.device))
+            r = _memory(dataclasses.replace(BenchConfig(), device=a.device))
         print(json.dumps(r, indent=2, default=str))
         return 0
     cfg = BenchConfig.paper() if a.paper else BenchConfig.quick() if a.quick else BenchConfig()

@@ -94,10 +94,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from looptrace import bench
 
-    argv = [args.what, "--out", args.out, "--n", str(args.n)]
-    argv += (["--quick"] if args.quick else []) + (["--no-peer"] if args.no_peer else [])
-    argv += (["--paper"] if args.paper else []) + ["--device", args.device]
-    return bench.main(argv)
+    return bench.run_args(args)
 
 
 def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,18 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks vs the exact baseline and the peers (JSON + Markdown)")
-    b.add_argument(
-        "what",
-        choices=["all", "scale", "memory"],
-        help="all: fidelity/speed/memory/peers; scale: the feature store at 100k examples; memory: peak "
-        "memory of plain / sketched / exact (with --paper: the paper's configuration, on the CPU)",
-    )
-    b.add_argument("--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
-    b.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (<= 10 minutes on 2 cores)")
-    b.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
-    b.add_argument("--out", default="benchmarks/results", help="results directory")
+    from looptrace.bench import add_arguments as bench_arguments
+
+    bench_arguments(b)
     b.set_defaults(func=_cmd_bench)
 
     f = sub.add_parser(

@@ -399,9 +399,9 @@ def featurize(
         raise LoaderError("the loader yielded no batches")
     losses_all = torch.cat(loss_chunks)
     if per_step:
-        t_max = max(c.shape[1] for c in chunks)
         if len(chunks) == 1:  # no copy: exact features can be most of the memory
             return Features(chunks[0], spec, plan.describe(), losses_all, checkpoint)
+        t_max = max(c.shape[1] for c in chunks)
         out = torch.zeros(sum(c.shape[0] for c in chunks), t_max, plan.dim, dtype=dtype, device=device)
         row = 0
         chunks.reverse()

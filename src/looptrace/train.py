@@ -146,10 +146,8 @@ def train(
     # wall time accumulates across resumes
     t0 = time.perf_counter() - next((h["time_s"] for h in reversed(history) if "time_s" in h), 0.0)
     model.train()
-    stopped_at = None
     for step in range(start, cfg.steps):
         if _task_done(task):  # a resumed run that had already stopped early
-            stopped_at = step
             break
         lr = cfg.lr_at(step)
         for g in opt.param_groups:
@@ -211,7 +209,7 @@ def train(
     final = task.evaluate(model, cfg)
     steps_done = next((h["step"] for h in reversed(history) if "loss" in h), cfg.steps)
     metrics = {"task": task.name, "steps": steps_done, "history": history, **final}
-    if stopped_at is not None or steps_done < cfg.steps:
+    if steps_done < cfg.steps:  # the last step run is always logged
         metrics["stopped_early"] = True
     metrics["train_time_s"] = next((h["time_s"] for h in reversed(history) if "time_s" in h), 0.0)
     atomic_write_json(metrics, out / "metrics.json")

@@ -128,20 +128,9 @@ class SudokuTask:
             if self.data_path:
                 feats, labels = sudoku.load(self.data_path)
             else:
-                cache = (
-                    Path("runs/.cache")
-                    / f"sudoku_{self.n_puzzles}_{self.min_blanks}_{self.max_blanks}_{self.data_seed}.npz"
+                feats, labels = _cached_puzzles(
+                    "sudoku", self.n_puzzles, self.min_blanks, self.max_blanks, self.data_seed
                 )
-                if cache.exists():
-                    feats, labels = sudoku.load(cache)
-                else:
-                    feats, labels = sudoku.generate(
-                        self.n_puzzles, self.min_blanks, self.max_blanks, seed=self.data_seed
-                    )
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_name(cache.stem + ".partial.npz")
-                    sudoku.save(tmp, feats, labels)
-                    tmp.replace(cache)
             sp = sudoku.difficulty_split(feats, labels, seed=self.data_seed)
             self._split = {k: (sudoku.boards(f), sudoku.solutions(lab)) for k, (f, lab) in sp.items()}
         return self._split
@@ -151,15 +140,7 @@ class SudokuTask:
         another generator seed: in-distribution accuracy without scoring puzzles trained on."""
         x_train = self.split()["train"][0]
         hi = int((x_train == 0).sum(1).max())
-        cache = Path("runs/.cache") / f"sudoku_heldout_{self.eval_n}_{self.min_blanks}_{hi}_{self.data_seed}.npz"
-        if cache.exists():
-            feats, labels = sudoku.load(cache)
-        else:
-            feats, labels = sudoku.generate(self.eval_n, self.min_blanks, hi, seed=self.data_seed + 10_007)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + ".partial.npz")
-            sudoku.save(tmp, feats, labels)
-            tmp.replace(cache)
+        feats, labels = _cached_puzzles("sudoku_heldout", self.eval_n, self.min_blanks, hi, self.data_seed + 10_007)
         return sudoku.boards(feats), sudoku.solutions(labels)
 
     def batch(self, step: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +173,21 @@ class SudokuTask:
             },
             "train_depth_mean": cfg.depth_mean,
         }
+
+
+def _cached_puzzles(
+    kind: str, n: int, min_blanks: int, max_blanks: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated puzzles in SATNet layout, cached under runs/.cache (written atomically)."""
+    cache = Path("runs/.cache") / f"{kind}_{n}_{min_blanks}_{max_blanks}_{seed}.npz"
+    if cache.exists():
+        return sudoku.load(cache)
+    feats, labels = sudoku.generate(n, min_blanks, max_blanks, seed=seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + ".partial.npz")  # np.savez appends .npz to any other name
+    sudoku.save(tmp, feats, labels)
+    tmp.replace(cache)
+    return feats, labels
 
 
 @dataclasses.dataclass
