@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from looptrace.bench import machine
-from looptrace.io import atomic_write_json
-from looptrace.models.looped import LoopedTransformer
 from looptrace.tasks import parity
 from looptrace.zoo import preset
+
+from looptrace.io import atomic_write_json
+from looptrace.models.looped import LoopedTransformer
 
 OUT = Path("benchmarks/results")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from looptrace import batching
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
 # One tolerance for every exact-vs-oracle comparison in float64.
@@ -30,16 +31,6 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float =
         f"|want|={float(want.norm()):.3e}, |got|={float(got.norm()):.3e}, "
         f"first bad index={tuple(int(i) for i in (diff > atol + rtol * want.abs()).nonzero()[0])}"
     )
-
-
-def slice_batch(batch: Any, i: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[i : i + 1]
-    if isinstance(batch, dict):
-        return {k: slice_batch(v, i) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(slice_batch(v, i) for v in batch)
-    return batch
 
 
 def oracle_per_step(
@@ -64,16 +55,9 @@ def oracle_per_step(
     step_module.forward = patched  # type: ignore[method-assign]
     try:
         for batch in batches:
-            b = next(
-                t
-                for t in (
-                    batch if isinstance(batch, tuple | list) else batch.values() if isinstance(batch, dict) else [batch]
-                )
-                if isinstance(t, torch.Tensor)
-            ).shape[0]
-            for i in range(b):
+            for i in range(batching.leading_size(batch) or 0):
                 copies.clear()
-                loss = loss_fn(model, slice_batch(batch, i))[0]
+                loss = loss_fn(model, batching.slice_rows(batch, i, i + 1))[0]
                 flat = [x for c in copies for x in (c[n] for n in order)]
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
                 per_step = []

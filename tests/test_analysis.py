@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from looptrace.analysis import applications as app
-from looptrace.analysis import parity_circuit as pc
+from looptrace.apps.studies.parity import circuit as pc
 
 
 def test_planted_period_is_detected() -> None:

@@ -39,8 +39,8 @@ def test_out_of_memory_retries_in_smaller_chunks() -> None:
 _TRAIN = """
 import sys
 from pathlib import Path
-from looptrace.zoo import train_preset
-train_preset("parity", "tiny", Path(sys.argv[1]), progress=False, steps=60, ckpt_every=10)
+from looptrace.apps.zoo import train_preset
+train_preset("parity", "tiny", Path(sys.argv[1]), {"train.steps": 60, "train.ckpt_every": 10}, progress=False)
 """
 
 

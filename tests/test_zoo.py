@@ -1,4 +1,4 @@
-"""Task generators, the depth sampler, the zoo's models and the training loop's checkpoints (issue #3)."""
+"""Task generators, the depth sampler, the presets' models and the training loop's checkpoints."""
 
 from __future__ import annotations
 
@@ -11,15 +11,32 @@ import pytest
 import torch
 
 import looptrace as lt
+from looptrace.apps.catalog import study as get_study
+from looptrace.apps.registry import Preset
+from looptrace.apps.runs import make_record
+from looptrace.apps.studies.parity.task import ParityTask
+from looptrace.apps.tasks import parity, sudoku, text
+from looptrace.apps.training import train
 from looptrace.errors import CorruptFileError
 from looptrace.influence.checkpoints import load_into
 from looptrace.models.depth import DepthSampler
 from looptrace.models.looped import LoopedTransformer
-from looptrace.tasks import parity, sudoku, text
-from looptrace.train import checkpoint_paths, train
-from looptrace.zoo import ParityTask, preset
 
 FIXTURE = Path(__file__).parent / "data" / "sudoku24.npz"
+
+
+def preset(study: str, size: str) -> tuple:
+    p: Preset = get_study(study).preset(size)
+    return p.model, p.train, p.task
+
+
+def run_train(study: str, size: str, task, mc, tc, out: Path) -> dict:
+    """The training loop with a run record for these (possibly edited) configs."""
+    return train(task, mc, tc, out, record=make_record(study, size, task, mc, tc, {}), progress=False)
+
+
+def checkpoint_paths(run: Path) -> list[Path]:
+    return [Path(str(c.source)) for c in lt.load_checkpoints(run / "checkpoints")]
 
 
 def _valid_solution(grid: torch.Tensor) -> bool:
@@ -132,13 +149,18 @@ def test_checkpoints_carry_what_attribution_needs(tmp_path) -> None:
     mc, tc, task = preset("sudoku", "tiny")
     task = dataclasses.replace(task, data_path=str(FIXTURE), budgets=(2,), eval_n=4)
     tc = dataclasses.replace(tc, steps=6, ckpt_every=3)
-    metrics = train(task, mc, tc, tmp_path / "run", progress=False)
+    metrics = run_train("sudoku", "tiny", task, mc, tc, tmp_path / "run")
     assert "board_accuracy" in metrics and "cell_accuracy" in metrics
     cks = checkpoint_paths(tmp_path / "run")
-    assert [p.name for p in cks] == ["ckpt_train_000003.pt", "ckpt_train_000006.pt"]
+    assert [p.name for p in cks] == ["ckpt_00000003.pt", "ckpt_00000006.pt"]
     raw = torch.load(cks[-1], weights_only=True)
-    for key in ("model", "lr", "step", "depth", "depth_seed", "data_seed", "config"):
+    for key in ("model", "lr", "step", "depth", "meta", "optimizer_second_moments"):
         assert key in raw, f"TracIn checkpoint lacks {key!r}"
+    meta = lt.Checkpoint(cks[-1]).load_full().meta
+    for key in ("depth_seed", "data_seed", "run", "task_state"):
+        assert key in meta, f"TracIn checkpoint metadata lacks {key!r}"
+    moments = raw["optimizer_second_moments"]["exp_avg_sq"]
+    assert set(moments) == {n for n, _ in LoopedTransformer(mc).named_parameters() if n.startswith("core.")}
     assert raw["lr"] == tc.lr_at(5), "eta_k is the learning rate of the step that produced the weights"
     assert raw["depth"] == tc.depth_sampler().sample(5), "the recorded depth must replay from the seed"
     state, eta, _ = lt.Checkpoint(cks[-1]).load()
@@ -154,12 +176,12 @@ def test_training_stops_early_once_the_curriculum_is_learned(tmp_path) -> None:
     # a threshold of 0 passes every check: the curriculum advances each check_every steps, then stops
     task = dataclasses.replace(task, advance_at=0.0, final_max=4, stop_after=2, stop_accuracy=0.0)
     tc = dataclasses.replace(tc, steps=100, ckpt_every=50)
-    m = train(task, mc, tc, tmp_path / "run", progress=False)
+    m = run_train("parity", "tiny", task, mc, tc, tmp_path / "run")
     # 2 -> 4 takes two checks (steps 5, 10), then two passing checks at the final length (15, 20)
     assert m["steps"] == 20 and m.get("stopped_early"), f"stopped at {m['steps']}, expected 20"
     cks = checkpoint_paths(tmp_path / "run")
-    assert cks[-1].name == "ckpt_train_000020.pt", "the stopping step must leave a TracIn checkpoint"
-    again = train(dataclasses.replace(task, current_max=0, passes_at_final=0), mc, tc, tmp_path / "run", progress=False)
+    assert cks[-1].name == "ckpt_00000020.pt", "the stopping step must leave a TracIn checkpoint"
+    again = run_train("parity", "tiny", dataclasses.replace(task), mc, tc, tmp_path / "run")
     assert again["steps"] == 20, "a stopped run must not train further when resumed"
 
 

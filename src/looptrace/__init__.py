@@ -25,7 +25,8 @@ from looptrace.errors import (
 from looptrace.features import Features
 from looptrace.featurize import featurize
 from looptrace.influence.attribute import Attribution, attribute
-from looptrace.influence.checkpoints import Checkpoint
+from looptrace.influence.checkpoints import Checkpoint, LoadedCheckpoint, load_checkpoints
+from looptrace.influence.recorder import CheckpointRecorder
 from looptrace.influence.scores import sdi, self_influence, step_matrix, stream_sdi, tracin
 from looptrace.sketch.spec import SketchSpec
 
@@ -35,9 +36,11 @@ __all__ = [
     "Attribution",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointRecorder",
     "ConfigError",
     "CorruptFileError",
     "Features",
+    "LoadedCheckpoint",
     "LoaderError",
     "LooptraceError",
     "LossError",
@@ -51,6 +54,7 @@ __all__ = [
     "VerificationError",
     "attribute",
     "featurize",
+    "load_checkpoints",
     "loop_step",
     "register_rule",
     "sdi",

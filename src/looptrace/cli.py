@@ -11,17 +11,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from looptrace.config import parse_override
 from looptrace.errors import ConfigError, LooptraceError
+from looptrace.io import atomic_write_bytes
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set section.field=value`` plus the shortcuts ``--steps``, ``--seed``, ``--threads``."""
+    out: dict[str, Any] = {}
+    for text in args.set or []:
+        keys, value = parse_override(text)
+        out[".".join(keys)] = value
+    for name in ("steps", "seed", "threads"):
+        if getattr(args, name) is not None:
+            out[f"train.{name}"] = getattr(args, name)
+    return out
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from looptrace.zoo import train_preset
+    from looptrace.apps.zoo import train_preset
 
-    overrides = {
-        k: v for k, v in {"steps": args.steps, "seed": args.seed, "threads": args.threads}.items() if v is not None
-    }
     out = Path(args.out or f"runs/{args.task}-{args.preset}")
-    metrics = train_preset(args.task, args.preset, out, progress=not args.quiet, **overrides)
+    metrics = train_preset(args.task, args.preset, out, _overrides(args), progress=not args.quiet, device=args.device)
     summary = {k: v for k, v in metrics.items() if k != "history"}
     print(json.dumps(summary, indent=2, default=str))
     print(f"run directory: {out}")
@@ -29,70 +40,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from looptrace.demo import run_demo
+    from looptrace.apps.demo import run_demo
 
-    out = run_demo(Path(args.out), quick=args.quick, retrain=args.retrain)
+    out = run_demo(Path(args.out), quick=args.quick, retrain=args.retrain, device=args.device)
     print(f"report: {out / 'report.html'}")
     return 0
 
 
-def _study(task: str, run: Path, out: Path, quick: bool) -> Path:
-    if task == "parity":
-        from looptrace.demo import ParityStudyConfig, run_parity_study
+def _study(run_dir: Path, out: Path, quick: bool, task: str | None = None) -> Path:
+    from looptrace.apps.catalog import open_run
+    from looptrace.apps.catalog import study as get_study
 
-        pcfg = (
-            ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
-            if quick
-            else ParityStudyConfig()
-        )
-        run_parity_study(run, out, pcfg)
-    elif task == "sudoku":
-        from looptrace.studies import SudokuStudyConfig, run_sudoku_study
-
-        scfg = (
-            SudokuStudyConfig(n_train=16, n_test=8, sketch_dim=256, budgets=(1, 2, 4), max_checkpoints=2)
-            if quick
-            else SudokuStudyConfig()
-        )
-        run_sudoku_study(run, out, scfg)
-    else:
-        from looptrace.studies import RecursiveStudyConfig, run_recursive_study
-
-        rcfg = (
-            RecursiveStudyConfig(recurrences=(2, 3, 4), n_train=6, n_test=4, sketch_dim=256, max_checkpoints=1)
-            if quick
-            else RecursiveStudyConfig()
-        )
-        run_recursive_study(run, out, rcfg)
+    run = open_run(run_dir)
+    if task is not None and task != run.study:
+        raise ConfigError(f"{run_dir} is a {run.study!r} run, not {task!r}; run `looptrace analyze {run.study}`")
+    study = get_study(run.study)
+    study.run_study(run, out, study.quick_config() if quick else study.study_config())
     return out / "report.html"
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "analysis"
-    print(f"report: {_study(args.task, Path(args.run), out, args.quick)}")
+    print(f"report: {_study(Path(args.run), out, args.quick, args.task)}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    import json as _json
-
     run = Path(args.run)
     out = Path(args.out) if args.out else run / "analysis"
     if (out / "report.html").exists() and not args.force:
         print(f"report: {out / 'report.html'}")
         return 0
-    cfg_path = (
-        (run / "finetune" / "config.json") if (run / "finetune" / "config.json").exists() else run / "config.json"
-    )
-    if not cfg_path.exists():
-        raise ConfigError(f"{run} is not a looptrace run directory (no config.json)")
-    task = _json.loads(cfg_path.read_text())["task"]
-    print(f"report: {_study(task, run, out, args.quick)}")
+    print(f"report: {_study(run, out, args.quick)}")
+    return 0
+
+
+def _cmd_upgrade_run(args: argparse.Namespace) -> int:
+    from looptrace.apps.upgrade import upgrade_run
+
+    path = upgrade_run(Path(args.run), args.preset)
+    print(f"upgraded {path} (the old record is kept as config.v1.json)")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from looptrace import bench
+    from looptrace.apps import bench
 
     return bench.run_args(args)
 
@@ -122,25 +114,28 @@ def load_attr(spec: str, what: str) -> Any:
 
 
 def _setup_from_args(args: argparse.Namespace) -> Any:
-    """(model, step_module, loss_fn, datasets, checkpoints) from a zoo run or user factories."""
-    from looptrace.influence.checkpoints import Checkpoint
-    from looptrace.zoo import influence_setup
+    """(model, step_module, loss_fn, datasets, checkpoints) from a recorded run or user factories."""
+    from looptrace.influence.checkpoints import Checkpoint, load_checkpoints
 
     roles = [r for r in args.roles.split(",") if r]
     if args.run:
-        st = influence_setup(args.run, n_train=args.n_train, n_query=args.n_query, loops=args.loops)
-        cks = [Checkpoint(p) for p in st.checkpoints]
-        return st.model, st.step_module, st.loss_fn, {r: st.datasets[r] for r in roles}, cks
-    if not (args.model and args.loss and args.dataset and args.checkpoint):
-        raise ConfigError("pass --run DIR, or all of --model, --loss, --dataset and --checkpoint")
+        from looptrace.apps.catalog import open_run
+        from looptrace.apps.catalog import study as get_study
+
+        run = open_run(args.run)
+        sets = get_study(run.study).influence_sets(run, args.n_train, args.n_query, args.loops)
+        model = run.load_model()
+        return model, model.core, sets.loss_fn, {r: sets.datasets[r] for r in roles}, run.checkpoints()
+    if not (args.model and args.loss and args.dataset and (args.checkpoint or args.checkpoint_dir)):
+        raise ConfigError("pass --run DIR, or all of --model, --loss, --dataset and --checkpoint (or --checkpoint-dir)")
     model = load_attr(args.model, "--model")()
     loss_fn = load_attr(args.loss, "--loss")
     make_ds = load_attr(args.dataset, "--dataset")
     step_module = model.get_submodule(args.step_module) if args.step_module else None
     if step_module is None:
         raise ConfigError("--step-module is required with --model (the attribute path of the loop body, e.g. core)")
-    cks = []
-    for c in args.checkpoint:
+    cks = load_checkpoints(args.checkpoint_dir) if args.checkpoint_dir else []
+    for c in args.checkpoint or []:
         path, _, lr = c.partition("@")
         cks.append(Checkpoint(path, lr=float(lr) if lr else None))
     return model, step_module, loss_fn, {r: make_ds(r) for r in roles}, cks
@@ -169,7 +164,9 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
         if dist:
             torch.distributed.barrier()
         if not dist or torch.distributed.get_rank() == 0:
-            Path(args.store, "featurize_args.json").write_text(json.dumps(_args_dict(args), indent=2, default=str))
+            atomic_write_bytes(
+                Path(args.store, "featurize_args.json"), json.dumps(_args_dict(args), indent=2, default=str).encode()
+            )
             print(json.dumps(store.summary()["progress"], indent=2))
     finally:
         if dist and torch.distributed.is_initialized():
@@ -181,7 +178,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from looptrace.store import FeatureStore, score_to_disk
 
     out = score_to_disk(FeatureStore.open(args.store), args.out, kind=args.kind)
-    Path(str(out) + ".json").write_text(json.dumps(_args_dict(args), indent=2, default=str))
+    atomic_write_bytes(Path(str(out) + ".json"), json.dumps(_args_dict(args), indent=2, default=str).encode())
     print(f"wrote {out}")
     return 0
 
@@ -193,7 +190,7 @@ def _cmd_topk(args: argparse.Namespace) -> int:
     payload = {"config": _args_dict(args), **res.to_dict()}
     text = json.dumps(payload, indent=1, default=str)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_bytes(Path(args.out), text.encode())
         print(f"wrote {args.out}")
     else:
         print(text)
@@ -208,20 +205,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from looptrace.apps.catalog import studies
+
+    registry = studies()
+    names = list(registry)
+    sizes = list(dict.fromkeys(size for st in registry.values() for size in st.sizes))
+    study_help = "; ".join(f"{n}: {st.summary}" for n, st in registry.items())
     p = argparse.ArgumentParser(
         prog="looptrace", description="Step-resolved training-data attribution for looped transformers."
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a zoo preset, recording TracIn checkpoints")
-    t.add_argument("task", choices=["parity", "sudoku", "recursive-gpt"], help="which case study")
-    t.add_argument(
-        "--preset", default="small", choices=["small", "paper", "tiny"], help="model/training size (default: small)"
-    )
+    t = sub.add_parser("train", help="train a case study's preset, recording TracIn checkpoints")
+    t.add_argument("task", choices=names, help=f"which case study ({study_help})")
+    t.add_argument("--preset", default="small", choices=sizes, help="model/training size (default: small)")
     t.add_argument("--out", default=None, help="run directory (default: runs/TASK-PRESET); resumed if it exists")
-    t.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
-    t.add_argument("--seed", type=int, default=None, help="override the seed of data, depth and init")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps (train.steps)")
+    t.add_argument("--seed", type=int, default=None, help="override the seed of data, depth and init (train.seed)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (train.threads)")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override any recorded setting, e.g. --set task.n_puzzles=200 --set model.d_model=32 (repeatable; "
+        "values are JSON where they parse as JSON)",
+    )
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints are saved on the CPU)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
@@ -229,24 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     d.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     d.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser("analyze", help="run a case study's analysis on a trained run (figures, JSON, HTML report)")
-    an.add_argument("task", choices=["parity", "sudoku", "recursive-gpt"])
+    an.add_argument("task", choices=names, help="the case study the run belongs to")
     an.add_argument("--run", required=True, help="run directory from `looptrace train`")
     an.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
     an.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
     an.set_defaults(func=_cmd_analyze)
 
     rp = sub.add_parser("report", help="the HTML report of a run (computing its analysis if needed)")
-    rp.add_argument("--run", required=True)
+    rp.add_argument("--run", required=True, help="run directory from `looptrace train`")
     rp.add_argument("--out", default=None, help="analysis directory (default: RUN/analysis)")
     rp.add_argument("--force", action="store_true", help="recompute even if a report exists")
-    rp.add_argument("--quick", action="store_true")
+    rp.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
     rp.set_defaults(func=_cmd_report)
 
+    up = sub.add_parser(
+        "upgrade-run", help="record the full task settings of a run written by looptrace 0.1 (checked against a preset)"
+    )
+    up.add_argument("--run", required=True, help="run directory written by looptrace 0.1")
+    up.add_argument("--preset", required=True, choices=sizes, help="the preset it was trained with")
+    up.set_defaults(func=_cmd_upgrade_run)
+
     b = sub.add_parser("bench", help="benchmarks vs the exact baseline and the peers (JSON + Markdown)")
-    from looptrace.bench import add_arguments as bench_arguments
+    from looptrace.apps.bench import add_arguments as bench_arguments
 
     bench_arguments(b)
     b.set_defaults(func=_cmd_bench)
@@ -260,7 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--loss", help="package.module:loss_fn, (model, batch) -> Tensor[B]")
     f.add_argument("--dataset", help="package.module:fn, role ('train'|'query') -> torch Dataset")
     f.add_argument("--step-module", help="attribute path of the loop body module, e.g. core")
-    f.add_argument("--checkpoint", action="append", help="PATH or PATH@LR, repeatable (with --model)")
+    f.add_argument(
+        "--checkpoint",
+        action="append",
+        help="PATH or PATH@LR, repeatable (with --model): a file or an HF checkpoint dir",
+    )
+    f.add_argument(
+        "--checkpoint-dir",
+        help="a directory of recorded checkpoints (looptrace.CheckpointRecorder, the HF / Lightning callbacks, or HF "
+        "checkpoint-<step>/ folders), in training order (with --model)",
+    )
     f.add_argument("--roles", default="train,query", help="which sets (default: train,query)")
     f.add_argument("--n-train", type=int, default=512, help="train examples (with --run)")
     f.add_argument("--n-query", type=int, default=256, help="query examples (with --run)")

@@ -29,6 +29,8 @@ class Features:
         layout: one dict per body parameter tensor: name, shape, kind, m, offset in D.
         checkpoint: an identifier of the weights (set by :func:`looptrace.attribute`), or ``None``.
         losses: ``[N]`` per-example losses seen while featurising.
+        settings: the featurisation options that change the numbers (horizon ``tau``, ``train_mode``,
+            the TensorSketch route ``outer_path``, ...), recorded with every store.
     """
 
     per_step: torch.Tensor | None
@@ -36,6 +38,7 @@ class Features:
     layout: list[dict[str, Any]]
     losses: torch.Tensor
     checkpoint: str | None = None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     _total: torch.Tensor | None = None
 
     @property

@@ -228,7 +228,8 @@ class Tracer:
         self.in_step = False
 
     # ------------------------------------------------------------------ per batch
-    def begin_batch(self) -> None:
+    def start_batch(self, batch_size: int | None) -> None:
+        """Begin one batch's forward pass: steps are counted from 1 again."""
         self.step = 0
         self.in_step = False
         self.phase = "forward"
@@ -236,6 +237,50 @@ class Tracer:
         self.recompute_fired = False
         self.anchors = {}
         self.feats = None
+        self.batch_size = batch_size or 0
+
+    def steps_observed(self, declared: int | None, batch_index: int) -> int:
+        """The loop steps the forward ran; refuses a forward that ran none, or not the declared tau."""
+        if self.max_step == 0:
+            raise StepError(
+                "the step module never ran (no loop step was observed); pass the module that is "
+                "called once per iteration as step_module=, or mark iterations with looptrace.loop_step()"
+            )
+        if declared is not None and self.max_step != declared:
+            raise StepError(
+                f"batch {batch_index} ran {self.max_step} loop steps but tau={declared} was declared; pass the "
+                "true tau (or tau=None to use the observed count)"
+            )
+        return self.max_step
+
+    def backward(
+        self, losses: torch.Tensor, dtype: torch.dtype, also: list[torch.Tensor], keep_graph: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """One backward pass with capture: the features ``[B, steps, D]`` and autograd's gradient of
+        the summed loss w.r.t. ``also`` (for verification; empty to skip it)."""
+        b = int(losses.shape[0])
+        self.batch_size = b
+        self.feats = torch.zeros(b, self.max_step, self.plan.dim, dtype=dtype, device=losses.device)
+        self.phase = "backward"
+        anchors = list(self.anchors.values())
+        inputs = anchors + also
+        grads: tuple[torch.Tensor | None, ...] = ()
+        try:
+            if inputs:
+                grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=keep_graph)
+            if self.recompute_fired:
+                raise StepError(
+                    "reentrant activation checkpointing recomputes the body inside backward, where its "
+                    "steps cannot be told apart; use torch.utils.checkpoint(..., use_reentrant=False)"
+                )
+            return self.feats, grads[len(anchors) :]
+        finally:
+            self.phase = "idle"
+
+    def end_batch(self) -> None:
+        self.phase = "idle"
+        self.feats = None
+        self.anchors = {}
 
     def anchor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         a = self.anchors.get(dtype)

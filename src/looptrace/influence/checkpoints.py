@@ -1,9 +1,27 @@
-"""TracIn checkpoints: weights plus the learning rate eta_k in force when they were saved."""
+"""TracIn checkpoints: weights plus the learning rate eta_k in force when they were saved.
+
+A :class:`Checkpoint` reads, without ever executing pickled code:
+
+* a state dict in memory;
+* a file saved by ``torch.save`` (``.pt`` / ``.bin``), loaded with ``weights_only=True``: a plain
+  state dict, or a dict with ``"model"`` and ``"lr"`` (``looptrace train`` and
+  :class:`looptrace.CheckpointRecorder` write this);
+* a ``.safetensors`` file;
+* a directory: a Hugging Face checkpoint (``model.safetensors``, sharded
+  ``model.safetensors.index.json``, or ``pytorch_model.bin[.index.json]``), or one recorded
+  ``ckpt_*.pt``.
+
+The learning rate comes from ``lr=``, else from the file (``"lr"``), else from a sidecar JSON
+(``<file>.json`` or ``looptrace.json`` in the directory: ``{"lr": ...}``), else from a Hugging Face
+``trainer_state.json`` (the last logged ``learning_rate`` at or before ``global_step``).
+:func:`load_checkpoints` lists a recorded directory in training order.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -17,16 +35,31 @@ from torch import nn
 
 from looptrace.errors import CheckpointError
 
+__all__ = ["Checkpoint", "LoadedCheckpoint", "load_checkpoints", "load_into"]
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What a checkpoint holds once read: weights, eta_k and what was recorded with them."""
+
+    state: dict[str, torch.Tensor]
+    lr: float
+    name: str
+    step: int | None = None
+    depth: int | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    second_moments: dict[str, Any] | None = None
+
 
 @dataclasses.dataclass
 class Checkpoint:
     """One TracIn checkpoint.
 
     Args:
-        source: a state dict, or a path to a file saved by ``torch.save`` holding either a state dict
-            or a dict with keys ``"model"`` (the state dict) and optionally ``"lr"`` (as written by
-            ``looptrace train``). Files are loaded with ``weights_only=True``: no code is executed.
-        lr: eta_k. ``None``: read the learning rate recorded in the file.
+        source: a state dict, or a path (file or directory; see the module docstring for formats).
+        lr: eta_k. ``None``: read the learning rate recorded with the weights.
         name: an identifier (default: the path, or a hash of the weights).
     """
 
@@ -36,25 +69,20 @@ class Checkpoint:
 
     def load(self) -> tuple[dict[str, torch.Tensor], float, str]:
         """Return (state dict, eta, name); raises :class:`CheckpointError` with what to do."""
-        meta: dict[str, Any] = {}
+        full = self.load_full()
+        return full.state, full.lr, full.name
+
+    def load_full(self) -> LoadedCheckpoint:
+        """Everything recorded with the weights (step, depth, optimizer second moments, metadata)."""
         if isinstance(self.source, str | os.PathLike):
             path = Path(self.source)
-            if not path.exists():
-                raise CheckpointError(f"checkpoint {path} does not exist")
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-                raise CheckpointError(
-                    f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-                    "looptrace loads with weights_only=True and never executes pickled code; save the "
-                    "checkpoint as a plain state dict of tensors (torch.save(model.state_dict(), ...))"
-                ) from exc
+            obj, sidecar_lr = _read_path(path)
             name = self.name or str(path)
         else:
-            obj = self.source
-            name = self.name or ""
+            obj, sidecar_lr, name = self.source, None, self.name or ""
+        record: dict[str, Any] = {}
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-            meta = {k: v for k, v in obj.items() if k != "model"}
+            record = {k: v for k, v in obj.items() if k != "model"}
             state = dict(obj["model"])
         elif isinstance(obj, Mapping):
             state = dict(obj)
@@ -63,11 +91,11 @@ class Checkpoint:
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"checkpoint entries {bad[:5]} are not tensors; pass a model state dict")
-        lr = self.lr if self.lr is not None else meta.get("lr")
+        lr = self.lr if self.lr is not None else record.get("lr", sidecar_lr)
         if lr is None:
             raise CheckpointError(
-                f"no learning rate for checkpoint {name or '<state dict>'}: none was recorded in it; pass "
-                "Checkpoint(..., lr=eta)"
+                f"no learning rate for checkpoint {name or '<state dict>'}: none was recorded with it (in the file, a "
+                "sidecar JSON or trainer_state.json); pass Checkpoint(..., lr=eta)"
             )
         lr = float(lr)
         if not math.isfinite(lr) or lr < 0:
@@ -75,12 +103,156 @@ class Checkpoint:
                 f"learning rate eta={lr} of checkpoint {name or '<state dict>'} must be finite and >= 0"
             )
         if not name:
-            h = hashlib.sha256()
-            for k in sorted(state):
-                h.update(k.encode())
-                h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[:4096])
-            name = "sd:" + h.hexdigest()[:12]
-        return state, lr, name
+            name = "sd:" + _weights_hash(state)
+        meta = record.get("meta", {})
+        if isinstance(meta, str):
+            try:
+                meta = json.loads(meta)
+            except json.JSONDecodeError:
+                meta = {"text": meta}
+        return LoadedCheckpoint(
+            state=state,
+            lr=lr,
+            name=name,
+            step=_int_or_none(record.get("step")),
+            depth=_int_or_none(record.get("depth")),
+            meta=dict(meta) if isinstance(meta, Mapping) else {},
+            second_moments=record.get("optimizer_second_moments"),
+        )
+
+
+def _int_or_none(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _weights_hash(state: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[:4096])
+    return h.hexdigest()[:12]
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "looptrace loads with weights_only=True and never executes pickled code; save the "
+            "checkpoint as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as safetensors"
+        ) from exc
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _sharded(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
+    index = _read_json(directory / index_name)
+    files = sorted(set(index.get("weight_map", {}).values()))
+    if not files:
+        raise CheckpointError(f"{directory / index_name} lists no shards (no weight_map)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        shard = directory / f
+        if Path(f).is_absolute() or ".." in Path(f).parts or not shard.exists():
+            raise CheckpointError(f"{directory / index_name} names shard {f!r}, which is not a file in {directory}")
+        part = _safetensors_load(shard) if f.endswith(".safetensors") else _torch_load(shard)
+        state.update(part)
+    return state
+
+
+def _hf_trainer_lr(directory: Path) -> float | None:
+    """The last ``learning_rate`` logged at or before ``global_step`` in an HF ``trainer_state.json``."""
+    path = directory / "trainer_state.json"
+    if not path.exists():
+        return None
+    state = _read_json(path)
+    step = int(state.get("global_step", 0))
+    logged = [e for e in state.get("log_history", []) if "learning_rate" in e and int(e.get("step", 0)) <= step]
+    if not logged:
+        return None
+    return float(max(logged, key=lambda e: int(e.get("step", 0)))["learning_rate"])
+
+
+def _sidecar_lr(path: Path) -> float | None:
+    for side in (path.with_name(path.name + ".json"), (path if path.is_dir() else path.parent) / "looptrace.json"):
+        if side.exists():
+            data = _read_json(side)
+            if isinstance(data, dict) and "lr" in data:
+                return float(data["lr"])
+    return None
+
+
+def _read_path(path: Path) -> tuple[Any, float | None]:
+    """(the loaded object, a learning rate found beside it) for a file or checkpoint directory."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    lr = _sidecar_lr(path)
+    if path.is_dir():
+        lr = lr if lr is not None else _hf_trainer_lr(path)
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / index).exists():
+                return _sharded(path, index), lr
+        if (path / "model.safetensors").exists():
+            return _safetensors_load(path / "model.safetensors"), lr
+        if (path / "pytorch_model.bin").exists():
+            return _torch_load(path / "pytorch_model.bin"), lr
+        raise CheckpointError(
+            f"{path} is a directory without model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+            "pass the checkpoint file itself, or use looptrace.load_checkpoints() for a recorded directory"
+        )
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path), lr
+    return _torch_load(path), lr
+
+
+def load_checkpoints(directory: str | os.PathLike[str]) -> list[Checkpoint]:
+    """The TracIn checkpoints recorded in ``directory``, in training order, each reading its own eta_k.
+
+    Reads a :class:`looptrace.CheckpointRecorder` directory (``checkpoints.json``), a directory of
+    ``ckpt_*.pt`` files, or a Hugging Face output directory with ``checkpoint-<step>/`` folders."""
+    from looptrace.influence.recorder import INDEX
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory of checkpoints")
+    if (root / INDEX).exists():
+        entries = _read_json(root / INDEX).get("checkpoints", [])
+        out = []
+        for e in sorted(entries, key=lambda e: int(e["step"])):
+            f = str(e["file"])
+            if "/" in f or ".." in f:
+                raise CheckpointError(f"{root / INDEX} names {f!r}, not a file in {root}")
+            out.append(Checkpoint(root / f))
+        return out
+    files = sorted(root.glob("ckpt_*.pt"))
+    if files:
+        return [Checkpoint(p) for p in files]
+    hf = sorted(
+        (p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    if hf:
+        return [Checkpoint(p) for p in hf]
+    raise CheckpointError(
+        f"{root} holds no recorded checkpoints (no {INDEX}, ckpt_*.pt or checkpoint-<step>/); record them with "
+        "looptrace.CheckpointRecorder or one of the looptrace.integrations callbacks"
+    )
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from looptrace.errors import ConfigError
 from looptrace.io import atomic_npy
-from looptrace.store.features import FeatureStore
+from looptrace.store.store import FeatureStore
 
 Index = Literal["flat", "ivf", "hnsw", "brute"]
 

@@ -17,75 +17,26 @@ sharing a file system) can fill one store: shard i belongs to rank i mod world_s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import struct
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from looptrace.errors import ConfigError, CorruptFileError, SpecMismatchError
-from looptrace.features import Features, layout_fingerprint
-from looptrace.featurize import LossFn, featurize
-from looptrace.influence.checkpoints import Checkpoint, load_into
+from looptrace.features import layout_fingerprint
 from looptrace.io import atomic_write_bytes
 from looptrace.sketch.spec import SketchSpec
+from looptrace.store.shards import read_safetensors, sha256_file
 
 FORMAT = "looptrace-feature-store"
-VERSION = 1
+VERSION = 2  # 2: the manifest records the featurisation options (``options``)
+READABLE = (1, 2)
 ROLES = ("train", "query")
-_SHARD = re.compile(r"^shard_(\d{9})_(\d{9})\.safetensors$")
-_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """Length plus a hash of the first and last examples' tensors (cheap, catches swapped datasets)."""
-    n = len(dataset)
-    h = hashlib.sha256(str(n).encode())
-    for i in sorted({0, n - 1} if n else set()):
-        item = dataset[i]
-        items = item if isinstance(item, tuple | list) else [item]
-        for t in items:
-            if isinstance(t, torch.Tensor):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def read_safetensors(path: Path, name: str = "features") -> np.ndarray:
-    """Memory-map one tensor of a safetensors file (read-only, no copy)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 10_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-        info = header[name]
-        dtype = _NP[info["dtype"]]
-        if dtype is None:
-            raise ValueError(f"dtype {info['dtype']} cannot be memory-mapped")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + end > path.stat().st_size:
-            raise ValueError("data offsets do not match the shape or the file size")
-        return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
-    except (OSError, ValueError, KeyError, struct.error, json.JSONDecodeError) as exc:
-        raise CorruptFileError(
-            f"{path} is not a readable looptrace shard ({exc}); delete it and its .json sidecar to recompute"
-        ) from exc
 
 
 class FeatureStore:
@@ -108,8 +59,12 @@ class FeatureStore:
         datasets: dict[str, dict[str, Any]] | None = None,
         shard_size: int = 1024,
         dtype: str = "float32",
+        options: dict[str, Any] | None = None,
     ) -> FeatureStore:
-        """Open ``root``; with ``spec`` (and the rest) create it, or check that it matches."""
+        """Open ``root``; with ``spec`` (and the rest) create it, or check that it matches.
+
+        ``options``: the featurisation options that change the numbers (see
+        :func:`looptrace.store.featurize_to_store`); a store filled with other options is refused."""
         root = Path(root)
         path = root / "manifest.json"
         if spec is None:
@@ -132,11 +87,14 @@ class FeatureStore:
             "datasets": datasets or {},
             "shard_size": shard_size,
             "dtype": dtype,
+            "options": options or {},
         }
         if path.exists():
             have = cls._read_manifest(path)
             diffs = [
-                k for k in ("spec", "model_fingerprint", "checkpoints", "shard_size", "dtype") if have.get(k) != want[k]
+                k
+                for k in ("spec", "model_fingerprint", "checkpoints", "shard_size", "dtype", "options")
+                if have.get(k, {} if k == "options" else None) != want[k]
             ]
             for role, d in want["datasets"].items():
                 if role in have["datasets"] and have["datasets"][role] != d:
@@ -161,8 +119,6 @@ class FeatureStore:
             os.close(fd)
             atomic_write_bytes(path, json.dumps(want, indent=1, sort_keys=True).encode())
         except FileExistsError:
-            import time
-
             for _ in range(600):
                 if path.exists():
                     break
@@ -175,6 +131,7 @@ class FeatureStore:
                 datasets=datasets,
                 shard_size=shard_size,
                 dtype=dtype,
+                options=options,
             )
         return cls(root, want)
 
@@ -186,7 +143,7 @@ class FeatureStore:
             raise CorruptFileError(f"{path} is not valid JSON ({exc}); the store is damaged") from exc
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise CorruptFileError(f"{path} is not a looptrace feature store manifest")
-        if m.get("version") != VERSION:
+        if m.get("version") not in READABLE:
             raise CorruptFileError(f"{path} has store version {m.get('version')}, this looptrace reads {VERSION}")
         return m
 
@@ -194,6 +151,11 @@ class FeatureStore:
     @property
     def spec(self) -> SketchSpec:
         return SketchSpec.from_dict(self.manifest["spec"])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The featurisation options the store was filled with (horizon, train mode, route)."""
+        return dict(self.manifest.get("options", {}))
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -252,7 +214,7 @@ class FeatureStore:
             "start": start,
             "stop": stop,
             "shape": list(features.shape),
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "spec": self.spec.fingerprint(),
         }
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(side).encode())
@@ -273,7 +235,7 @@ class FeatureStore:
         if side.get("spec") != self.spec.fingerprint():
             raise SpecMismatchError(f"{path} was written with another sketch spec than this store's")
         if path not in self._verified:
-            if _sha256(path) != side.get("sha256"):
+            if sha256_file(path) != side.get("sha256"):
                 raise CorruptFileError(
                     f"{path} does not match its checksum (truncated or corrupted); delete it and its sidecar to recompute"
                 )
@@ -311,6 +273,7 @@ class FeatureStore:
             "spec": self.manifest["spec"],
             "model_fingerprint": self.manifest["model_fingerprint"],
             "dtype": self.manifest["dtype"],
+            "options": self.options,
             "shard_size": self.manifest["shard_size"],
             "checkpoints": self.checkpoints,
             "datasets": self.manifest["datasets"],
@@ -325,83 +288,3 @@ class FeatureStore:
         out["progress"] = progress
         out["bytes"] = size
         return out
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def featurize_to_store(
-    model: nn.Module,
-    checkpoints: Sequence[Checkpoint],
-    datasets: dict[str, Any],
-    loss_fn: LossFn,
-    store_dir: str | os.PathLike[str],
-    *,
-    step_module: nn.Module | None = None,
-    body: nn.Module | Sequence[nn.Module] | None = None,
-    sketch: SketchSpec | None = None,
-    batch_size: int = 64,
-    shard_size: int = 1024,
-    dtype: str = "float32",
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    progress: bool = False,
-    **featurize_kwargs: Any,
-) -> FeatureStore:
-    """Featurise ``datasets`` (``{"train": ds, "query": ds}``) at every checkpoint into a store.
-
-    Train rows keep only step totals ``[n, D]``; query rows keep ``[n, tau, D]``. Done shards are
-    skipped (resume); with ``rank``/``world_size`` (default: torch.distributed's) this process does
-    shards ``i`` with ``i % world_size == rank``. Each checkpoint is loaded once per process.
-    """
-    spec = sketch if sketch is not None else SketchSpec()
-    r0, w0 = _rank_world()
-    rank = r0 if rank is None else rank
-    world = w0 if world_size is None else world_size
-    if not 0 <= rank < world:
-        raise ConfigError(f"rank {rank} is not in a world of {world}")
-    bad = sorted(set(datasets) - set(ROLES))
-    if bad:
-        raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
-    cks = [c.load() for c in checkpoints]
-    meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(cks)]
-    # the feature layout comes from the plan alone: no featurisation is needed to create the store
-    from looptrace.capture.tracer import body_parameters
-    from looptrace.featurize import resolve_body
-    from looptrace.sketch.plan import SketchPlan
-
-    params = body_parameters(model, resolve_body(model, step_module, body))
-    layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
-    dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
-    store = FeatureStore.open(
-        store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype
-    )
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        for k, (state, _eta, name) in enumerate(cks):
-            todo = [
-                (role, start, stop)
-                for role in datasets
-                for i, (start, stop) in enumerate(store.shard_ranges(role))
-                if i % world == rank and not store.is_done(k, role, start, stop)
-            ]
-            if not todo:
-                continue
-            load_into(model, state, name)
-            for role, start, stop in todo:
-                subset = torch.utils.data.Subset(datasets[role], range(start, stop))
-                loader = torch.utils.data.DataLoader(
-                    subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn
-                )
-                f: Features = featurize(
-                    model, loader, loss_fn, step_module=step_module, body=body, sketch=spec, per_step=role == "query",
-                    checkpoint=name, progress=progress, **featurize_kwargs,
-                )  # fmt: skip
-                store.write_shard(k, role, start, stop, f.per_step if role == "query" else f.total, f.losses)  # type: ignore[arg-type]
-    finally:
-        model.load_state_dict(original)
-    return store

@@ -33,6 +33,13 @@ class ParityBatch:
     def loops(self) -> int:
         return int(self.x.shape[1])
 
+    def bit_lists(self) -> list[list[int]]:
+        """The examples' bits, unpadded."""
+        return [self.x[i, : self.n[i]].tolist() for i in range(len(self))]
+
+    def to(self, device: torch.device | str) -> ParityBatch:
+        return ParityBatch(self.x.to(device), self.y.to(device), self.n.to(device))
+
 
 def encode(bits: list[list[int]], pad_to: int | None = None) -> ParityBatch:
     """Encode lists of bits; rows are padded to ``pad_to`` (default: the longest n + 2)."""

@@ -1,18 +1,11 @@
-"""The main job: the parity case study end to end (``make demo`` / ``looptrace demo``).
-
-1. train the small parity model, or reuse the cached run in ``runs/parity-small``;
-2. compute SDI over all its TracIn checkpoints from a train sample to length-40 test examples and
-   the two alternating probes;
-3. run the mechanistic analysis (SDI profile, margin, period, state cycle, proxy circuit) and the
-   applications (influence horizon, cancellation, depth-targeted ranking);
-4. write figures (PNG), numbers (JSON) and a self-contained HTML report into the output directory.
-"""
+"""The parity case study (paper section 4, Fig. 1): SDI over a run's checkpoints from a train sample
+to length-40 test examples and the two alternating probes, the mechanistic analysis (SDI profile,
+margin, period, state cycle, proxy circuit) and the applications (influence horizon, cancellation,
+depth-targeted ranking); figures, numbers and a self-contained HTML report."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,21 +15,21 @@ import torch
 
 import looptrace as lt
 from looptrace.analysis import applications as app
-from looptrace.analysis import parity_circuit as pc
+from looptrace.apps.report import figures
+from looptrace.apps.report.html import write_study
+from looptrace.apps.runs import Run
+from looptrace.apps.studies.parity import circuit as pc
+from looptrace.apps.studies.parity.task import ParityTask, query_set, train_sample
+from looptrace.apps.tasks import parity
 from looptrace.io import atomic_write_json
-from looptrace.report import figures
-from looptrace.report.html import write_study
-from looptrace.tasks import parity
-from looptrace.train import checkpoint_paths, load_run, train
-from looptrace.zoo import preset
 
 
 @dataclasses.dataclass(frozen=True)
 class ParityStudyConfig:
     """What the parity study computes (saved as config.json beside its outputs)."""
 
-    n_train: int = 128  # stratified over lengths: terciles of 1..21 plus a block at length 20
-    n_test: int = 64  # length-40 held-out examples
+    n_train: int = 128  # stratified over lengths: terciles of 1..final_max plus a block at length 20
+    n_test: int = 64  # held-out examples at the test length
     probe_length: int = 40
     sketch_dim: int = 4096
     sketch_seed: int = 0
@@ -47,20 +40,10 @@ class ParityStudyConfig:
     horizon_frac: float = 0.05
     seed: int = 0
 
-
-def train_sample(cfg: ParityStudyConfig, max_digits: int) -> parity.ParityBatch:
-    """Train examples stratified over length: a quarter from each tercile and a quarter at length 20."""
-    g = torch.Generator().manual_seed(cfg.seed + 11)
-    q = cfg.n_train // 4
-    edges = np.linspace(1, max_digits, 4).round().astype(int)
-    bits: list[list[int]] = []
-    for lo, hi in itertools.pairwise(edges):
-        b = parity.sample(q, int(lo), int(hi), g)
-        bits += [b.x[i, : b.n[i]].tolist() for i in range(len(b))]
-    at = min(20, max_digits)
-    b = parity.fixed_length(cfg.n_train - 3 * q, at, g)
-    bits += [b.x[i, : b.n[i]].tolist() for i in range(len(b))]
-    return parity.encode(bits, pad_to=max_digits + 2)
+    @classmethod
+    def quick(cls) -> ParityStudyConfig:
+        """A smoke run (seconds)."""
+        return cls(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
 
 
 def _answer_trajectory(model: torch.nn.Module, batch: parity.ParityBatch, loops: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,25 +72,20 @@ def alternating(n: int, min_len: int, max_len: int, seed: int) -> parity.ParityB
     return parity.encode(bits)
 
 
-def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: bool = True) -> dict[str, Any]:
-    """SDI over ``run``'s checkpoints plus the mechanistic analysis; writes into ``out``."""
+def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool = True) -> dict[str, Any]:
+    """SDI over the run's checkpoints plus the mechanistic analysis; writes into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({"study": dataclasses.asdict(cfg), "run": str(run)}, out / "config.json")
-    model, run_cfg = load_run(run)
-    max_digits = int(run_cfg["train"].get("max_digits", 21)) if "max_digits" in run_cfg["train"] else 21
-    tiny = run_cfg["model"]["d_model"] <= 16
-    if tiny:
-        max_digits = 6
-    test_len = min(cfg.probe_length, 8 if tiny else cfg.probe_length)
-    trainset = train_sample(cfg, max_digits)
-    g = torch.Generator().manual_seed(cfg.seed + 22)
-    test = parity.fixed_length(cfg.n_test, test_len, g)
+    atomic_write_json({"study": dataclasses.asdict(cfg), "run": str(run.path)}, out / "config.json")
+    task: ParityTask = run.task
+    max_digits = task.final_max
+    test_len = min(cfg.probe_length, task.test_length)
+    trainset = train_sample(cfg.n_train, max_digits, cfg.seed)
+    queries = query_set(cfg.n_test, test_len, cfg.seed)
     probes = parity.alternating_probes(test_len)
-    queries = parity.encode(
-        [probes.x[i, : probes.n[i]].tolist() for i in range(2)]
-        + [test.x[i, : test.n[i]].tolist() for i in range(len(test))]
-    )
-    ckpts = [lt.Checkpoint(p) for p in checkpoint_paths(run)]
+    test = parity.ParityBatch(queries.x[2:], queries.y[2:], queries.n[2:])
+    model = run.load_model()
+    run_cfg = run.record.raw
+    ckpts = run.checkpoints()
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
     t0 = time.perf_counter()
     res = lt.attribute(
@@ -128,7 +106,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     conservation_rel = conservation / max(float(np.abs(sdi).sum(-1).max()), 1e-300)
 
     # --- mechanistic read-outs on the final model, probe 0101...
-    model, _ = load_run(run)
+    model = run.load_model()
     margins, states = _answer_trajectory(model, probes, probes.loops)
     readout = int(probes.n[0])
     profile = pc.summed_profile(sdi, 0)
@@ -147,7 +125,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     rnd = parity.sample(256, 1, test_len, torch.Generator().manual_seed(cfg.seed + 3))
     proxy = pc.fit_proxy(_states_at_readout(model, calib), calib.y.numpy(), k=cfg.k_states, seed=cfg.seed)
     ev_states, ev_y, ev_n = _states_at_readout(model, evalset), evalset.y.numpy(), evalset.n.numpy()
-    split = 20 if not tiny else 4
+    split = min(20, max_digits - 2)
     proxy_rows = [
         {
             "set": f"alternating, length <= {split} (in-distribution)",
@@ -269,7 +247,7 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
         },
     ]
     prov = {
-        "run": str(run),
+        "run": str(run.path),
         "run_config": run_cfg,
         "study_config": dataclasses.asdict(cfg),
         "torch": torch.__version__,
@@ -277,29 +255,3 @@ def run_parity_study(run: Path, out: Path, cfg: ParityStudyConfig, progress: boo
     }
     write_study(out, "looptrace: parity case study", results, sections, prov)
     return results
-
-
-def run_demo(out: Path, quick: bool = False, retrain: bool = False) -> Path:
-    """Train (or reuse) the parity model, run the study, and write the report into ``out``."""
-    size = "tiny" if quick else "small"
-    run = Path("runs") / f"parity-{size}" if not quick else out / "train"
-    metrics_path = run / "metrics.json"
-    if retrain or not metrics_path.exists():
-        mc, tc, task = preset("parity", size)
-        if retrain and run.exists():
-            import shutil
-
-            shutil.rmtree(run)
-        print(f"training parity ({size}) into {run} ...", flush=True)
-        train(task, mc, tc, run, progress=True)
-    else:
-        print(f"reusing the trained model in {run}", flush=True)
-    metrics = json.loads(metrics_path.read_text())
-    print({k: v for k, v in metrics.items() if k.startswith("accuracy")}, flush=True)
-    cfg = (
-        ParityStudyConfig(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
-        if quick
-        else ParityStudyConfig()
-    )
-    run_parity_study(run, out, cfg)
-    return out

@@ -6,7 +6,6 @@ then report store size, throughput with 1 and 2 processes, and top-k latency ove
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looptrace.bench import machine
+from looptrace.apps.bench.common import machine
+from looptrace.io import atomic_write_bytes, atomic_write_json
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
 N_DEFAULT = 100_000
@@ -52,7 +52,7 @@ def format_measurement(shards: int = 64, rows: int = 1024, dim: int = 256) -> di
     import numpy as np
     from safetensors.torch import save_file
 
-    from looptrace.store.features import read_safetensors
+    from looptrace.store.shards import read_safetensors
 
     tmp = Path(tempfile.mkdtemp(prefix="looptrace-fmt-"))
     x = torch.randn(rows, dim).half()
@@ -85,13 +85,13 @@ def run(n: int = N_DEFAULT, out_dir: Path = Path("benchmarks/results")) -> dict[
     from looptrace.store import FeatureStore, topk
 
     tmp = Path(tempfile.mkdtemp(prefix="looptrace-scale-"))
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[3])
     env = {**os.environ, "PYTHONPATH": src, "LOOPTRACE_SCALE_N": str(n), "OMP_NUM_THREADS": "1"}
     ck = tmp / "ck.pt"
     torch.save({"model": make_model().state_dict(), "lr": 1e-3}, ck)
     common = [
-        "featurize", "--model", "looptrace.bench_scale:make_model", "--loss", "looptrace.bench_scale:loss_fn",
-        "--dataset", "looptrace.bench_scale:make_dataset", "--step-module", "core", "--checkpoint", str(ck),
+        "featurize", "--model", "looptrace.apps.bench.scale:make_model", "--loss", "looptrace.apps.bench.scale:loss_fn",
+        "--dataset", "looptrace.apps.bench.scale:make_dataset", "--step-module", "core", "--checkpoint", str(ck),
         "--dim", "256", "--dtype", "float16", "--shard-size", "8192", "--batch-size", "512", "--quiet",
     ]  # fmt: skip
     res: dict[str, Any] = {
@@ -136,7 +136,7 @@ def run(n: int = N_DEFAULT, out_dir: Path = Path("benchmarks/results")) -> dict[
         shutil.rmtree(tmp, ignore_errors=True)
     res["format"] = format_measurement()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scale.json").write_text(json.dumps(res, indent=2))
+    atomic_write_json(res, out_dir / "scale.json")
     m = res["machine"]
     md = [
         "# Scale benchmark",
@@ -157,5 +157,5 @@ def run(n: int = N_DEFAULT, out_dir: Path = Path("benchmarks/results")) -> dict[
         f".npy {res['format']['npy_write_s']:.3f} s / {res['format']['npy_read_s']:.3f} s. Both memory-map; safetensors "
         "was kept: equal speed within noise, a self-describing header checked against the sidecar, and no pickle path.",
     ]
-    (out_dir / "scale.md").write_text("\n".join(md) + "\n")
+    atomic_write_bytes(out_dir / "scale.md", ("\n".join(md) + "\n").encode())
     return res

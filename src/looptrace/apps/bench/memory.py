@@ -1,0 +1,129 @@
+"""Peak memory of plain training steps, sketched and exact featurisation, and the largest batch under a cap.
+
+On the CPU each point runs in a fresh process (``python -m looptrace.apps.bench.memory_probe``) that
+reports its peak RSS; on a GPU the allocator's peak and an out-of-memory search."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import looptrace as lt
+from looptrace.apps.bench.common import RESULTS, BenchConfig, build, featurize, loss_fn, machine
+from looptrace.io import atomic_write_json
+
+
+def _peak_mib(cfg: BenchConfig, mode: str, batch: int) -> float:
+    c = dataclasses.asdict(dataclasses.replace(cfg, batch=batch))
+    # glibc raises its mmap threshold after large frees, so big tensors then come from the heap and
+    # RSS stays at its high-water mark: peaks stop being linear in the batch. A fixed threshold keeps
+    # every tensor above 128 KiB in its own mapping, returned on free, so RSS follows live memory.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": _src_path()}
+    res = subprocess.run(
+        [sys.executable, "-m", "looptrace.apps.bench.memory_probe", json.dumps(c), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    return (r["peak_kib"] - r["base_kib"]) / 1024
+
+
+def _src_path() -> str:
+    """The directory holding the ``looptrace`` package (for subprocesses, installed or not)."""
+    return str(Path(__file__).resolve().parents[3])
+
+
+def memory_cuda(cfg: BenchConfig, step: int = 4, max_batch: int = 256) -> dict[str, Any]:
+    """On a GPU: the largest batch that runs (batch sizes 4, 8, 12, ... until out of memory, as in the
+    paper) and the peak allocated memory at the configured batch, for plain, sketched and exact."""
+    out: dict[str, Any] = {"cap_mib": torch.cuda.get_device_properties(0).total_memory / 2**20}
+    for mode in ("plain", "sketched", "exact"):
+        best, peak = 0, None
+        for b in range(step, max_batch + 1, step):
+            model, batch = build(dataclasses.replace(cfg, batch=b), cfg.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                if mode == "plain":
+                    loss_fn(model, batch).sum().backward()
+                else:
+                    featurize(model, batch, lt.SketchSpec() if mode == "sketched" else lt.SketchSpec.exact())
+                torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                del model, batch
+            best = b
+            if b == cfg.batch:
+                peak = torch.cuda.max_memory_allocated() / 2**20
+        out[mode] = {"max_batch_under_cap": best, f"peak_mib_b{cfg.batch}": peak, "mib_per_example": float("nan")}
+        torch.cuda.empty_cache()
+    out["sketched_over_plain_peak"] = (out["sketched"][f"peak_mib_b{cfg.batch}"] or 0) / max(
+        out["plain"][f"peak_mib_b{cfg.batch}"] or 1, 1e-6
+    )
+    out["max_batch_ratio"] = out["sketched"]["max_batch_under_cap"] / max(out["exact"]["max_batch_under_cap"], 1)
+    return out
+
+
+def memory(cfg: BenchConfig, batches: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Peak RSS above the loaded model (a fresh process per point); the largest batch under the cap
+    comes from a least-squares line of peak memory in the batch size, per mode."""
+    out: dict[str, Any] = {"cap_mib": cfg.memory_cap_mib}
+    points = batches or {mode: (2, cfg.batch // 2, cfg.batch) for mode in ("plain", "sketched", "exact")}
+    for mode in ("plain", "sketched", "exact"):
+        bs = sorted(set(points[mode]))
+        peaks = [_peak_mib(cfg, mode, b) for b in bs]
+        slope, fixed = (float(v) for v in np.polyfit(bs, peaks, 1))
+        slope = max(slope, 1e-6)
+        out[mode] = {
+            **{f"peak_mib_b{b}": m for b, m in zip(bs, peaks, strict=True)},
+            "mib_per_example": slope,
+            "fixed_mib": fixed,
+            "max_batch_under_cap": int((cfg.memory_cap_mib - fixed) / slope),
+        }
+    b = max(set(points["plain"]) & set(points["sketched"]))
+    out["sketched_over_plain_peak"] = out["sketched"][f"peak_mib_b{b}"] / max(out["plain"][f"peak_mib_b{b}"], 1e-6)
+    out["max_batch_ratio"] = out["sketched"]["max_batch_under_cap"] / max(out["exact"]["max_batch_under_cap"], 1)
+    return out
+
+
+def measure_memory(cfg: BenchConfig) -> dict[str, Any]:
+    """Allocator peaks and an out-of-memory search on a GPU; peak RSS and a linear fit on the CPU."""
+    return memory_cuda(cfg) if cfg.device.startswith("cuda") else memory(cfg)
+
+
+PAPER_MEMORY = "memory-paper-model"
+A6000_MIB = 48 * 1024  # the paper's GPU (RTX A6000, 48 GB)
+
+
+def memory_paper_model(out_dir: Path = RESULTS) -> dict[str, Any]:
+    """The paper's configuration (135M parameters, tau = 32, sequence 128) on the CPU: peak RSS of
+    plain / sketched / exact at batches 1-3, extrapolated linearly to the paper's 48 GB card.
+
+    RSS on the CPU is not CUDA allocator memory (no fragmentation, no cuBLAS workspaces), so this is the
+    memory the computation needs, not a GPU measurement; ``benchmarks/gpu.sh`` measures the GPU."""
+    cfg = dataclasses.replace(BenchConfig.paper(), memory_cap_mib=A6000_MIB, device="cpu")
+    t0 = time.perf_counter()
+    points = {"plain": (1, 2, 3), "sketched": (1, 2, 3), "exact": (1, 2)}  # exact: ~4.6 GiB per example
+    res = {"machine": machine(), "config": dataclasses.asdict(cfg), **memory(cfg, batches=points)}
+    res["seconds"] = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(res, out_dir / f"{PAPER_MEMORY}.json")
+    return res
+
+
+def paper_memory(out_dir: Path) -> dict[str, Any] | None:
+    """The last ``bench memory --paper`` result in ``out_dir``, if any."""
+    path = out_dir / f"{PAPER_MEMORY}.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,1 @@
+"""The built-in case studies, one package each (task and presets, analysis, registration)."""

@@ -1,0 +1,116 @@
+"""The recursive-LM case study (paper section 4, Fig. 3): where step-resolved influence lands in the
+recurrence of a nanochat-style looped LM, with full and truncated BPTT."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import looptrace as lt
+from looptrace.analysis import recurrence as rec
+from looptrace.apps.report import figures
+from looptrace.apps.report.html import write_study
+from looptrace.apps.runs import Run
+from looptrace.apps.studies.common import batches
+from looptrace.apps.studies.recursive_gpt.task import RecursiveGPTTask
+from looptrace.io import atomic_write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class RecursiveStudyConfig:
+    recurrences: tuple[int, ...] = tuple(range(2, 17))
+    n_train: int = 48
+    n_test: int = 16
+    sketch_dim: int = 4096
+    sketch_seed: int = 0
+    batch_size: int = 16
+    max_checkpoints: int = 3
+
+    @classmethod
+    def quick(cls) -> RecursiveStudyConfig:
+        """A smoke run (seconds)."""
+        return cls(recurrences=(2, 3, 4), n_train=6, n_test=4, sketch_dim=256, max_checkpoints=1)
+
+
+def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    model = run.load_model()
+    run_cfg = run.record.raw
+    task: RecursiveGPTTask = run.task
+    size = run.preset
+    atomic_write_json({"study": dataclasses.asdict(cfg), "run": str(run.path), "preset": size}, out / "config.json")
+    data = task.data()
+    tr = [t[: cfg.n_train] for t in data.train]
+    te = [t[: cfg.n_test] for t in data.test]
+    paths = run.checkpoint_paths()[-cfg.max_checkpoints :]
+    spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
+
+    rows, cum, trunc_rows = [], {}, []
+    with torch.no_grad():
+        acc = {}
+        for r in cfg.recurrences:
+            logits = model(te[0], n_loops=r)
+            acc[str(r)] = float((((logits.argmax(-1) == te[1]) | (te[2] == 0)).all(1)).float().mean())
+    for r in cfg.recurrences:
+        for bptt in (None, run_cfg["model"].get("bptt_k")):
+
+            def loss(m: torch.nn.Module, b: Any, r: int = r, bptt: int | None = bptt) -> torch.Tensor:
+                x, y, mk = b
+                logits = m(x, n_loops=r, bptt_k=bptt)
+                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(
+                    y.shape
+                )
+                return (ce * mk).sum(1) / mk.sum(1).clamp_min(1)
+
+            res = lt.attribute(
+                model,
+                [lt.Checkpoint(p) for p in paths],
+                batches(tr, cfg.batch_size),
+                batches(te, cfg.batch_size),
+                loss,
+                step_module=model.core,
+                sketch=spec,
+                tau=r,
+            )
+            s = res.sdi.double().numpy()
+            row = {
+                "r": r, "last_step_fraction": rec.last_step_fraction(s), "growth_ratio": rec.growth_ratio(s),
+                "tracin_sum": float(s.sum()), "conservation_max_abs": float(np.abs(s.sum(-1) - res.tracin.double().numpy()).max()),
+            }  # fmt: skip
+            if bptt is None:
+                rows.append(row)
+                cum[str(r)] = rec.cumulative_share(s).tolist()
+            else:
+                trunc_rows.append({**row, "bptt_k": bptt, "nonzero_steps": int((np.abs(s).sum((0, 1)) > 0).sum())})
+    f_cum = figures.lines(
+        np.arange(1, max(cfg.recurrences) + 1),
+        {f"r={r}": np.pad(np.array(cum[str(r)]), (0, max(cfg.recurrences) - r), constant_values=np.nan) for r in cfg.recurrences[:: max(1, len(cfg.recurrences) // 5)]},
+        out / "fig_cumulative_share.png", "loop step t", "signed cumulative SDI share", "Where influence lands in the recurrence (full BPTT)",
+    )  # fmt: skip
+    f_last = figures.lines(np.array(cfg.recurrences), {"last-step fraction": np.array([r["last_step_fraction"] for r in rows])},
+                           out / "fig_last_step.png", "recurrence r", "fraction of |SDI| in the last step", "Influence in the final step")  # fmt: skip
+    results = {"preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
+               "truncated_bptt": trunc_rows, "cumulative_share": cum}  # fmt: skip
+    sections: list[dict[str, Any]] = [
+        {"heading": "Setup", "text": [
+            f"Model: recursive GPT ({run_cfg['model']['n_prelude']}/{run_cfg['model']['n_core']}/{run_cfg['model']['n_coda']} prelude/core/coda, "
+            f"d={run_cfg['model']['d_model']}, concat adapter, RMSNorm, rotary, truncated BPTT k={run_cfg['model']['bptt_k']}), pretrained on stdlib "
+            f"docstrings + arithmetic problems, fine-tuned on answers. SDI from {cfg.n_train} arithmetic train problems to {cfg.n_test} test problems "
+            f"(disjoint templates) over the last {len(paths)} fine-tuning checkpoints, recomputed with full BPTT at r = {list(cfg.recurrences)}.",
+        ]},
+        {"heading": "Signed cumulative SDI share", "figure": f_cum, "caption": "Cumulative share of summed SDI up to step t (1 at t = r).", "source": "results.json: cumulative_share"},
+        {"heading": "Final-step influence", "figure": f_last, "caption": "Fraction of absolute SDI mass in the last loop step.", "source": "results.json: full_bptt", "table": rows},
+        {"heading": "With the training-time truncated BPTT", "table": trunc_rows, "text": ["Only the last k steps carry SDI, by construction."]},
+    ]  # fmt: skip
+    write_study(
+        out,
+        "looptrace: recursive LM case study",
+        results,
+        sections,
+        {"run": str(run.path), "run_config": run_cfg, "study": dataclasses.asdict(cfg), "torch": torch.__version__},
+    )
+    return results

@@ -1,0 +1,98 @@
+"""Filling a feature store: every checkpoint's train and query features, shard by shard, resumable,
+split across ``torch.distributed`` ranks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from looptrace.capture.tracer import body_parameters
+from looptrace.errors import ConfigError
+from looptrace.featurize import LossFn, featurize, resolve_body
+from looptrace.influence.checkpoints import Checkpoint, load_into
+from looptrace.sketch.plan import SketchPlan
+from looptrace.sketch.spec import SketchSpec
+from looptrace.store.distributed import mine, rank_and_world
+from looptrace.store.shards import dataset_fingerprint
+from looptrace.store.store import ROLES, FeatureStore
+
+#: featurize() options that change the numbers; the store records them and refuses a mix.
+RECORDED_OPTIONS = ("tau", "train_mode", "outer_path")
+
+
+def featurize_to_store(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    datasets: dict[str, Any],
+    loss_fn: LossFn,
+    store_dir: str | os.PathLike[str],
+    *,
+    step_module: nn.Module | None = None,
+    body: nn.Module | Sequence[nn.Module] | None = None,
+    sketch: SketchSpec | None = None,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    dtype: str = "float32",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = False,
+    **featurize_kwargs: Any,
+) -> FeatureStore:
+    """Featurise ``datasets`` (``{"train": ds, "query": ds}``) at every checkpoint into a store.
+
+    Train rows keep only step totals ``[n, D]``; query rows keep ``[n, tau, D]``. Done shards are
+    skipped (resume); with ``rank``/``world_size`` (default: torch.distributed's) this process does
+    shards ``i`` with ``i % world_size == rank``. Each checkpoint is loaded once per process. The
+    featurisation options that change the numbers (``tau``, ``train_mode``, ``outer_path``) are
+    recorded in the manifest; reopening the store with other values raises.
+    """
+    spec = sketch if sketch is not None else SketchSpec()
+    rank, world = rank_and_world(rank, world_size)
+    bad = sorted(set(datasets) - set(ROLES))
+    if bad:
+        raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
+    loaded = [c.load() for c in checkpoints]
+    meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(loaded)]
+    # the feature layout comes from the plan alone: no featurisation is needed to create the store
+    params = body_parameters(model, resolve_body(model, step_module, body))
+    layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
+    options = {k: featurize_kwargs.get(k, _DEFAULTS[k]) for k in RECORDED_OPTIONS}
+    dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
+    store = FeatureStore.open(
+        store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype,
+        options=options,
+    )  # fmt: skip
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for k, (state, _eta, name) in enumerate(loaded):
+            todo = [
+                (role, start, stop)
+                for role in datasets
+                for i, (start, stop) in enumerate(store.shard_ranges(role))
+                if mine(i, rank, world) and not store.is_done(k, role, start, stop)
+            ]
+            if not todo:
+                continue
+            load_into(model, state, name)
+            for role, start, stop in todo:
+                subset = torch.utils.data.Subset(datasets[role], range(start, stop))
+                loader = torch.utils.data.DataLoader(
+                    subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+                )
+                f = featurize(
+                    model, loader, loss_fn, step_module=step_module, body=body, sketch=spec, per_step=role == "query",
+                    checkpoint=name, progress=progress, **featurize_kwargs,
+                )  # fmt: skip
+                rows = f.require_steps("query features") if role == "query" else f.total
+                store.write_shard(k, role, start, stop, rows, f.losses)
+    finally:
+        model.load_state_dict(original)
+    return store
+
+
+_DEFAULTS: dict[str, Any] = {"tau": None, "train_mode": False, "outer_path": "auto"}
