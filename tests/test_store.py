@@ -88,6 +88,20 @@ def test_reopen_with_other_spec_or_corruption_raises(tmp_path) -> None:
         FeatureStore.open(tmp_path / "store")
 
 
+def test_store_records_the_featurisation_options_and_refuses_a_mix(tmp_path) -> None:
+    model = make_model()
+    cks = [lt.Checkpoint(p) for p in save_checkpoints(str(tmp_path))]
+    ds = {"train": make_dataset("train", 16), "query": make_dataset("query", 4)}
+    common = dict(step_module=model.core, sketch=lt.SketchSpec(dim=32), batch_size=8, shard_size=8)
+    store = featurize_to_store(model, cks, ds, loss_fn, tmp_path / "store", tau=3, **common)
+    assert store.options == {"tau": 3, "train_mode": False, "outer_path": "auto"}
+    assert FeatureStore.open(tmp_path / "store").summary()["options"]["tau"] == 3
+    with pytest.raises(lt.SpecMismatchError, match="options"):
+        featurize_to_store(model, cks, ds, loss_fn, tmp_path / "store", tau=None, **common)
+    with pytest.raises(lt.SpecMismatchError, match="options"):
+        featurize_to_store(model, cks, ds, loss_fn, tmp_path / "store", tau=3, train_mode=True, **common)
+
+
 _FEAT = """
 import sys, torch
 import looptrace as lt

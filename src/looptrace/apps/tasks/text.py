@@ -186,13 +186,15 @@ def pack(ids: list[int], seq: int) -> torch.Tensor:
 def finetune_examples(
     tok: BPETokenizer, pairs: list[tuple[str, str]], seq: int, pad: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x [n, seq], y [n, seq], mask [n, seq]): the mask marks completion (answer) tokens only."""
+    """(x [n, seq], y [n, seq], mask [n, seq]): the mask marks completion (answer) tokens only.
+
+    A prompt too long for the window loses its beginning, never the answer."""
     xs, ys, ms = [], [], []
     for q, a in pairs:
         prompt, completion = render(q, a)
         p, c = tok.encode(prompt), tok.encode(completion)
-        ids = (p + c)[: seq + 1]
-        mask = ([0] * len(p) + [1] * len(c))[: seq + 1]
+        ids = (p + c)[-(seq + 1) :]
+        mask = ([0] * len(p) + [1] * len(c))[-(seq + 1) :]
         ids += [pad] * (seq + 1 - len(ids))
         mask += [0] * (seq + 1 - len(mask))
         xs.append(ids[:-1])

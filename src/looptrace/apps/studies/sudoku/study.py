@@ -55,10 +55,10 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     )
     split = task.split()
     (train_x, train_y), (test_x, test_y) = split["train"], split["test"]
-    tr_blanks, te_blanks = (train_x == 0).sum(1).numpy(), (test_x == 0).sum(1).numpy()
+    split_train_blanks, split_test_blanks = (train_x == 0).sum(1).numpy(), (test_x == 0).sum(1).numpy()
 
     # accuracy vs test-time loop budget, by difficulty bin, on the full hard split
-    bins_all = dif.bins_by_blanks(te_blanks)
+    bins_all = dif.bins_by_blanks(split_test_blanks)
     acc = {
         b: {str(r): sudoku.accuracy(model, test_x[idx], test_y[idx], loops=r)[0] for r in cfg.budgets}
         for b, idx in bins_all.items()
@@ -76,8 +76,8 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     }
 
     # SDI on stratified subsets at a fixed horizon
-    ti = stratified(tr_blanks, cfg.n_train, cfg.seed)
-    qi = stratified(te_blanks, cfg.n_test, cfg.seed + 1)
+    train_idx = stratified(split_train_blanks, cfg.n_train, cfg.seed)
+    query_idx = stratified(split_test_blanks, cfg.n_test, cfg.seed + 1)
 
     def loss(m: torch.nn.Module, b: Any) -> torch.Tensor:
         return sudoku.loss(m, b[0], b[1], horizon)
@@ -88,7 +88,7 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         paths = [paths[i] for i in keep]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
     t0 = time.perf_counter()
-    res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches([train_x[ti], train_y[ti]], cfg.batch_size), batches([test_x[qi], test_y[qi]], cfg.batch_size), loss,
+    res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches([train_x[train_idx], train_y[train_idx]], cfg.batch_size), batches([test_x[query_idx], test_y[query_idx]], cfg.batch_size), loss,
                        step_module=model.core, sketch=spec, progress=True)  # fmt: skip
     sdi_s = time.perf_counter() - t0
     sdi = res.sdi.double().numpy()
@@ -96,16 +96,16 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     self_inf = res.self_influence.double().numpy()
     conservation = float(np.abs(sdi.sum(-1) - tracin).max())
 
-    trb, teb = tr_blanks[ti], te_blanks[qi]
-    qbins = dif.bins_by_blanks(teb)
-    lo, hi = np.quantile(trb, [1 / 3, 2 / 3])
-    easy_cut, hard_cut = (42, 45) if (trb <= 42).sum() >= 10 and (trb >= 45).sum() >= 10 else (int(lo), int(hi))
+    train_blanks, query_blanks = split_train_blanks[train_idx], split_test_blanks[query_idx]
+    qbins = dif.bins_by_blanks(query_blanks)
+    lo, hi = np.quantile(train_blanks, [1 / 3, 2 / 3])
+    easy_cut, hard_cut = (42, 45) if (train_blanks <= 42).sum() >= 10 and (train_blanks >= 45).sum() >= 10 else (int(lo), int(hi))
     groups = {
-        f"easy train (<= {easy_cut})": np.nonzero(trb <= easy_cut)[0],
-        f"hard train (>= {hard_cut})": np.nonzero(trb >= hard_cut)[0],
+        f"easy train (<= {easy_cut})": np.nonzero(train_blanks <= easy_cut)[0],
+        f"hard train (>= {hard_cut})": np.nonzero(train_blanks >= hard_cut)[0],
     }
     energy = dif.energy_by_bin(sdi, qbins)
-    corr = dif.influence_vs_difficulty(self_inf, tracin, trb)
+    corr = dif.influence_vs_difficulty(self_inf, tracin, train_blanks)
     shares = dif.group_shares(tracin, groups, qbins)
     late_from = horizon // 2 + 1
     late = dif.late_mass(sdi, groups, qbins, late_from)
@@ -129,7 +129,7 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         f"SDI energy by test difficulty (horizon {horizon})",
         groups={f"{b} blanks": idx for b, idx in qbins.items()},
     )
-    f_sc = figures.lines(np.sort(np.unique(trb)), {"median self-influence": np.array([np.median(self_inf[trb == b]) for b in np.sort(np.unique(trb))])},
+    f_sc = figures.lines(np.sort(np.unique(train_blanks)), {"median self-influence": np.array([np.median(self_inf[train_blanks == b]) for b in np.sort(np.unique(train_blanks))])},
                          out / "fig_self_influence.png", "train puzzle blanks", "self-influence sum_k eta_k |g|^2", "Memorisation proxy vs difficulty", logy=True)  # fmt: skip
     results = {
         "preset": size, "horizon": horizon, "checkpoints": res.checkpoints, "etas": res.etas, "sketch": spec.to_dict(),
@@ -137,13 +137,13 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         "energy_by_bin": energy,
         "correlations": {k: v for k, v in corr.items() if k != "cross_mass"}, "shares": shares, "late_mass": late,
         "late_from_step": late_from, "table1": t1, "conservation_max_abs": conservation, "influence_horizon": horizon_step,
-        "train_blanks": trb.tolist(), "test_blanks": teb.tolist(), "self_influence": self_inf.tolist(),
+        "train_blanks": train_blanks.tolist(), "test_blanks": query_blanks.tolist(), "self_influence": self_inf.tolist(),
     }  # fmt: skip
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: {run_cfg['model']['d_model']}-wide bidirectional looped block ({run_cfg['model']['n_heads']} heads, learned positions, "
             f"no injection), trained with Poisson log-normal depth (mean {depth_mean}). Data: generated unique-solution puzzles, easiest 80% "
-            f"train / hardest 20% test by blanks. SDI on {len(ti)} train and {len(qi)} test puzzles (stratified by blanks), horizon "
+            f"train / hardest 20% test by blanks. SDI on {len(train_idx)} train and {len(query_idx)} test puzzles (stratified by blanks), horizon "
             f"tau = {horizon}, {len(paths)} checkpoints weighted by their learning rates, sketch {spec}.",
             f"Conservation: max |sum_t SDI_t - TracIn| = {conservation:.2e}.",
         ]},

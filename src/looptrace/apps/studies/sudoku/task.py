@@ -46,8 +46,8 @@ class SudokuTask:
                 feats, labels = _cached_puzzles(
                     "sudoku", self.n_puzzles, self.min_blanks, self.max_blanks, self.data_seed
                 )
-            sp = sudoku.difficulty_split(feats, labels, seed=self.data_seed)
-            self._split = {k: (sudoku.boards(f), sudoku.solutions(lab)) for k, (f, lab) in sp.items()}
+            parts = sudoku.difficulty_split(feats, labels, seed=self.data_seed)
+            self._split = {k: (sudoku.boards(f), sudoku.solutions(lab)) for k, (f, lab) in parts.items()}
         return self._split
 
     def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Counterfactual evaluation of attribution scores (plain functions on arrays; see issue #13)."""
