@@ -32,7 +32,9 @@ def imports(path: Path, root: Path = SRC) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
     return {m for m in out if m.startswith("looptrace")}
@@ -59,7 +61,7 @@ def find_circle(g: dict[str, set[str]]) -> list[str]:
         state[node] = 1
         for dep in sorted(edges.get(node, ())):
             if state.get(dep) == 1:
-                cycle.extend(path[path.index(dep) :] + [node, dep] if dep in path else [node, dep])
+                cycle.extend([*path[path.index(dep) :], dep] if dep in path else [node, dep])
                 return True
             if state.get(dep) is None and visit(dep, [*path, dep]):
                 return True

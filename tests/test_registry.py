@@ -114,7 +114,9 @@ def test_a_new_case_study_is_one_module_and_one_registration(tmp_path, monkeypat
         record = json.loads((run / "config.json").read_text())
         assert record["study"] == "toy" and record["task"] == {"name": "toy", "length": 5}
         assert main(["analyze", "toy", "--run", str(run)]) == 0
-        assert json.loads((run / "analysis" / "results.json").read_text())["length"] == 5, "the study must see the record"
+        assert json.loads((run / "analysis" / "results.json").read_text())["length"] == 5, (
+            "the study must see the record"
+        )
         store = tmp_path / "store"
         assert main(["featurize", "--store", str(store), "--run", str(run), "--n-train", "8", "--n-query", "4",
                      "--dim", "32", "--quiet"]) == 0  # fmt: skip
@@ -176,7 +178,9 @@ def test_a_run_written_by_looptrace_0_1_is_refused_then_upgraded(tmp_path, capsy
     run = tmp_path / "old"
     run.mkdir()
     old_train = {**config_to_dict(preset.train), "steps": 13}
-    (run / "config.json").write_text(json.dumps({"task": "parity", "model": config_to_dict(preset.model), "train": old_train}))
+    (run / "config.json").write_text(
+        json.dumps({"task": "parity", "model": config_to_dict(preset.model), "train": old_train})
+    )
     with pytest.raises(lt.ConfigError, match=r"looptrace upgrade-run --run .* --preset SIZE"):
         open_run(run)
     assert main(["featurize", "--run", str(run), "--store", str(tmp_path / "s")]) == 2

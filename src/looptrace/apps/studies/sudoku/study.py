@@ -99,7 +99,9 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     train_blanks, query_blanks = split_train_blanks[train_idx], split_test_blanks[query_idx]
     qbins = dif.bins_by_blanks(query_blanks)
     lo, hi = np.quantile(train_blanks, [1 / 3, 2 / 3])
-    easy_cut, hard_cut = (42, 45) if (train_blanks <= 42).sum() >= 10 and (train_blanks >= 45).sum() >= 10 else (int(lo), int(hi))
+    easy_cut, hard_cut = (
+        (42, 45) if (train_blanks <= 42).sum() >= 10 and (train_blanks >= 45).sum() >= 10 else (int(lo), int(hi))
+    )
     groups = {
         f"easy train (<= {easy_cut})": np.nonzero(train_blanks <= easy_cut)[0],
         f"hard train (>= {hard_cut})": np.nonzero(train_blanks >= hard_cut)[0],

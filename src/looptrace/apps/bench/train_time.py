@@ -1,7 +1,7 @@
 """Training time of a preset that is too long to run here: time optimizer steps at the lengths its
 curriculum visits and add them up over its schedule.
 
-    python benchmarks/train_time.py parity --preset paper [--threads 2] [--reps 5]
+    python -m looptrace.apps.bench.train_time parity --preset paper [--threads 2] [--reps 5]
 
 Writes ``benchmarks/results/train-time-<task>-<preset>.json`` and ``.md``. Each step is a real
 training step (AdamW, clipping) on a batch of the preset's size at the curriculum's maximum length,
@@ -16,21 +16,23 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from looptrace.bench import machine
-from looptrace.tasks import parity
-from looptrace.zoo import preset
 
-from looptrace.io import atomic_write_json
+from looptrace.apps.bench.common import RESULTS, machine
+from looptrace.apps.catalog import study
+from looptrace.apps.studies.parity.task import ParityTask
+from looptrace.apps.tasks import parity
+from looptrace.io import atomic_write_bytes, atomic_write_json
 from looptrace.models.looped import LoopedTransformer
 
-OUT = Path("benchmarks/results")
 
-
-def parity_estimate(size: str, reps: int) -> dict:
-    mc, tc, task = preset("parity", size)
-    model = LoopedTransformer(mc)
+def parity_estimate(size: str, reps: int) -> dict[str, Any]:
+    preset = study("parity").preset(size)
+    model_cfg, tc, task = preset.model, preset.train, preset.task
+    assert isinstance(task, ParityTask)
+    model = LoopedTransformer(model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     g = torch.Generator().manual_seed(0)
     lengths = sorted({task.start_max, *range(task.start_max, task.final_max + 1, 4), task.final_max})
@@ -61,7 +63,7 @@ def parity_estimate(size: str, reps: int) -> dict:
     return {
         "task": "parity",
         "preset": size,
-        "model": dataclasses.asdict(mc),
+        "model": dataclasses.asdict(model_cfg),
         "steps": tc.steps,
         "batch_size": tc.batch_size,
         "curriculum": f"{task.start_max} -> {task.final_max} digits, one more every {task.curriculum_every} steps",
@@ -71,27 +73,31 @@ def parity_estimate(size: str, reps: int) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m looptrace.apps.bench.train_time")
     p.add_argument("task", choices=["parity"])
     p.add_argument("--preset", default="paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    a = p.parse_args()
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     r = {"machine": machine(), **parity_estimate(a.preset, a.reps)}
-    stem = OUT / f"train-time-{a.task}-{a.preset}"
+    stem = Path(a.out) / f"train-time-{a.task}-{a.preset}"
     atomic_write_json(r, stem.with_suffix(".json"))
     m = r["machine"]
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in r["seconds_per_step_by_max_length"].items())
-    stem.with_suffix(".md").write_text(
-        f"# Training time: {a.task} --preset {a.preset}\n\n"
-        f"Measured {m['date']} on {m['cpu']}, {a.threads} torch threads, torch {m['torch']}: median of "
-        f"{a.reps} optimizer steps (batch {r['batch_size']}) at each maximum length, added up over the "
-        f"{r['steps']:,}-step schedule ({r['curriculum']}).\n\n"
-        f"| max length | seconds / step |\n|---|---|\n{rows}\n\n"
-        f"Estimated training time: **{r['estimated_total_h']:.1f} hours** on this machine.\n"
+    atomic_write_bytes(
+        stem.with_suffix(".md"),
+        (
+            f"# Training time: {a.task} --preset {a.preset}\n\n"
+            f"Measured {m['date']} on {m['cpu']}, {a.threads} torch threads, torch {m['torch']}: median of "
+            f"{a.reps} optimizer steps (batch {r['batch_size']}) at each maximum length, added up over the "
+            f"{r['steps']:,}-step schedule ({r['curriculum']}).\n\n"
+            f"| max length | seconds / step |\n|---|---|\n{rows}\n\n"
+            f"Estimated training time: **{r['estimated_total_h']:.1f} hours** on this machine.\n"
+        ).encode(),
     )
     print(json.dumps(r, indent=2))
 
