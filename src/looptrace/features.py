@@ -31,6 +31,8 @@ class Features:
         losses: ``[N]`` per-example losses seen while featurising.
         settings: the featurisation options that change the numbers (horizon ``tau``, ``train_mode``,
             the TensorSketch route ``outer_path``, ...), recorded with every store.
+        routes: body layer -> how its per-example gradients were captured (its rule on batch-first
+            rows, the rule on rows regrouped from the data flow, or the per-example step route).
     """
 
     per_step: torch.Tensor | None
@@ -39,6 +41,7 @@ class Features:
     losses: torch.Tensor
     checkpoint: str | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    routes: dict[str, str] = dataclasses.field(default_factory=dict)
     _total: torch.Tensor | None = None
 
     @property

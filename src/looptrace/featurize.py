@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from looptrace import batching
-from looptrace.capture.tracer import BodyParam, Tracer, body_parameters, check_ties
+from looptrace.capture.tracer import BodyParam, Reroute, Tracer, body_parameters, check_ties
 from looptrace.errors import ConfigError, LoaderError, LossError, MemoryBudgetError
 from looptrace.features import Features
 from looptrace.sketch.plan import OuterPath, SketchPlan
@@ -101,8 +101,24 @@ def featurize(
             for feats, losses in run.with_retries(batch, index, check, rows.count):
                 rows.add(feats, losses)
                 bar(int(losses.shape[0]))
+            if index == 0 and progress:
+                _report_routes(tracer.routes)
     settings = {"tau": tau, "train_mode": train_mode, "outer_path": outer_path}
-    return rows.features(spec, plan.describe(), checkpoint, settings)
+    features = rows.features(spec, plan.describe(), checkpoint, settings)
+    features.routes = dict(tracer.routes)
+    return features
+
+
+def _report_routes(routes: dict[str, str]) -> None:
+    """Which route each body layer took (printed with the progress bar)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    width = max(len(n) for n in routes)
+    tqdm.write("featurize: body layers and their routes", file=sys.stderr)
+    for name, route in routes.items():
+        tqdm.write(f"  {name:<{width}}  {route}", file=sys.stderr)
 
 
 @dataclasses.dataclass
@@ -120,8 +136,7 @@ class _BatchRunner:
     def __call__(self, batch: Any, index: int, check: bool, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.tracer.start_batch(batching.leading_size(batch))
         try:
-            with torch.enable_grad():
-                losses = validate_losses(self.loss_fn(self.model, batch), batch)
+            losses = self.forward(batch)
             steps = self.tracer.steps_observed(self.tau, index)
             if index == 0:
                 self.budget.check(steps)
@@ -133,6 +148,18 @@ class _BatchRunner:
             return feats, losses.detach()
         finally:
             self.tracer.end_batch()
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        """The batch's per-example losses, switching a layer to the route it needs and rerunning the
+        forward when a capture hook asks for it (on the first batch, or when a later one differs)."""
+        for _ in range(len(self.params) + 2):
+            try:
+                with torch.enable_grad(), self.tracer.forward_pass():
+                    return validate_losses(self.loss_fn(self.model, batch), batch)
+            except Reroute as signal:
+                self.tracer.reroute(signal)
+                self.tracer.start_batch(batching.leading_size(batch))
+        raise AssertionError("a layer asked for a new route on every forward pass")
 
     def with_retries(
         self, batch: Any, index: int, check: bool, first_row: int

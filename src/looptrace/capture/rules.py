@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FALLBACK", "Rule", "Sink", "find_rule", "register_rule"]
+__all__ = ["FALLBACK", "Rule", "Sink", "find_rule", "register_rule", "regroup_saved"]
 
 
 class Sink(Protocol):
@@ -225,6 +225,26 @@ class _Saved:
     kwargs: dict[str, Any]
     in_dims: tuple[Any, ...]
     out_batch_dim: int
+    grouped: bool = False  # rows regrouped per example: each example's slice is already a batch of rows
+
+
+def regroup_saved(saved: Any, regroup: Callable[[Any], Any], n_rows: int) -> Any:
+    """What a rule saved, with every tensor of ``n_rows`` leading rows regrouped per example by
+    ``regroup`` (``[N, ...] -> [B, L, ...]``); the exact fallback's saved inputs are marked grouped."""
+    if not isinstance(saved, _Saved):
+        return regroup(saved)
+
+    def dims(x: Any, d: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return 0 if x.dim() > 0 and x.shape[0] == n_rows else None
+        if isinstance(x, tuple | list):
+            return type(x)(dims(v, dd) for v, dd in zip(x, d, strict=True))
+        if isinstance(x, dict):
+            return {k: dims(v, d[k]) for k, v in x.items()}
+        return None
+
+    in_dims = (dims(saved.args, saved.in_dims[0]), dims(saved.kwargs, saved.in_dims[1]))
+    return _Saved(regroup(saved.args), regroup(saved.kwargs), in_dims, 0, grouped=True)
 
 
 def _detach_tree(x: Any) -> Any:
@@ -291,24 +311,66 @@ def make_fallback_contribute(
             return x
 
         def one(p: dict[str, torch.Tensor], args: Any, kwargs: Any, g: torch.Tensor) -> Any:
-            a, k = unsqueeze(args, saved.in_dims[0]), unsqueeze(kwargs, saved.in_dims[1])
+            if not saved.grouped:  # a batch of one; grouped rows are already a batch of the example's rows
+                args, kwargs, g = (
+                    unsqueeze(args, saved.in_dims[0]),
+                    unsqueeze(kwargs, saved.in_dims[1]),
+                    g.unsqueeze(bd),
+                )
 
             def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
-                out = torch.func.functional_call(module, pp, tuple(a), k, strict=False)
+                # buffers are copied inside the transform: a module that updates them (batch norm's running
+                # statistics in training mode) must not mutate the real ones, nor a tensor captured by vjp
+                bufs = {n: b.clone() for n, b in module.named_buffers()}
+                out = torch.func.functional_call(module, (pp, bufs), tuple(args), kwargs, strict=False)
                 return out if isinstance(out, torch.Tensor) else out[i]
 
             vjp_out: Any = torch.func.vjp(f, p)
-            return vjp_out[1](g.unsqueeze(bd))[0]
+            return vjp_out[1](g)[0]
 
-        grads = torch.func.vmap(one, in_dims=(None, saved.in_dims[0], saved.in_dims[1], bd))(
-            params, saved.args, saved.kwargs, delta
-        )
         b = delta.shape[bd]
+        try:
+            grads = torch.func.vmap(one, in_dims=(None, saved.in_dims[0], saved.in_dims[1], bd))(
+                params, saved.args, saved.kwargs, delta
+            )
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            if not vmap_refused(exc):
+                raise
+            # an operation vmap cannot batch (data-dependent shapes, in-place buffer updates): one example
+            # at a time, the same per-example VJP
+            rows = [
+                one(
+                    params,
+                    take(saved.args, saved.in_dims[0], j),
+                    take(saved.kwargs, saved.in_dims[1], j),
+                    delta.select(bd, j),
+                )
+                for j in range(b)
+            ]
+            grads = {n: torch.stack([r[n] for r in rows]) for n in params}
         named = params_of(module)
         for n, g in grads.items():
             sink.dense(named[n], g.reshape(b, -1))
 
     return contribute
+
+
+def take(tree: Any, dims: Any, index: int) -> Any:
+    """Example ``index`` of every batched tensor of ``tree`` (batched along ``dims``), as vmap would pass it."""
+    if isinstance(tree, torch.Tensor):
+        return tree.select(dims, index) if dims is not None else tree
+    if isinstance(tree, tuple | list):
+        return type(tree)(take(v, d, index) for v, d in zip(tree, dims, strict=True))
+    if isinstance(tree, dict):
+        return {k: take(v, dims[k], index) for k, v in tree.items()}
+    return tree
+
+
+def vmap_refused(exc: BaseException) -> bool:
+    """An error torch.func.vmap raises for operations it cannot batch (so a loop can do them instead)."""
+    text = str(exc).lower()
+    words = ("vmap", "batching rule", "data-dependent", "data dependent", "functorch", ".item()", "batched tensor")
+    return any(w in text for w in words)
 
 
 FALLBACK = Rule(fallback_params, fallback_capture, make_fallback_contribute(fallback_params), "exact fallback")

@@ -10,24 +10,45 @@ simply contributes nothing at its true index.
 The backward pass asks autograd for the gradient of a zero scalar *anchor* added to every captured
 output, never for the parameters: autograd then computes every delta the hooks need but skips the
 weight-gradient products, and parameter ``.grad`` is never touched.
+
+Each body layer takes one of three routes, chosen on the first batch and reported in ``routes``:
+
+* **rule**: its rows are the batch (the batch is the first axis of its output): the layer rule (or
+  the exact torch.func fallback) runs on them directly;
+* **rows**: its leading axis is something else (tokens folded into the batch, gathered or routed
+  rows): :class:`looptrace.capture.rows.RowTracker` learns each row's example from the data flow,
+  the rows are regrouped per example, and the same rule runs on them;
+* **step**: no row map could be learned: the per-example gradient of the whole loop step with respect
+  to this layer's parameters is computed from the step's saved inputs and its output cotangent
+  (a per-example VJP through ``torch.func``; exact, and as costly as re-running the step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from looptrace.capture.rules import FALLBACK, Rule, find_rule
+from looptrace import batching
+from looptrace.capture.rows import RowTracker, group_rows
+from looptrace.capture.rules import FALLBACK, Rule, find_rule, regroup_saved, vmap_refused
 from looptrace.errors import StepError, TiedParameterError, UnsupportedLayerError
 from looptrace.sketch.plan import OuterPath, SketchPlan, Slot
 
 _ACTIVE: list[Tracer] = []
+
+
+class Reroute(Exception):
+    """Raised from a forward hook when a layer needs another route: featurize switches and reruns the batch."""
+
+    def __init__(self, module: nn.Module | None, name: str, need: str) -> None:
+        super().__init__(f"{name}: {need}")
+        self.module, self.name, self.need = module, name, need
 
 
 @contextlib.contextmanager
@@ -112,6 +133,13 @@ class Tracer:
         self.name_of: dict[int, str] = {id(bp.param): bp.name for bp in params}
         self._handles: list[Any] = []
         self._targets = self._resolve(model, roots, fallback)
+        # routes (decided on the first batch, kept for the rest)
+        self.track_rows = False
+        self.step_routed: set[int] = set()  # ids of modules whose gradient comes from the step route
+        self.routes: dict[str, str] = {name: rule.name for _, rule, name in self._targets}
+        self._tracker: RowTracker | None = None
+        self._step_inputs: tuple[Any, Any] | None = None
+        self._step_route_now = False
         # per-batch state
         self.step = 0
         self.in_step = False
@@ -170,12 +198,12 @@ class Tracer:
 
     def install(self) -> None:
         if self.step_module is not None:
-            self._handles.append(self.step_module.register_forward_pre_hook(self._step_pre))
+            self._handles.append(self.step_module.register_forward_pre_hook(self._step_pre, with_kwargs=True))
         for mod, rule, name in self._targets:
             hook = partial(self._on_forward, rule=rule, name=name)
             self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
         if self.step_module is not None:  # after the capture hooks: a step module may itself be a layer
-            self._handles.append(self.step_module.register_forward_hook(self._step_post))
+            self._handles.append(self.step_module.register_forward_hook(self._step_post, with_kwargs=True))
         _ACTIVE.append(self)
 
     def remove(self) -> None:
@@ -186,23 +214,44 @@ class Tracer:
             _ACTIVE.remove(self)
 
     # ------------------------------------------------------------------ steps
-    def _step_pre(self, module: nn.Module, args: Any) -> None:
+    def _step_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.phase == "forward" and not self._suspended and self.step_routed:
+            # what the step route re-runs per example: the step's inputs, as autograd already keeps them
+            self._step_inputs = (
+                batching.map_tensors(args, torch.Tensor.detach),
+                batching.map_tensors(kwargs, torch.Tensor.detach),
+            )
+            self._step_route_now = False
         self.enter_step(None)
 
-    def _step_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if (
-            self.phase == "forward"
-            and not self._suspended
-            and not self._captured_in_step
-            and isinstance(output, torch.Tensor)
-            and output.requires_grad
-        ):
+    def _step_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        if self.phase != "forward" or self._suspended:
+            return None
+        if not self._captured_in_step and isinstance(output, torch.Tensor) and output.requires_grad:
             raise StepError(
                 "the step module's output carries gradient but none of its layers ran with gradient "
                 "enabled: the body ran under no_grad inside a gradient-carrying wrapper, as reentrant "
                 "activation checkpointing does. Use torch.utils.checkpoint(..., use_reentrant=False)"
             )
         self.exit_step()
+        if not self._step_route_now:
+            return None
+        self._step_route_now = False
+        inputs, step = self._step_inputs, self.step
+        assert inputs is not None
+        outs = [output] if isinstance(output, torch.Tensor) else list(output)
+        for i, o in enumerate(outs):
+            if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point():
+                if o.dim() == 0 or o.shape[0] != self.batch_size:
+                    raise StepError(
+                        f"the step module's output has shape {tuple(o.shape)}, so its batch axis is not the first "
+                        f"(the batch has {self.batch_size} examples); looptrace needs the batch on the first axis "
+                        "of the step module's inputs and outputs to take the per-example step route"
+                    )
+                new = o + self.anchor(o.dtype, o.device)
+                new.register_hook(partial(self._on_step_grad, step=step, inputs=inputs, index=i))
+                outs[i] = new
+        return outs[0] if isinstance(output, torch.Tensor) else type(output)(outs)
 
     def enter_step(self, index: int | None) -> None:
         if self.phase != "forward" or self._suspended:
@@ -238,6 +287,37 @@ class Tracer:
         self.anchors = {}
         self.feats = None
         self.batch_size = batch_size or 0
+
+    @contextlib.contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """The model's forward pass for one batch (with the row tracker when a layer needs it)."""
+        self._tracker = RowTracker(self.batch_size) if self.track_rows else None
+        try:
+            if self._tracker is None:
+                yield
+            else:
+                with self._tracker:
+                    yield
+        finally:
+            self._tracker = None
+
+    def reroute(self, signal: Reroute) -> None:
+        """Take the route a layer asked for (then the batch is run again)."""
+        if signal.need == "rows":
+            self.track_rows = True
+        elif signal.need == "step":
+            if self.step_module is None:
+                raise StepError(
+                    f"looptrace cannot tell which example each row of body module {signal.name!r}'s output belongs "
+                    "to (its batch axis is not the first, and the rows do not follow from the data flow), and "
+                    "without step_module= there is no per-example step route to fall back on; pass the module "
+                    "that is called once per loop step as step_module="
+                )
+            assert signal.module is not None
+            self.step_routed.add(id(signal.module))
+            self.routes[signal.name] = "step (exact per-example VJP of the loop step)"
+        else:
+            raise AssertionError(signal.need)
 
     def steps_observed(self, declared: int | None, batch_index: int) -> int:
         """The loop steps the forward ran; refuses a forward that ran none, or not the declared tau."""
@@ -316,18 +396,51 @@ class Tracer:
                 "module. Mark each iteration with step_module= (or looptrace.loop_step()) and keep "
                 "body weights out of the read-in/read-out"
             )
-        saved = rule.capture(module, args, kwargs, output)
         self._captured_in_step = True
+        if id(module) in self.step_routed:
+            self._step_route_now = True  # the step's output hook computes this layer's gradient
+            return None
+        rows = self._rows_of(module, rule, name, [outs[i] for i in live], live)
+        saved = rule.capture(module, args, kwargs, output)
         step = self.step
         for i in live:
             o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
             o.register_hook(
-                partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name)
+                partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name, rows=rows)
             )
             outs[i] = o
         if isinstance(output, torch.Tensor):
             return outs[0]
         return type(output)(outs)
+
+    def _rows_of(
+        self, module: nn.Module, rule: Rule, name: str, outs: list[torch.Tensor], indices: list[int]
+    ) -> torch.Tensor | None:
+        """``None`` when the batch is the outputs' batch axis; the example of every leading row when the
+        row tracker knows it; otherwise a :class:`Reroute` to the route that can handle the layer."""
+        batch_dims = [rule.batch_dim(module, i) for i in indices]
+        sizes = {int(o.shape[d]) if o.dim() > d else -1 for o, d in zip(outs, batch_dims, strict=True)}
+        if self._tracker is None:
+            if sizes == {self.batch_size}:
+                return None  # the batch is the batch axis (checked against autograd on the first batch)
+            if any(d != 0 for d in batch_dims):
+                raise Reroute(module, name, "step")
+            raise Reroute(module, name, "rows")
+        if any(d != 0 for d in batch_dims):
+            if sizes == {self.batch_size}:
+                return None
+            raise Reroute(module, name, "step")
+        # with the tracker on, its map decides even when the row count happens to equal the batch size
+        # (an expert that received exactly B tokens)
+        maps = [self._tracker.rows(o) for o in outs]
+        rows = maps[0]
+        if rows is None or any(m is None or not torch.equal(m, rows) for m in maps[1:]):
+            raise Reroute(module, name, "step")
+        if rows.shape[0] == self.batch_size and torch.equal(rows, torch.arange(self.batch_size)):
+            return None
+        if not self.routes[name].endswith("(rows from the data flow)"):
+            self.routes[name] = f"{rule.name} (rows from the data flow)"
+        return rows
 
     def _guard_recompute(self, output: Any) -> None:
         outs = (
@@ -345,22 +458,45 @@ class Tracer:
         self.recompute_fired = True
 
     def _on_grad(
-        self, grad: torch.Tensor, *, module: nn.Module, rule: Rule, saved: Any, step: int, index: int, name: str
+        self,
+        grad: torch.Tensor,
+        *,
+        module: nn.Module,
+        rule: Rule,
+        saved: Any,
+        step: int,
+        index: int,
+        name: str,
+        rows: torch.Tensor | None,
     ) -> None:
         if self.phase != "backward" or self.feats is None:
             return
-        bd = rule.batch_dim(module, index)
-        if grad.dim() <= bd or grad.shape[bd] != self.batch_size:
-            raise StepError(
-                f"output of body module {name!r} has size {tuple(grad.shape)} (batch axis {bd}) but the batch has "
-                f"{self.batch_size} examples; looptrace needs the batch on the first axis of every body "
-                "layer's input and output (use batch_first=True)"
-            )
+        if rows is not None:  # regroup the rows per example: [N, ...] -> [B, L, ...] (zero-padded)
+            grad = group_rows(grad, rows, self.batch_size)
+            saved = regroup_saved(saved, lambda t: group_rows(t, rows, self.batch_size), int(rows.shape[0]))
         self._cur_step = step
         self._suspended += 1
         try:
             with torch.no_grad():
                 rule.contribute(module, saved, grad, index, self)
+        finally:
+            self._suspended -= 1
+
+    def _on_step_grad(self, grad: torch.Tensor, *, step: int, inputs: tuple[Any, Any], index: int) -> None:
+        """The step route: per-example gradients of the step-routed layers' parameters, from the step's
+        inputs and the cotangent of its output ``index``."""
+        if self.phase != "backward" or self.feats is None:
+            return
+        assert self.step_module is not None
+        routed = {id(p) for m in self.step_module.modules() if id(m) in self.step_routed for p in m.parameters()}
+        named = {n: p for n, p in self.step_module.named_parameters() if id(p) in routed}
+        self._cur_step = step
+        self._suspended += 1
+        try:
+            with torch.no_grad():
+                grads = step_vjp(self.step_module, named, inputs, grad, index, self.batch_size)
+            for n, g in grads.items():
+                self.dense(named[n], g.reshape(self.batch_size, -1))
         finally:
             self._suspended -= 1
 
@@ -385,3 +521,73 @@ class Tracer:
     def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
         slot, out = self._out(param)
         slot.add_rows(out, idx, values.to(out.dtype))
+
+
+def step_vjp(
+    step_module: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: tuple[Any, Any],
+    grad: torch.Tensor,
+    index: int,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Per-example ``d <grad_b, step(inputs_b)> / d params`` ``{name: [B, *shape]}``.
+
+    Each example's step is re-run as a batch of one (examples must not interact). ``torch.func.vmap``
+    does all examples at once; a body it cannot batch (data-dependent shapes, such as routing tokens
+    with ``nonzero``) is run one example at a time instead, with the same result."""
+    args, kwargs = inputs
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def per_example(p: dict[str, torch.Tensor], a: Any, k: Any, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        def f(pp: dict[str, torch.Tensor]) -> torch.Tensor:
+            bufs = {n: b.clone() for n, b in step_module.named_buffers()}  # never update the real buffers
+            out = torch.func.functional_call(step_module, (pp, bufs), tuple(a), k, strict=False)
+            return out if isinstance(out, torch.Tensor) else out[index]
+
+        pullback = torch.func.vjp(f, p)[1]
+        return pullback(g)[0]
+
+    dims_a = batching.map_tensors(args, lambda t: 0 if t.dim() > 0 and t.shape[0] == batch_size else None)
+    dims_k = batching.map_tensors(kwargs, lambda t: 0 if t.dim() > 0 and t.shape[0] == batch_size else None)
+    a_in = _with_dims(args, dims_a)
+    k_in = _with_dims(kwargs, dims_k)
+    try:
+        with torch.enable_grad():
+            return torch.func.vmap(
+                lambda p, a, k, g: per_example(p, _unsqueeze(a, dims_a), _unsqueeze(k, dims_k), g.unsqueeze(0)),
+                in_dims=(None, a_in, k_in, 0),
+            )(detached, args, kwargs, grad)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        if not vmap_refused(exc):
+            raise
+    with torch.enable_grad():
+        rows = [
+            per_example(
+                detached, batching.slice_rows(args, b, b + 1), batching.slice_rows(kwargs, b, b + 1), grad[b : b + 1]
+            )
+            for b in range(batch_size)
+        ]
+    return {n: torch.stack([r[n] for r in rows]) for n in detached}
+
+
+def _with_dims(tree: Any, dims: Any) -> Any:
+    """vmap in_dims for a tree: its tensors get their dims; other leaves None."""
+    if isinstance(tree, torch.Tensor):
+        return dims
+    if isinstance(tree, tuple | list):
+        return type(tree)(_with_dims(v, d) for v, d in zip(tree, dims, strict=True))
+    if isinstance(tree, dict):
+        return {k: _with_dims(v, dims[k]) for k, v in tree.items()}
+    return None
+
+
+def _unsqueeze(tree: Any, dims: Any) -> Any:
+    """Inside vmap: give every batched tensor back its (now size-one) batch axis."""
+    if isinstance(tree, torch.Tensor):
+        return tree.unsqueeze(0) if dims == 0 else tree
+    if isinstance(tree, tuple | list):
+        return type(tree)(_unsqueeze(v, d) for v, d in zip(tree, dims, strict=True))
+    if isinstance(tree, dict):
+        return {k: _unsqueeze(v, dims[k]) for k, v in tree.items()}
+    return tree
