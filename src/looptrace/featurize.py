@@ -101,8 +101,8 @@ def featurize(
             for feats, losses in run.with_retries(batch, index, check, rows.count):
                 rows.add(feats, losses)
                 bar(int(losses.shape[0]))
-            if index == 0 and progress:
-                _report_routes(tracer.routes)
+    if progress:
+        _report_routes(tracer.routes)
     settings = {"tau": tau, "train_mode": train_mode, "outer_path": outer_path}
     features = rows.features(spec, plan.describe(), checkpoint, settings)
     features.routes = dict(tracer.routes)

@@ -255,10 +255,22 @@ def load_checkpoints(directory: str | os.PathLike[str]) -> list[Checkpoint]:
     )
 
 
+def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:
+    """State-dict keys that name the same tensor (tied weights: Hugging Face checkpoints store one of them)."""
+    by_tensor: dict[int, set[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(v), set()).add(k)
+    return {k: keys for keys in by_tensor.values() for k in keys if len(keys) > 1}
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Copy ``state`` into ``model`` exactly, listing every missing, unexpected or misshapen key."""
+    """Copy ``state`` into ``model`` exactly, listing every missing, unexpected or misshapen key.
+
+    A key missing only because the checkpoint stored a tied weight once (under another of its names) is
+    not missing."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    aliases = _tied_aliases(model)
+    missing = sorted(k for k in set(own) - set(state) if not (aliases.get(k, set()) & set(state)))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -278,4 +290,4 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) ->
             + "; ".join(parts)
             + ". Build the model with the config the checkpoint was trained with"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not aliases)

@@ -35,10 +35,19 @@ INDEX = "checkpoints.json"
 FORMAT = "looptrace-checkpoints"
 
 
-def _params_of(body: nn.Module | Iterable[nn.Module] | None, model: nn.Module) -> dict[int, str]:
+Body = nn.Module | Iterable[nn.Module] | str | None
+
+
+def params_of(body: Body, model: nn.Module) -> dict[int, str]:
+    """{id(parameter): name in the model} of the body (a module, modules, a dotted path, or all)."""
     names = {id(p): n for n, p in model.named_parameters()}
     if body is None:
         return names
+    if isinstance(body, str):
+        try:
+            body = model.get_submodule(body)
+        except AttributeError as exc:
+            raise ConfigError(f"the model has no submodule {body!r} (body= of the checkpoint recorder)") from exc
     mods = [body] if isinstance(body, nn.Module) else list(body)
     return {id(p): names[id(p)] for m in mods for p in m.parameters() if id(p) in names}
 
@@ -95,8 +104,9 @@ class CheckpointRecorder:
     Args:
         directory: where the checkpoints and the ``checkpoints.json`` index go (created).
         every: save on every ``every``-th call (the first save is after ``every`` steps).
-        body: the loop body's module(s), whose optimizer second moments are saved (default: every
-            parameter's); also picks the parameter group whose learning rate is eta_k.
+        body: the loop body's module(s) or its dotted path in the model (e.g. ``"core"``), whose optimizer
+            second moments are saved (default: every parameter's); also picks the parameter group whose
+            learning rate is eta_k.
         moments: save the optimizer's second moments (for the Adam-preconditioned inner product).
         meta: plain values stored with every checkpoint (e.g. the run's configuration).
     """
@@ -106,7 +116,7 @@ class CheckpointRecorder:
         directory: str | os.PathLike[str],
         every: int = 100,
         *,
-        body: nn.Module | Iterable[nn.Module] | None = None,
+        body: Body = None,
         moments: bool = True,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
@@ -156,7 +166,7 @@ class CheckpointRecorder:
 
         ``lr`` defaults to the optimizer's current rate over the body (the rate the last step used)."""
         step = self.calls if step is None else int(step)
-        names = _params_of(self.body, model)
+        names = params_of(self.body, model)
         if lr is None:
             if optimizer is None:
                 raise ConfigError("pass lr= or the optimizer whose learning rate is eta_k")
