@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,7 +162,13 @@ def topk(
     k = min(k, len(x))
     c = min(len(x), candidates or (k if index in ("flat", "brute") else 4 * k))
     if index == "flat" and not _have_faiss():
-        index = "brute"  # the exact search, without FAISS: same answer, O(N M) time
+        warnings.warn(
+            "FAISS is not installed: running the exact search by brute force (the same answer, O(N M) time); "
+            "pip install 'looptrace[store]' for FAISS",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        index = "brute"
     if index == "brute":
         s = q @ x.T
         pro = np.argsort(-s, axis=1, kind="stable")[:, :c]
