@@ -139,13 +139,16 @@ BODIES = {
 }
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("bptt_k", [None, 2])
 @pytest.mark.parametrize("body", list(BODIES))
-def test_exact_per_step_features_equal_the_oracle(body: str, bptt_k: int | None) -> None:
+def test_exact_per_step_features_equal_the_oracle(body: str, bptt_k: int | None, recompute: bool) -> None:
     make, route = BODIES[body]
     model = Looped(make(), bptt_k=bptt_k)
     data = batches()
-    feats = lt.featurize(model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True)
+    feats = lt.featurize(
+        model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True, recompute=recompute
+    )
     want = oracle_per_step(model, model.core, data, loss_fn)
     assert float(want.norm()) > 0
     assert_close(feats.per_step, want, f"exact per-step features vs the untied oracle ({body}, bptt_k={bptt_k})")

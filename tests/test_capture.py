@@ -122,11 +122,14 @@ def make_batches(n: int = 2, b: int = 3) -> list[Any]:
 KINDS = ["plain", "tied", "twice", "mha", "mha-seqfirst", "embedding", "fallback", "ckpt", "conv1d", "rmsnorm"]
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_layer_kinds_match_oracle(kind: str) -> None:
+def test_layer_kinds_match_oracle(kind: str, recompute: bool) -> None:
     model = Net(kind)
     batches = make_batches()
-    feats = lt.featurize(model, batches, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True)
+    feats = lt.featurize(
+        model, batches, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True, recompute=recompute
+    )
     want = oracle_per_step(model, model.core, batches, loss_fn)
     assert float(want.norm()) > 0
     assert_close(feats.per_step, want, f"exact features vs oracle ({kind})")

@@ -19,15 +19,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_exact_equals_untied_oracle(case: str) -> None:
+def test_exact_equals_untied_oracle(case: str, recompute: bool) -> None:
+    """With recompute=True each step is re-run inside backward (its activations are not kept): the
+    features must be the same, exactly."""
     model = tiny_model(**CASES[case])
     batches = tiny_batches()
-    feats = lt.featurize(model, batches, lm_loss, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True)
+    feats = lt.featurize(
+        model, batches, lm_loss, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True, recompute=recompute
+    )
     want = oracle_per_step(model, model.core, batches, lm_loss)
     assert feats.per_step is not None
     assert feats.per_step.dtype == torch.float64
-    assert_close(feats.per_step, want, f"exact per-step features vs untied oracle ({case})")
+    assert_close(feats.per_step, want, f"exact per-step features vs untied oracle ({case}, recompute={recompute})")
 
 
 def test_truncated_bptt_gives_zero_rows_at_true_index() -> None:

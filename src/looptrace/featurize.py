@@ -24,7 +24,7 @@ from looptrace.errors import ConfigError, LoaderError, LossError, MemoryBudgetEr
 from looptrace.features import Features
 from looptrace.sketch.plan import OuterPath, SketchPlan
 from looptrace.sketch.spec import SketchSpec
-from looptrace.verify import check_batch
+from looptrace.verify import check_batch, example_gradients_alone, example_gradients_in_graph
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Verify = bool | Literal["first"]
@@ -44,6 +44,7 @@ def featurize(
     fallback: bool = True,
     train_mode: bool = False,
     outer_path: OuterPath = "auto",
+    recompute: bool = False,
     max_memory: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
@@ -70,6 +71,10 @@ def featurize(
         train_mode: featurise in train mode (dropout on). Default: eval mode, restored afterwards.
         outer_path: how TensorSketch of outer products is computed: ``"auto"`` (cheaper by a cost
             model), ``"fft"`` or ``"materialize"``; all give the same numbers.
+        recompute: keep only each loop step's inputs during the forward and re-run the step inside
+            backward (non-reentrant activation checkpointing of the step module), capturing exactly as
+            without it: the memory of one step's activations instead of all of them, for about one more
+            forward pass. Needs ``step_module``.
         max_memory: refuse (with the estimate) if the features would need more bytes than this
             (default: half of physical memory).
         progress: show a progress bar.
@@ -92,7 +97,9 @@ def featurize(
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
     budget = _MemoryBudget(n_total, plan.dim, params[0].param.dtype, per_step, max_memory)
     budget.check(tau)
-    tracer = Tracer(model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path)
+    tracer = Tracer(
+        model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path, recompute=recompute
+    )
     run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget)
     rows = _Rows(per_step)
     with _featurizing(model, tracer, params, train_mode), _progress_bar(progress, n_total) as bar:
@@ -142,9 +149,16 @@ class _BatchRunner:
                 self.budget.check(steps)
             named: dict[str, torch.Tensor] = {bp.name: bp.param for bp in self.params}
             also = list(named.values()) if check else []
-            feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, also, keep_graph=check)
+            in_graph = check and self.model.training  # dropout: a second forward would draw other masks
+            feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, also, keep_graph=in_graph)
             if check:
-                check_batch(self.plan, feats, losses, named, grads, first_row)
+                self.tracer.end_batch()
+                example_grad = (
+                    example_gradients_in_graph(losses, also)
+                    if in_graph
+                    else example_gradients_alone(lambda b: validate_losses(self.loss_fn(self.model, b), b), batch, also)
+                )
+                check_batch(self.plan, feats, named, grads, example_grad, first_row)
             return feats, losses.detach()
         finally:
             self.tracer.end_batch()

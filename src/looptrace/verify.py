@@ -4,18 +4,25 @@ The captured per-step features of a batch must add up to the sketch of autograd'
 body, summed over the batch and for single examples (the first and the last). Because every sketch is
 linear, this holds exactly for a correct capture (up to floating-point error) and fails when a body
 weight is used outside the step module, when examples interact inside the body, or when a layer rule
-is wrong. In sketched mode the check compares sketches, so its cost is a few extra backward passes,
-never a full per-example gradient.
+is wrong. In sketched mode the check compares sketches, never a full per-example gradient. The batch
+sum comes with the capture's own backward pass (the weight gradients are asked for alongside the
+deltas); the two single examples are run alone, as batches of one cut from the same batch tensors, so
+the check costs about 2/B of a batch (in train mode, where dropout would differ between passes, they
+are taken from the batch's own graph instead).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
+from looptrace import batching
 from looptrace.errors import VerificationError
 from looptrace.sketch.plan import SketchPlan
 
-__all__ = ["check_batch", "sketch_gradient", "tolerance"]
+__all__ = ["check_batch", "example_gradients_alone", "example_gradients_in_graph", "sketch_gradient", "tolerance"]
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -60,21 +67,47 @@ def compare(plan: SketchPlan, want: torch.Tensor, got: torch.Tensor, what: str) 
 def check_batch(
     plan: SketchPlan,
     feats: torch.Tensor,
-    losses: torch.Tensor,
     params: dict[str, torch.Tensor],
     batch_grads: tuple[torch.Tensor | None, ...],
+    example_grad: Callable[[int], tuple[torch.Tensor | None, ...]],
     first_row: int,
 ) -> None:
     """Compare a batch's features ``[B, steps, D]`` with autograd: the batch sum (``batch_grads``, the
-    gradient of the summed loss w.r.t. ``params`` in order) and the first and last examples alone.
-
-    Needs the forward graph of ``losses`` (it is released after the last example)."""
-    names, tensors = list(params), list(params.values())
+    gradient of the summed loss w.r.t. ``params`` in order) and the first and last examples alone
+    (``example_grad(i)``: the gradient of example i's loss w.r.t. ``params``)."""
+    names = list(params)
     dtype, device = feats.dtype, feats.device
     total = sketch_gradient(plan, dict(zip(names, batch_grads, strict=True)), dtype, device)
     compare(plan, total, feats.sum((0, 1)), "the batch's summed features")
     b = feats.shape[0]
     for i in sorted({0, b - 1}):
-        gi = torch.autograd.grad(losses[i], tensors, allow_unused=True, retain_graph=i != b - 1)
-        want = sketch_gradient(plan, dict(zip(names, gi, strict=True)), dtype, device)
+        want = sketch_gradient(plan, dict(zip(names, example_grad(i), strict=True)), dtype, device)
         compare(plan, want, feats[i].sum(0), f"example {first_row + i}'s features")
+
+
+def example_gradients_in_graph(
+    losses: torch.Tensor, params: list[torch.Tensor]
+) -> Callable[[int], tuple[torch.Tensor | None, ...]]:
+    """Example i's gradient from the batch's own graph (one backward through the whole batch each; the
+    graph is released after the last example). Used when a fresh forward would differ (dropout on)."""
+    b = int(losses.shape[0])
+
+    def grad(i: int) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=i != b - 1)
+
+    return grad
+
+
+def example_gradients_alone(
+    run: Callable[[Any], torch.Tensor], batch: Any, params: list[torch.Tensor]
+) -> Callable[[int], tuple[torch.Tensor | None, ...]]:
+    """Example i's gradient from a forward and backward of that example alone (its rows of the same batch
+    tensors, so padding is unchanged): a batch of one costs 1/B of the batch, and any dependence of an
+    example's loss on the others (examples that interact) shows as a mismatch."""
+
+    def grad(i: int) -> tuple[torch.Tensor | None, ...]:
+        with torch.enable_grad():
+            loss = run(batching.select_rows(batch, [i]))
+        return torch.autograd.grad(loss.sum(), params, allow_unused=True)
+
+    return grad

@@ -124,7 +124,13 @@ class Tracer:
         *,
         fallback: bool = True,
         outer_path: OuterPath = "auto",
+        recompute: bool = False,
     ) -> None:
+        if recompute and step_module is None:
+            raise StepError(
+                "recompute=True re-runs each loop step inside backward and needs the step module: pass step_module="
+            )
+        self.recompute = recompute
         self.model = model
         self.plan = plan
         self.step_module = step_module
@@ -140,6 +146,12 @@ class Tracer:
         self._tracker: RowTracker | None = None
         self._step_inputs: tuple[Any, Any] | None = None
         self._step_route_now = False
+        # recomputation: calls inside a checkpointed step are keyed by (step, call number); their inputs
+        # are captured when backward recomputes the step, their deltas when backward reaches them
+        self._region: list[int] | None = None  # [step, calls so far] inside a checkpointed step
+        self._recomputed: dict[tuple[int, int], list[Any]] = {}  # key -> [saved, deltas still to come]
+        self._waiting: dict[tuple[int, int], list[tuple[torch.Tensor, Any]]] = {}
+        self._ready: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
         # per-batch state
         self.step = 0
         self.in_step = False
@@ -204,14 +216,43 @@ class Tracer:
             self._handles.append(mod.register_forward_hook(hook, with_kwargs=True))
         if self.step_module is not None:  # after the capture hooks: a step module may itself be a layer
             self._handles.append(self.step_module.register_forward_hook(self._step_post, with_kwargs=True))
+        if self.recompute:
+            self._checkpoint_steps()
         _ACTIVE.append(self)
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.recompute and self.step_module is not None and "forward" in vars(self.step_module):
+            del self.step_module.forward
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+
+    def _checkpoint_steps(self) -> None:
+        """Run every loop step under non-reentrant activation checkpointing: the forward keeps only the
+        step's inputs; backward re-runs the step, and the capture takes the layers' inputs then."""
+        assert self.step_module is not None
+        original = self.step_module.forward
+        tracer = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if tracer.phase != "forward" or tracer._suspended or not tracer.in_step:
+                return original(*args, **kwargs)
+            step = tracer.step
+
+            def region(*a: Any, **k: Any) -> Any:
+                outer, tracer._region = tracer._region, [step, 0]
+                try:
+                    return original(*a, **k)
+                finally:
+                    tracer._region = outer
+
+            # the whole step is re-run (no early stop), so every layer's forward hook sees its inputs again
+            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, **kwargs)
+
+        self.step_module.forward = forward  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ steps
     def _step_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -348,6 +389,7 @@ class Tracer:
         try:
             if inputs:
                 grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=keep_graph)
+            self.flush()
             if self.recompute_fired:
                 raise StepError(
                     "reentrant activation checkpointing recomputes the body inside backward, where its "
@@ -361,6 +403,9 @@ class Tracer:
         self.phase = "idle"
         self.feats = None
         self.anchors = {}
+        self._recomputed.clear()
+        self._waiting.clear()
+        self._ready.clear()
 
     def anchor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         a = self.anchors.get(dtype)
@@ -373,8 +418,10 @@ class Tracer:
         if self._suspended:
             return None
         if self.phase == "backward":
-            # activation-checkpoint recomputation: the original forward already captured this call.
-            self._guard_recompute(output)
+            if self._region is not None:  # our recomputation of a step: the inputs the capture needs
+                self._on_recompute(module, args, kwargs, output, rule)
+            else:  # someone else's activation-checkpoint recomputation: the forward already captured this call
+                self._guard_recompute(output)
             return None
         if self.phase != "forward":
             return None
@@ -401,13 +448,21 @@ class Tracer:
             self._step_route_now = True  # the step's output hook computes this layer's gradient
             return None
         rows = self._rows_of(module, rule, name, [outs[i] for i in live], live)
-        saved = rule.capture(module, args, kwargs, output)
+        key = None
+        if self._region is not None:  # checkpointed: the inputs are taken when backward recomputes the step
+            key = (self._region[0], self._region[1])
+            self._region[1] += 1
+            self._recomputed[key] = [None, len(live)]
+            saved = None
+        else:
+            saved = rule.capture(module, args, kwargs, output)
         step = self.step
         for i in live:
             o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
-            o.register_hook(
-                partial(self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name, rows=rows)
+            hook = partial(
+                self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name, rows=rows
             )
+            o.register_hook(partial(self._on_region_grad, key=key, deliver=hook) if key is not None else hook)
             outs[i] = o
         if isinstance(output, torch.Tensor):
             return outs[0]
@@ -442,6 +497,50 @@ class Tracer:
             self.routes[name] = f"{rule.name} (rows from the data flow)"
         return rows
 
+    def _on_recompute(self, module: nn.Module, args: Any, kwargs: Any, output: Any, rule: Rule) -> None:
+        """A call of a checkpointed step, re-run by backward: capture its inputs, and contribute the deltas
+        that already arrived (the step's last layers get theirs before backward recomputes the step)."""
+        outs = (
+            [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else []
+        )
+        if not any(isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point() for o in outs):
+            return
+        if id(module) in self.step_routed:
+            return
+        assert self._region is not None
+        key = (self._region[0], self._region[1])
+        self._region[1] += 1
+        slot = self._recomputed.get(key)
+        if slot is None:
+            return  # a call the forward did not capture (no gradient then)
+        slot[0] = rule.capture(module, args, kwargs, output)
+        # deltas that arrived before the recomputation are delivered once it is over (torch.func, which the
+        # exact fallback uses, refuses to run inside checkpointing's saved-tensor hooks)
+        self._ready.extend((key, grad, deliver) for grad, deliver in self._waiting.pop(key, []))
+
+    def flush(self) -> None:
+        """Deliver the deltas whose inputs a recomputation has just captured."""
+        while self._ready:
+            key, grad, deliver = self._ready.pop()
+            self._deliver(key, grad, deliver)
+
+    def _on_region_grad(self, grad: torch.Tensor, *, key: tuple[int, int], deliver: Any) -> None:
+        if self.phase != "backward":
+            return
+        self.flush()
+        slot = self._recomputed.get(key)
+        if slot is None or slot[0] is None:
+            self._waiting.setdefault(key, []).append((grad, deliver))
+        else:
+            self._deliver(key, grad, deliver)
+
+    def _deliver(self, key: tuple[int, int], grad: torch.Tensor, deliver: Any) -> None:
+        slot = self._recomputed[key]
+        deliver(grad, saved=slot[0])
+        slot[1] -= 1
+        if slot[1] <= 0:  # every delta of this call is in: free its inputs
+            del self._recomputed[key]
+
     def _guard_recompute(self, output: Any) -> None:
         outs = (
             [output]
@@ -471,6 +570,7 @@ class Tracer:
     ) -> None:
         if self.phase != "backward" or self.feats is None:
             return
+        self.flush()
         if rows is not None:  # regroup the rows per example: [N, ...] -> [B, L, ...] (zero-padded)
             grad = group_rows(grad, rows, self.batch_size)
             saved = regroup_saved(saved, lambda t: group_rows(t, rows, self.batch_size), int(rows.shape[0]))
