@@ -45,6 +45,7 @@ def featurize(
     train_mode: bool = False,
     outer_path: OuterPath = "auto",
     recompute: bool = False,
+    autocast: torch.dtype | None = None,
     max_memory: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
@@ -75,6 +76,10 @@ def featurize(
             backward (non-reentrant activation checkpointing of the step module), capturing exactly as
             without it: the memory of one step's activations instead of all of them, for about one more
             forward pass. Needs ``step_module``.
+        autocast: run the forward (and so the captured activations and deltas) under
+            ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``); features are accumulated in the
+            parameters' dtype. Its error against float32 is measured in the benchmarks; the first-batch
+            check then allows the autocast dtype's rounding.
         max_memory: refuse (with the estimate) if the features would need more bytes than this
             (default: half of physical memory).
         progress: show a progress bar.
@@ -100,7 +105,9 @@ def featurize(
     tracer = Tracer(
         model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path, recompute=recompute
     )
-    run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget)
+    if autocast is not None and (not isinstance(autocast, torch.dtype) or autocast.is_complex):
+        raise ConfigError(f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}")
+    run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget, autocast)
     rows = _Rows(per_step)
     with _featurizing(model, tracer, params, train_mode), _progress_bar(progress, n_total) as bar:
         for index, batch in enumerate(_checked_batches(loader, params[0].param.device)):
@@ -110,10 +117,14 @@ def featurize(
                 bar(int(losses.shape[0]))
     if progress:
         _report_routes(tracer.routes)
-    settings = {"tau": tau, "train_mode": train_mode, "outer_path": outer_path}
+    settings = {"tau": tau, "train_mode": train_mode, "outer_path": outer_path, "autocast": _dtype_name(autocast)}
     features = rows.features(spec, plan.describe(), checkpoint, settings)
     features.routes = dict(tracer.routes)
     return features
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _report_routes(routes: dict[str, str]) -> None:
@@ -139,6 +150,13 @@ class _BatchRunner:
     params: list[BodyParam]
     tau: int | None
     budget: _MemoryBudget
+    autocast: torch.dtype | None = None
+
+    def _forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device = self.params[0].param.device.type
+        return torch.autocast(device_type=device, dtype=self.autocast)
 
     def __call__(self, batch: Any, index: int, check: bool, first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.tracer.start_batch(batching.leading_size(batch))
@@ -156,19 +174,23 @@ class _BatchRunner:
                 example_grad = (
                     example_gradients_in_graph(losses, also)
                     if in_graph
-                    else example_gradients_alone(lambda b: validate_losses(self.loss_fn(self.model, b), b), batch, also)
+                    else example_gradients_alone(self._losses_of, batch, also)
                 )
-                check_batch(self.plan, feats, named, grads, example_grad, first_row)
+                check_batch(self.plan, feats, named, grads, example_grad, first_row, self.autocast)
             return feats, losses.detach()
         finally:
             self.tracer.end_batch()
+
+    def _losses_of(self, batch: Any) -> torch.Tensor:
+        with self._forward_context():
+            return validate_losses(self.loss_fn(self.model, batch), batch)
 
     def forward(self, batch: Any) -> torch.Tensor:
         """The batch's per-example losses, switching a layer to the route it needs and rerunning the
         forward when a capture hook asks for it (on the first batch, or when a later one differs)."""
         for _ in range(len(self.params) + 2):
             try:
-                with torch.enable_grad(), self.tracer.forward_pass():
+                with torch.enable_grad(), self.tracer.forward_pass(), self._forward_context():
                     return validate_losses(self.loss_fn(self.model, batch), batch)
             except Reroute as signal:
                 self.tracer.reroute(signal)

@@ -42,9 +42,13 @@ def sketch_gradient(
     return out[0]
 
 
-def compare(plan: SketchPlan, want: torch.Tensor, got: torch.Tensor, what: str) -> None:
-    """Raise :class:`VerificationError` naming every parameter (or the shared space) that differs."""
-    tol = tolerance(got.dtype)
+def compare(
+    plan: SketchPlan, want: torch.Tensor, got: torch.Tensor, what: str, compute_dtype: torch.dtype | None = None
+) -> None:
+    """Raise :class:`VerificationError` naming every parameter (or the shared space) that differs.
+
+    ``compute_dtype``: the dtype the forward ran in (under autocast), whose rounding is allowed."""
+    tol = max(tolerance(got.dtype), tolerance(compute_dtype) if compute_dtype is not None else 0.0)
     groups = [(s.name, s.offset, s.m) for s in plan.slots]
     if plan.spec.budget == "shared" and not plan.spec.is_exact:
         groups = [("all body parameters", 0, plan.dim)]
@@ -71,6 +75,7 @@ def check_batch(
     batch_grads: tuple[torch.Tensor | None, ...],
     example_grad: Callable[[int], tuple[torch.Tensor | None, ...]],
     first_row: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Compare a batch's features ``[B, steps, D]`` with autograd: the batch sum (``batch_grads``, the
     gradient of the summed loss w.r.t. ``params`` in order) and the first and last examples alone
@@ -78,11 +83,11 @@ def check_batch(
     names = list(params)
     dtype, device = feats.dtype, feats.device
     total = sketch_gradient(plan, dict(zip(names, batch_grads, strict=True)), dtype, device)
-    compare(plan, total, feats.sum((0, 1)), "the batch's summed features")
+    compare(plan, total, feats.sum((0, 1)), "the batch's summed features", compute_dtype)
     b = feats.shape[0]
     for i in sorted({0, b - 1}):
         want = sketch_gradient(plan, dict(zip(names, example_grad(i), strict=True)), dtype, device)
-        compare(plan, want, feats[i].sum(0), f"example {first_row + i}'s features")
+        compare(plan, want, feats[i].sum(0), f"example {first_row + i}'s features", compute_dtype)
 
 
 def example_gradients_in_graph(

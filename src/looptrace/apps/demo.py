@@ -17,6 +17,15 @@ from looptrace.apps.catalog import open_run
 from looptrace.apps.catalog import study as get_study
 from looptrace.apps.zoo import train_preset
 
+#: trained runs shipped with the package (looptrace/apps/data/runs/<study>-<size>)
+DATA = Path(__file__).resolve().parent / "data" / "runs"
+
+
+def shipped_run(study: str, size: str) -> Path | None:
+    """The trained run of ``study``'s ``size`` preset shipped with the package, if there is one."""
+    path = DATA / f"{study}-{size}"
+    return path if (path / "config.json").exists() and (path / "model.pt").exists() else None
+
 
 def run_demo(out: Path, quick: bool = False, retrain: bool = False, device: str = "cpu") -> Path:
     """Train (or reuse) the parity model, run the study, and write the report into ``out``."""

@@ -34,12 +34,12 @@ def _poly(x: torch.Tensor, coeffs: list[int]) -> torch.Tensor:
     return acc
 
 
-def bucket_hash(n: int, m: int, *, seed: int, name: str, role: str) -> torch.Tensor:
-    """2-wise independent h: [n] -> [m] as an int64 CPU tensor of length n."""
+def bucket_hash(n: int, m: int, *, seed: int, name: str, role: str, independence: int = 2) -> torch.Tensor:
+    """k-wise independent h: [n] -> [m] (k = ``independence``: 2 by default) as an int64 CPU tensor."""
     if n >= _P:
         raise ValueError(f"hash domain {n} exceeds 2^31 - 1")
     x = torch.arange(n, dtype=torch.int64)
-    return _poly(x, _coefficients(seed, name, role, 2)) % m
+    return _poly(x, _coefficients(seed, name, role, independence)) % m
 
 
 def sign_hash(n: int, *, seed: int, name: str, role: str) -> torch.Tensor:

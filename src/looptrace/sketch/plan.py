@@ -7,7 +7,14 @@ sketch(sum_t phi_t) = sum_t sketch(phi_t), which is what makes conservation hold
 Three kinds of per-slot maps:
 
 * ``identity``: the flattened gradient itself (exact mode, or a tensor kept exact by the budget).
-* ``cs``: CountSketch of the flattened gradient with hash h (2-wise) and sign s (4-wise).
+* ``cs``: CountSketch of the flattened gradient [rows, cols] with a 4-wise independent bucket hash
+  h(i, j) on the flattened index and a separable sign s(i, j) = s1(i) s2(j) (s1, s2 4-wise
+  independent). The separable sign folds into the factors of an outer product (left * s1, right * s2),
+  so sketching a sum of outer products costs no pass over the materialised matrix beyond the scatter.
+  Unbiased; variance <= (2/m + 2/m^2)|g|^2|p|^2: the pairs of entries of the usual CountSketch bound
+  (2/m), plus "rectangles" (i, j), (i', j'), (i, j'), (i', j) whose signs no longer cancel, each
+  needing two independent bucket collisions (1/m^2 under the 4-wise bucket hash) and summing to at most
+  2 |g|^2 |p|^2.
 * ``ts``: TensorSketch for a matrix parameter [rows, cols]: the CountSketch of the flattened
   matrix under the induced hash H(i, j) = h1(i) + h2(j) mod m and sign S(i, j) = s1(i) s2(j)
   (Lemma 3). For a sum of outer products it can be computed without the matrix via the FFT:
@@ -69,8 +76,11 @@ class Slot:
             return self._tables[key]
         t: dict[str, torch.Tensor] = {}
         if self.kind == "cs":
-            t["idx"] = bucket_hash(self.numel, self.m, seed=self.seed, name=self.name, role="h")
-            t["sign"] = sign_hash(self.numel, seed=self.seed, name=self.name, role="s")
+            t["idx"] = bucket_hash(self.numel, self.m, seed=self.seed, name=self.name, role="h", independence=4)
+            s1 = sign_hash(self.rows, seed=self.seed, name=self.name, role="s1")
+            s2 = sign_hash(self.cols, seed=self.seed, name=self.name, role="s2")
+            t.update(s1=s1, s2=s2)
+            t["sign"] = (s1[:, None] * s2[None, :]).reshape(-1)
         elif self.kind == "ts":
             h1 = bucket_hash(self.rows, self.m, seed=self.seed, name=self.name, role="h1")
             h2 = bucket_hash(self.cols, self.m, seed=self.seed, name=self.name, role="h2")
@@ -121,7 +131,7 @@ class Slot:
             self._add_outer_fft(out, left, right)
             return
         t = self.tables(left.device, left.dtype) if self.kind != "identity" else {}
-        if self.kind == "ts":  # fold S(i, j) = s1(i) s2(j) into the factors: O(L (rows + cols))
+        if self.kind != "identity":  # fold the separable sign s1(i) s2(j) into the factors: O(L (rows + cols))
             left = left * t["s1"]
             right = right * t["s2"]
         per_example = rows * cols * left.element_size()
@@ -131,10 +141,8 @@ class Slot:
             o = out[i : i + step]
             if self.kind == "identity":
                 o.add_(g)
-            elif self.kind == "ts":
+            else:  # the signs are in the factors already
                 o.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g)
-            else:
-                o.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g * t["sign"])
 
     def _choose_path(self, n_tok: int, path: OuterPath) -> Literal["fft", "materialize"]:
         if path != "auto":

@@ -33,7 +33,9 @@ class SketchSpec:
         seed: seeds every hash; hashes are drawn from (seed, parameter name, role).
         method: ``"tensorsketch"`` (the paper: TensorSketch for matrix parameters, CountSketch for
             vectors; variance <= (4/m^2 + 6/m)|g|^2|p|^2), ``"countsketch"`` (CountSketch of each
-            flattened parameter gradient with a fully independent hash; variance <= 2/m |g|^2|p|^2),
+            flattened parameter gradient: a 4-wise independent bucket hash on the flattened index and a
+            separable sign s1(row) s2(col), which folds into outer-product factors; variance <=
+            (2/m + 2/m^2)|g|^2|p|^2),
             or ``"exact"`` (identity: the full per-step gradient).
         budget: how ``dim`` is spent across parameter tensors: ``"per_tensor"`` (dim each, as in
             the paper), ``"proportional"`` (D split in proportion to tensor size, tensors no larger than

@@ -21,7 +21,7 @@ from looptrace.store.shards import dataset_fingerprint
 from looptrace.store.store import ROLES, FeatureStore
 
 #: featurize() options that change the numbers; the store records them and refuses a mix.
-RECORDED_OPTIONS = ("tau", "train_mode", "outer_path")
+RECORDED_OPTIONS = ("tau", "train_mode", "outer_path", "autocast")
 
 
 def featurize_to_store(
@@ -62,6 +62,7 @@ def featurize_to_store(
     params = body_parameters(model, resolve_body(model, step_module, body))
     layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
     options = {k: featurize_kwargs.get(k, _DEFAULTS[k]) for k in RECORDED_OPTIONS}
+    options["autocast"] = None if options["autocast"] is None else str(options["autocast"]).removeprefix("torch.")
     dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
     store = FeatureStore.open(
         store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype,
@@ -95,4 +96,4 @@ def featurize_to_store(
     return store
 
 
-_DEFAULTS: dict[str, Any] = {"tau": None, "train_mode": False, "outer_path": "auto"}
+_DEFAULTS: dict[str, Any] = {"tau": None, "train_mode": False, "outer_path": "auto", "autocast": None}

@@ -1,15 +1,15 @@
 """Benchmarks: fidelity, conservation, memory and speed against the exact baseline and the peers.
 
 ``looptrace bench all [--quick]`` writes ``benchmarks/results/latest.json`` and regenerates the
-Markdown table ``benchmarks/results/README.md``. Ratios are measured within one run (the machines
-are noisy); every timing is the median of repetitions; the machine, threads, torch version and date
-are recorded with the figures.
+Markdown table ``benchmarks/results/README.md``, whose every label comes from the data. The models
+have every loop step active (checked; a model with an inactive step is refused). Ratios are
+measured within one run (the machines are noisy), as medians of per-round ratios; the machine,
+threads, torch version and date are recorded with the figures.
 
-Peers, on the same model, batch and run:
-* the PyPI reference implementation of the paper (``step-decomposed-influence``), installed into a
-  throwaway virtual environment and run in a subprocess;
-* project-after-the-fact TracIn (per-example gradients by ``torch.func``, then a dense Gaussian or a
-  sparse JL projection, as TRAK and Captum do).
+Peers, on the same model, batches and run: the PyPI reference implementation of the paper
+(``step-decomposed-influence``, in a throwaway virtual environment, run in a subprocess), and
+project-after-the-fact TracIn (per-example gradients by ``torch.func``, then a dense Gaussian or a
+sparse JL projection, as TRAK and Captum do).
 """
 
 from __future__ import annotations
@@ -17,79 +17,142 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import looptrace as lt
-from looptrace.apps.bench.common import RESULTS, BenchConfig, build, featurize, machine
+from looptrace.apps.bench.common import (
+    RESULTS,
+    BenchConfig,
+    InactiveSteps,
+    machine,
+    parity_workload,
+    synthetic_workload,
+)
+from looptrace.apps.bench.extras import precision, recorder_overhead, routes
 from looptrace.apps.bench.fidelity import conservation, fidelity
 from looptrace.apps.bench.memory import measure_memory, memory_paper_model, paper_memory
 from looptrace.apps.bench.reference import reference
 from looptrace.apps.bench.report import markdown
-from looptrace.apps.bench.speed import project_after, speed
+from looptrace.apps.bench.speed import overhead, peer_rows, project_after, where_time_goes
 from looptrace.io import atomic_write_bytes, atomic_write_json
 
+__all__ = ["add_arguments", "main", "run_all", "run_args"]
 
-# ---------------------------------------------------------------------------------------- all
-def run_all(cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench-venv")) -> dict[str, Any]:
+
+def _trained_run(path: str | None) -> Path | None:
+    """The trained run the benchmark also measures: ``--trained``, else the shipped parity run."""
+    if path:
+        return Path(path)
+    from looptrace.apps.demo import shipped_run
+
+    return shipped_run("parity", "small")
+
+
+def run_all(
+    cfg: BenchConfig, out_dir: Path = RESULTS, venv: Path = Path(".bench-venv"), trained: str | None = None
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, batch = build(cfg, cfg.device)
     t0 = time.perf_counter()
-    exact = featurize(model, batch, lt.SketchSpec.exact())
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "config": dataclasses.asdict(cfg),
-        "body_parameters": exact.dim,
-        "body_tensors": len(exact.layout),
-    }
-    print("speed ...", flush=True)
-    results["speed"] = speed(model, batch, cfg)
+    work = synthetic_workload(cfg)
+    results: dict[str, Any] = {"machine": machine(), "config": dataclasses.asdict(cfg)}
     print("fidelity ...", flush=True)
-    results["fidelity"] = fidelity(model, batch, cfg, exact)
+    exact = work.featurize(lt.SketchSpec.exact())
+    results["fidelity"] = {work.name: fidelity(work, cfg, exact)}
+    run_dir = _trained_run(trained)
+    if run_dir is not None:
+        trained_work = parity_workload(run_dir)
+        results["fidelity"][trained_work.name] = fidelity(
+            trained_work, dataclasses.replace(cfg, total_dims=()), trained_work.featurize(lt.SketchSpec.exact())
+        )
     print("conservation ...", flush=True)
-    results["conservation"] = conservation(model, batch, exact)
-    print("project-after-the-fact ...", flush=True)
-    results["project_after"] = project_after(model, batch, cfg, exact)
-    print("memory ...", flush=True)
-    results["memory"] = measure_memory(cfg)
+    results["conservation"] = conservation(work, exact)
+    print("speed ...", flush=True)
+    results["overhead"] = overhead(work, cfg)
+    ref = None
     if cfg.peer:
         print("reference implementation ...", flush=True)
-        results["reference"] = reference(cfg, exact, results["speed"]["overhead_tensorsketch_m2048_materialize"], venv)
+        ref = reference(cfg, exact, venv, dims=sorted({256, 1024, 2048}))
+    results["reference"] = ref
+    results["peer_table"] = peer_rows(work, cfg, exact, ref)
+    results["where_time_goes"] = where_time_goes(work)
+    results["project_after"] = project_after(work, cfg, exact)
+    print("memory ...", flush=True)
+    points: dict[str, tuple[int, ...]] = {
+        "plain": (2, 8),
+        "sketched": (2, 8),
+        "sketched-recompute": (2, 8),
+        "exact": (2, 8),
+    }
+    results["memory"] = measure_memory(cfg) if cfg.device != "cpu" else _cpu_memory(cfg, points)
+    print("precision, routes, recorder ...", flush=True)
+    results["precision"] = precision(work, cfg, exact)
+    results["routes"] = routes(cfg)
+    results["recorder"] = recorder_overhead(cfg)
     results["seconds"] = time.perf_counter() - t0
-    sp, fi, ref = results["speed"], results["fidelity"], results.get("reference")
-    at2048 = [r for r in fi["per_tensor_tensorsketch"] if r["m"] == 2048] or fi["per_tensor_tensorsketch"]
-    results["overhead_ratio"] = sp["overhead_default"]
-    results["speedup_vs_reference"] = ref["speedup_of_ours_at_same_settings"] if ref else None
-    results["sdi_rel_error"] = at2048[len(at2048) // 2]["sdi_rel_error"]
-    results["slope"] = fi["slope"]
-    results["conservation_rel"] = results["conservation"]["relative"]
-    results["max_batch_ratio"] = results["memory"]["max_batch_ratio"]
-    paper_mem = paper_memory(out_dir)
-    if paper_mem is not None:  # measured separately (bench memory --paper, ~3 minutes)
-        results["max_batch_ratio_paper_model"] = paper_mem["max_batch_ratio"]
-        results["paper_model_memory_measured"] = paper_mem["machine"]["date"]
-    stem = "latest" if cfg.device == "cpu" else "gpu"
+    results.update(headline(results, out_dir))
+    stem = "latest" if cfg.device == "cpu" else "gpu-all"
     atomic_write_json(results, out_dir / f"{stem}.json")
     atomic_write_bytes(
-        out_dir / ("README.md" if cfg.device == "cpu" else "gpu.md"), markdown(results, out_dir).encode()
+        out_dir / ("README.md" if cfg.device == "cpu" else "gpu-all.md"), markdown(results, out_dir).encode()
     )
     return results
+
+
+def _cpu_memory(cfg: BenchConfig, points: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    from looptrace.apps.bench.memory import memory
+
+    return memory(cfg, batches=points)
+
+
+def headline(r: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The figures the README quotes, each taken from the detailed results."""
+    fid = r["fidelity"]["looped-gpt"]
+    at = next(row for row in fid["per_tensor_tensorsketch"] if row["m"] == 2048)
+    table = {row["label"]: row for row in r["peer_table"]}
+    ours_fft = next(v for k, v in table.items() if "FFT" in k and k.startswith("looptrace"))
+    ours_default = next(v for k, v in table.items() if "default" in k)
+    ref = next((v for k, v in table.items() if k.startswith("reference")), None)
+    out: dict[str, Any] = {
+        "sdi_rel_error_m2048": at["sdi_rel_error"]["mean"],
+        "tracin_rel_error_m2048": at["tracin_rel_error"]["mean"],
+        "slope": fid["slope"],
+        "per_step_error": at["per_step_sdi_rel_error"],
+        "step_shares": fid["step_shares"],
+        "overhead_ratio": r["overhead"]["default_verify_first"]["ratio"],
+        "overhead_ratio_no_verify": r["overhead"]["default_no_verify"]["ratio"],
+        "speedup_vs_reference_same_method": ref["overhead"] / ours_fft["overhead"] if ref else None,
+        "speedup_vs_reference_default": ref["overhead"] / ours_default["overhead"] if ref else None,
+        "conservation_rel": r["conservation"]["relative"],
+        "max_batch_ratio": r["memory"]["max_batch_ratio"],
+    }
+    paper = paper_memory(out_dir)
+    if paper is not None:  # measured separately (bench memory --paper, several minutes)
+        out["max_batch_ratio_paper_model"] = paper["max_batch_ratio"]
+        out["max_batch_over_plain_paper_model"] = paper["max_batch_over_plain"]
+        out["paper_model_memory_measured"] = paper["machine"]["date"]
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options: one definition for ``looptrace bench`` and :func:`main`."""
     p.add_argument(
         "what",
-        choices=["all", "scale", "memory"],
-        help="all: fidelity/speed/memory/peers; scale: the feature store at N examples; memory: peak memory of "
-        "plain / sketched / exact (with --paper: the paper's configuration, on the CPU)",
+        choices=["all", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
+        help="all: fidelity/speed/memory/peers; scale: the feature store at N examples; memory: peak memory of each "
+        "mode (with --paper: the paper's configuration, on the CPU); gpu: the paper's configuration on one GPU "
+        "(--dry-run: a tiny model, any device); routes: the cost of each capture route; recorder: the checkpoint "
+        "recorder's training overhead; train-time: the parity paper preset's training time from timed steps",
     )
-    p.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (<= 10 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (m = 2048 kept; about 5 minutes)")
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dry-run", action="store_true", help="(gpu) a tiny model: checks the script, measures nothing")
+    p.add_argument("--trained", default=None, help="a trained run directory to measure fidelity on as well")
     p.add_argument("--out", default=str(RESULTS), help="results directory")
 
 
@@ -101,31 +164,46 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_args(a: argparse.Namespace) -> int:
     """Run the benchmark chosen by parsed :func:`add_arguments` options."""
+    out = Path(a.out)
+    base = BenchConfig.quick() if a.quick else BenchConfig()
+    cfg = dataclasses.replace(base, device=a.device, peer=not a.no_peer)
     if a.what == "scale":
         from looptrace.apps.bench import scale
 
-        print(json.dumps(scale.run(a.n, Path(a.out)), indent=2, default=str))
+        print(json.dumps(scale.run(a.n, out), indent=2, default=str))
+        return 0
+    if a.what == "gpu":
+        from looptrace.apps.bench import gpu
+
+        print(json.dumps(gpu.run(a.device, a.dry_run, out), indent=2, default=str))
+        return 0
+    if a.what == "train-time":
+        from looptrace.apps.bench.train_time import main as train_time
+
+        train_time(["parity", "--preset", "paper", "--out", str(out)])
         return 0
     if a.what == "memory":
-        if a.paper:
-            r = memory_paper_model(Path(a.out))
-        else:
-            r = measure_memory(dataclasses.replace(BenchConfig(), device=a.device))
+        r = memory_paper_model(out) if a.paper else measure_memory(cfg)
         print(json.dumps(r, indent=2, default=str))
         return 0
-    cfg = BenchConfig.paper() if a.paper else BenchConfig.quick() if a.quick else BenchConfig()
-    cfg = dataclasses.replace(cfg, device=a.device)
-    if a.no_peer:
-        cfg = dataclasses.replace(cfg, peer=False)
-    r = run_all(cfg, Path(a.out))
-    keys = (
-        "overhead_ratio",
-        "speedup_vs_reference",
-        "sdi_rel_error",
-        "slope",
-        "conservation_rel",
-        "max_batch_ratio",
-        "seconds",
-    )
-    print(json.dumps({k: r[k] for k in keys}, indent=2))
+    if a.what == "routes":
+        r = routes(cfg)
+        atomic_write_json(r, out / "routes.json")
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    if a.what == "recorder":
+        r = recorder_overhead(cfg)
+        atomic_write_json(r, out / "recorder.json")
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    if a.paper:
+        cfg = dataclasses.replace(BenchConfig.paper(), device=a.device, peer=not a.no_peer)
+    try:
+        r = run_all(cfg, out, trained=a.trained)
+    except InactiveSteps as exc:
+        print(f"looptrace bench: refused: {exc}", file=sys.stderr)
+        return 2
+    keys = ("sdi_rel_error_m2048", "tracin_rel_error_m2048", "slope", "overhead_ratio", "speedup_vs_reference_same_method",
+            "speedup_vs_reference_default", "conservation_rel", "max_batch_ratio", "seconds")  # fmt: skip
+    print(json.dumps({k: r.get(k) for k in keys}, indent=2))
     return 0

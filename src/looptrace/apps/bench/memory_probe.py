@@ -1,16 +1,16 @@
 """One memory measurement in a fresh process: ``python -m looptrace.apps.bench.memory_probe CONFIG MODE``.
 
 Prints ``{"base_kib", "peak_kib"}``: this process's peak RSS (VmHWM, per address space, unlike
-``ru_maxrss`` which survives exec) before and after one plain training step, sketched or exact
-featurisation of the benchmark model at the configured batch."""
+``ru_maxrss`` which survives exec) before and after one plain training step or one featurisation
+(sketched, sketched with recomputation, exact) of the benchmark model at the configured batch."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, build, featurize, loss_fn
+from looptrace.apps.bench.common import BenchConfig, build
+from looptrace.apps.bench.memory import run_mode
 
 
 def peak_rss_kib() -> int:
@@ -24,16 +24,9 @@ def peak_rss_kib() -> int:
 def main(argv: list[str]) -> None:
     cfg = BenchConfig(**json.loads(argv[0]))
     mode = argv[1]
-    model, batch = build(cfg)
+    model, batches = build(cfg)
     base = peak_rss_kib()
-    if mode == "plain":
-        loss_fn(model, batch).sum().backward()
-    elif mode == "exact":
-        featurize(model, batch, lt.SketchSpec.exact())
-    elif mode == "sketched":
-        featurize(model, batch, lt.SketchSpec())
-    else:
-        raise SystemExit(f"unknown mode {mode!r}: plain, sketched or exact")
+    run_mode(model, batches[0], mode)
     print(json.dumps({"base_kib": base, "peak_kib": peak_rss_kib()}))
 
 

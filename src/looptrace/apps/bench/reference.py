@@ -1,7 +1,9 @@
 """The reference implementation of the paper (PyPI ``step-decomposed-influence``), run side by side.
 
 It is installed into a throwaway virtual environment and run in a subprocess
-(``python -m looptrace.apps.bench.reference_probe``) on the same model, batch and settings."""
+(``python -m looptrace.apps.bench.reference_probe``) on the same model, batches and settings: its
+TensorSketch at m = 2048 per tensor, timed over the same loader as ours, and its SDI and TracIn errors
+against our exact features of the first batch (the same model and weights)."""
 
 from __future__ import annotations
 
@@ -40,12 +42,11 @@ def peer_venv(root: Path) -> Path | None:
     return py
 
 
-def reference(cfg: BenchConfig, exact: lt.Features, ours_overhead_s: float, venv: Path) -> dict[str, Any] | None:
+def reference(cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int]) -> dict[str, Any] | None:
+    """The reference's timings and errors at ``dims`` (m per tensor), or ``None`` if it cannot run here."""
     py = peer_venv(venv)
     if py is None:
         return None
-    n_tensors = len(exact.layout)
-    dims = sorted({2048, *[max(2, d // n_tensors) // 2 * 2 for d in cfg.total_dims]})
     src = str(Path(__file__).resolve().parents[3])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.pt"
@@ -59,15 +60,19 @@ def reference(cfg: BenchConfig, exact: lt.Features, ours_overhead_s: float, venv
             return None
         res = json.loads(r.stdout.strip().splitlines()[-1])
         feats = torch.load(out, weights_only=True)
-    s_ex = lt.sdi(exact, exact)
-    errs: dict[int, list[float]] = {}
+    s_ex, t_ex = lt.sdi(exact, exact), lt.tracin(exact, exact)
+    sdi_err: dict[int, list[float]] = {}
+    tracin_err: dict[int, list[float]] = {}
+    d_of: dict[int, int] = {}
     for key, phi in feats.items():
         m = int(key.split("_")[0])
-        s = torch.einsum("nd,mtd->nmt", phi.sum(1), phi)
-        errs.setdefault(m, []).append(rel(s, s_ex))
-    res["equal_total_dim"] = [
-        {"m": m, "D": m * n_tensors, "sdi_rel_error": statistics.mean(v), "sdi_sd": statistics.pstdev(v)}
-        for m, v in sorted(errs.items())
-    ]
-    res["speedup_of_ours_at_same_settings"] = res["overhead_m2048"] / ours_overhead_s
+        total = phi.sum(1)
+        sdi_err.setdefault(m, []).append(rel(torch.einsum("nd,mtd->nmt", total, phi), s_ex))
+        tracin_err.setdefault(m, []).append(rel(total @ total.T, t_ex))
+        d_of[m] = int(phi.shape[-1])
+    res["errors"] = [
+        {"m": m, "D": d_of[m], "sdi_rel_error": statistics.mean(sdi_err[m]), "sdi_sd": statistics.pstdev(sdi_err[m]),
+         "tracin_rel_error": statistics.mean(tracin_err[m]), "tracin_sd": statistics.pstdev(tracin_err[m])}
+        for m in sorted(sdi_err)
+    ]  # fmt: skip
     return res

@@ -1,78 +1,121 @@
-"""Speed of featurisation against a plain forward+backward, and project-after-the-fact TracIn."""
+"""Speed: featurisation against a plain forward+backward on a realistic loader, the peer table at equal
+total dimension, where the time goes, and project-after-the-fact TracIn.
+
+Every ratio is the median over rounds of alternating calls (plain, then featurisation) within this
+process, so drift in the machine's speed cancels within a round.
+"""
 
 from __future__ import annotations
 
 import math
-from functools import partial
+import statistics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, featurize, loss_fn, median_time, paired_times, rel
-from looptrace.models.looped import LoopedTransformer
+from looptrace.apps.bench.common import BenchConfig, Workload, median_time, paired_times, rel
 from looptrace.sketch.plan import SketchPlan
 
 
-def speed(model: LoopedTransformer, batch: Any, cfg: BenchConfig) -> dict[str, Any]:
-    def plain() -> None:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model, batch).sum().backward()
-
-    def forward() -> None:
-        with torch.no_grad():
-            loss_fn(model, batch)
-
-    t_plain = median_time(plain, cfg.reps)
-    t_fwd = median_time(forward, cfg.reps)
-    out: dict[str, Any] = {"plain_fwd_bwd_s": t_plain, "inference_forward_s": t_fwd}
-    specs = {
-        "default": lt.SketchSpec(),
-        "tensorsketch_m2048_materialize": lt.SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor"),
-        "countsketch_m2048": lt.SketchSpec(dim=2048, method="countsketch", budget="per_tensor"),
-    }
-    for name, spec in specs.items():  # each paired with a plain step, ratios per round
-        _, t, ratio = paired_times(plain, partial(featurize, model, batch, spec), cfg.reps)
-        out[f"featurize_{name}_s"] = t
-        out[f"overhead_{name}"] = ratio
-    _, t_fft, ratio = paired_times(
-        plain,
-        lambda: featurize(model, batch, specs["tensorsketch_m2048_materialize"], outer_path="fft"),
-        max(1, cfg.reps // 2),
+def _ratio(work: Workload, cfg: BenchConfig, **kw: Any) -> dict[str, Any]:
+    spec = kw.pop("spec")
+    t_plain, t_feat, ratio, rounds = paired_times(
+        lambda: work.plain_step(work.batches), lambda: work.featurize(spec, work.batches, **kw), cfg.reps
     )
-    out["featurize_tensorsketch_m2048_fft_s"] = t_fft
-    out["overhead_tensorsketch_m2048_fft"] = ratio
-
-    def per_checkpoint() -> None:
-        f = featurize(model, batch, specs["default"])
-        lt.sdi(f, f)
-        lt.tracin(f, f)
-
-    t_ck = median_time(per_checkpoint, cfg.reps)
-    out["sdi_per_checkpoint_s"] = t_ck
-    out["sdi_per_checkpoint_over_forward"] = t_ck / t_fwd
-    return out
+    return {"plain_s": t_plain, "featurize_s": t_feat, "ratio": ratio, "rounds": rounds}
 
 
-def project_after(
-    model: LoopedTransformer, batch: Any, cfg: BenchConfig, exact: lt.Features, k: int = 2048
-) -> dict[str, Any]:
-    """TRAK/Captum-style TracIn: per-example gradients by torch.func, then a JL projection."""
-    body = dict(model.core.named_parameters(prefix="core"))
+def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
+    """The default featurisation over the whole loader (verification on its first batch, as users run it),
+    without verification, with recomputation, against a plain forward+backward over the same batches."""
+    default = lt.SketchSpec()
+    return {
+        "loader": f"{len(work.batches)} batches of {work.batches[0][0].shape[0]} examples",
+        "default_spec": str(default),
+        "default_verify_first": _ratio(work, cfg, spec=default, verify="first"),
+        "default_no_verify": _ratio(work, cfg, spec=default, verify=False),
+        "default_recompute": _ratio(work, cfg, spec=default, verify=False, recompute=True),
+    }
+
+
+def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The reference implementation and ours at the same total dimension D (TensorSketch, m = 2048 per
+    tensor): the same method by FFT, the same method materialised, and our default sketch."""
+    n_tensors = len(exact.layout)
+    total = 2048 * n_tensors
+    s_ex, t_ex = lt.sdi(exact, exact), lt.tracin(exact, exact)
+    same = lt.SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor")
+    rows_spec: list[tuple[str, lt.SketchSpec, dict[str, Any]]] = [
+        ("looptrace: same method (per-tensor TensorSketch m=2048, FFT)", same, {"outer_path": "fft"}),
+        ("looptrace: same method (per-tensor TensorSketch m=2048, materialised)", same, {"outer_path": "materialize"}),
+        (f"looptrace: default sketch at the same D ({lt.SketchSpec(dim=total)})", lt.SketchSpec(dim=total), {}),
+    ]
+    rows = []
+    for label, spec, kw in rows_spec:
+        errs_sdi, errs_tracin = [], []
+        for seed in range(cfg.seeds):
+            f = work.featurize(lt.SketchSpec(**{**spec.to_dict(), "seed": seed}), None, **kw)
+            errs_sdi.append(rel(lt.sdi(f, f), s_ex))
+            errs_tracin.append(rel(lt.tracin(f, f), t_ex))
+        timing = _ratio(work, cfg, spec=spec, verify=False, **kw)
+        rows.append({"label": label, "D": total, "overhead": timing["ratio"], "featurize_s": timing["featurize_s"],
+                     "sdi_rel_error": statistics.mean(errs_sdi), "tracin_rel_error": statistics.mean(errs_tracin)})  # fmt: skip
+    if ref is not None:
+        at = next((e for e in ref["errors"] if e["m"] == 2048), None)
+        rows.append(
+            {"label": "reference implementation (step-decomposed-influence, TensorSketch m=2048, FFT)", "D": at["D"] if at else None,
+             "overhead": ref["overhead_m2048"], "featurize_s": ref["featurize_m2048_s"],
+             "sdi_rel_error": at["sdi_rel_error"] if at else None, "tracin_rel_error": at["tracin_rel_error"] if at else None}
+        )  # fmt: skip
+    return rows
+
+
+def where_time_goes(work: Workload, top: int = 12) -> dict[str, Any]:
+    """torch.profiler self-CPU time of one default featurisation of one batch, by operator, against a
+    plain forward+backward of the same batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def table(fn: Any) -> tuple[float, list[dict[str, Any]]]:
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        return total / 1e6, [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total}
+                             for e in events[:top]]  # fmt: skip
+
+    feat_total, feat_ops = table(lambda: work.featurize(lt.SketchSpec(), work.batches[:1]))
+    plain_total, plain_ops = table(lambda: work.plain_step(work.batches[:1]))
+    return {
+        "featurize_self_s": feat_total,
+        "plain_self_s": plain_total,
+        "featurize_ops": feat_ops,
+        "plain_ops": plain_ops,
+    }
+
+
+def project_after(work: Workload, cfg: BenchConfig, exact: lt.Features, k: int = 2048) -> dict[str, Any]:
+    """TRAK/Captum-style TracIn: per-example gradients by torch.func, then a JL projection (TracIn only)."""
+    model = work.model
+    prefix = next(n for n, m in model.named_modules() if m is work.step_module)
+    body = dict(work.step_module.named_parameters(prefix=prefix))
     names = sorted(body)
     others = {n: p.detach() for n, p in model.named_parameters() if n not in body}
+    x, y = work.batches[0]
+    batch_size = x.shape[0]
 
-    def one(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(model, {**others, **params}, (x[None],))
-        return F.cross_entropy(out[0], y)
+    def one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, {**others, **params}, (xi[None],))
+        return F.cross_entropy(out[0], yi)
 
     grad_fn = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))
     detached = {n: body[n].detach() for n in names}
 
     def per_example() -> torch.Tensor:
-        g = grad_fn(detached, *batch)
-        return torch.cat([g[n].reshape(cfg.batch, -1) for n in names], 1)
+        g = grad_fn(detached, x, y)
+        return torch.cat([g[n].reshape(batch_size, -1) for n in names], 1)
 
     t_grad = median_time(per_example, max(1, cfg.reps // 2))
     g = per_example()
@@ -81,7 +124,7 @@ def project_after(
 
     def dense() -> torch.Tensor:  # Gaussian JL, generated in seeded blocks (never a P x k matrix)
         gen = torch.Generator().manual_seed(0)
-        out = torch.zeros(cfg.batch, k, device=g.device)
+        out = torch.zeros(batch_size, k, device=g.device)
         for i in range(0, p, 16384):
             r = torch.randn(min(16384, p - i), k, generator=gen).to(g.device) / math.sqrt(k)
             out += g[:, i : i + 16384] @ r
@@ -90,7 +133,7 @@ def project_after(
     slot = SketchPlan.build(lt.SketchSpec(dim=k, method="countsketch", budget="shared"), [("all", (p,))]).slots[0]
 
     def sparse() -> torch.Tensor:
-        out = torch.zeros(cfg.batch, k, device=g.device)
+        out = torch.zeros(batch_size, k, device=g.device)
         slot.add_dense(out, g)
         return out
 
