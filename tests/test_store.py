@@ -94,7 +94,13 @@ def test_store_records_the_featurisation_options_and_refuses_a_mix(tmp_path) -> 
     ds = {"train": make_dataset("train", 16), "query": make_dataset("query", 4)}
     common = dict(step_module=model.core, sketch=lt.SketchSpec(dim=32), batch_size=8, shard_size=8)
     store = featurize_to_store(model, cks, ds, loss_fn, tmp_path / "store", tau=3, **common)
-    assert store.options == {"tau": 3, "train_mode": False, "outer_path": "auto", "autocast": None}
+    assert store.options == {
+        "tau": 3,
+        "train_mode": False,
+        "outer_path": "auto",
+        "autocast": None,
+        "precondition": None,
+    }
     assert FeatureStore.open(tmp_path / "store").summary()["options"]["tau"] == 3
     with pytest.raises(lt.SpecMismatchError, match="options"):
         featurize_to_store(model, cks, ds, loss_fn, tmp_path / "store", tau=None, **common)

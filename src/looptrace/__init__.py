@@ -24,7 +24,7 @@ from looptrace.errors import (
     VerificationError,
 )
 from looptrace.features import Features
-from looptrace.featurize import featurize
+from looptrace.featurize import adam_preconditioner, featurize
 from looptrace.influence.attribute import Attribution, attribute
 from looptrace.influence.checkpoints import Checkpoint, LoadedCheckpoint, load_checkpoints
 from looptrace.influence.recorder import CheckpointRecorder
@@ -53,6 +53,7 @@ __all__ = [
     "TiedParameterError",
     "UnsupportedLayerError",
     "VerificationError",
+    "adam_preconditioner",
     "attribute",
     "featurize",
     "find_step_module",

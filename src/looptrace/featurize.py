@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -46,6 +46,7 @@ def featurize(
     outer_path: OuterPath = "auto",
     recompute: bool = False,
     autocast: torch.dtype | None = None,
+    precondition: Mapping[str, torch.Tensor] | None = None,
     max_memory: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
@@ -80,6 +81,10 @@ def featurize(
             ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``); features are accumulated in the
             parameters' dtype. Its error against float32 is measured in the benchmarks; the first-batch
             check then allows the autocast dtype's rounding.
+        precondition: ``{body parameter name: P^(1/2)}`` (shapes of the parameters): every per-step
+            gradient is scaled elementwise before sketching, so inner products of features are
+            ``g^T P g'`` and conservation still holds (e.g. Adam's ``1 / sqrt(sqrt(v_hat) + eps)``, see
+            :func:`adam_preconditioner`). Parameters not named are left unscaled.
         max_memory: refuse (with the estimate) if the features would need more bytes than this
             (default: half of physical memory).
         progress: show a progress bar.
@@ -102,12 +107,14 @@ def featurize(
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None  # type: ignore[attr-defined]
     budget = _MemoryBudget(n_total, plan.dim, params[0].param.dtype, per_step, max_memory)
     budget.check(tau)
+    scale = _check_precondition(precondition, params)
     tracer = Tracer(
-        model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path, recompute=recompute
-    )
+        model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path, recompute=recompute,
+        scale=scale,
+    )  # fmt: skip
     if autocast is not None and (not isinstance(autocast, torch.dtype) or autocast.is_complex):
         raise ConfigError(f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}")
-    run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget, autocast)
+    run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget, autocast, scale)
     rows = _Rows(per_step)
     with _featurizing(model, tracer, params, train_mode), _progress_bar(progress, n_total) as bar:
         for index, batch in enumerate(_checked_batches(loader, params[0].param.device)):
@@ -117,10 +124,45 @@ def featurize(
                 bar(int(losses.shape[0]))
     if progress:
         _report_routes(tracer.routes)
-    settings = {"tau": tau, "train_mode": train_mode, "outer_path": outer_path, "autocast": _dtype_name(autocast)}
+    settings = {
+        "tau": tau, "train_mode": train_mode, "outer_path": outer_path, "autocast": _dtype_name(autocast),
+        "precondition": None if scale is None else "diagonal",
+    }  # fmt: skip
     features = rows.features(spec, plan.describe(), checkpoint, settings)
     features.routes = dict(tracer.routes)
     return features
+
+
+def _check_precondition(
+    precondition: Mapping[str, torch.Tensor] | None, params: list[BodyParam]
+) -> dict[str, torch.Tensor] | None:
+    if precondition is None:
+        return None
+    shapes = {bp.name: tuple(bp.param.shape) for bp in params}
+    unknown = sorted(set(precondition) - set(shapes))
+    if unknown:
+        raise ConfigError(
+            f"precondition names {unknown[:5]}, which are not body parameters (body: {sorted(shapes)[:5]} ...)"
+        )
+    bad = [n for n, t in precondition.items() if tuple(t.shape) != shapes[n]]
+    if bad:
+        raise ConfigError(f"preconditioner tensors must have their parameter's shape; wrong for {bad[:5]}")
+    return dict(precondition)
+
+
+def adam_preconditioner(
+    second_moments: Mapping[str, Any], names: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """P^(1/2) = (sqrt(v_hat) + eps)^(-1/2) per element, with v_hat = v / (1 - beta2^step) from Adam's
+    recorded second moments (:class:`looptrace.CheckpointRecorder`'s ``optimizer_second_moments``): the
+    diagonal of Adam's update geometry, so that features' inner products are g^T P g'."""
+    moments = second_moments["exp_avg_sq"]
+    step = int(second_moments.get("step") or 1)
+    beta2 = float(second_moments.get("beta2") or 0.999)
+    eps = float(second_moments.get("eps") or 1e-8)
+    correction = 1 - beta2**step
+    keep = moments if names is None else {n: moments[n] for n in names if n in moments}
+    return {n: (v.double() / correction).sqrt().add(eps).rsqrt() for n, v in keep.items()}
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -151,6 +193,7 @@ class _BatchRunner:
     tau: int | None
     budget: _MemoryBudget
     autocast: torch.dtype | None = None
+    scale: dict[str, torch.Tensor] | None = None
 
     def _forward_context(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
@@ -176,7 +219,7 @@ class _BatchRunner:
                     if in_graph
                     else example_gradients_alone(self._losses_of, batch, also)
                 )
-                check_batch(self.plan, feats, named, grads, example_grad, first_row, self.autocast)
+                check_batch(self.plan, feats, named, grads, example_grad, first_row, self.autocast, self.scale)
             return feats, losses.detach()
         finally:
             self.tracer.end_batch()

@@ -76,17 +76,26 @@ def check_batch(
     example_grad: Callable[[int], tuple[torch.Tensor | None, ...]],
     first_row: int,
     compute_dtype: torch.dtype | None = None,
+    scale: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Compare a batch's features ``[B, steps, D]`` with autograd: the batch sum (``batch_grads``, the
     gradient of the summed loss w.r.t. ``params`` in order) and the first and last examples alone
-    (``example_grad(i)``: the gradient of example i's loss w.r.t. ``params``)."""
+    (``example_grad(i)``: the gradient of example i's loss w.r.t. ``params``). ``scale``: the diagonal
+    preconditioner the features were computed with, applied to autograd's side too."""
     names = list(params)
+
+    def scaled(grads: tuple[torch.Tensor | None, ...]) -> dict[str, torch.Tensor | None]:
+        out = dict(zip(names, grads, strict=True))
+        if scale:
+            out = {n: g if g is None or n not in scale else g * scale[n].to(g) for n, g in out.items()}
+        return out
+
     dtype, device = feats.dtype, feats.device
-    total = sketch_gradient(plan, dict(zip(names, batch_grads, strict=True)), dtype, device)
+    total = sketch_gradient(plan, scaled(batch_grads), dtype, device)
     compare(plan, total, feats.sum((0, 1)), "the batch's summed features", compute_dtype)
     b = feats.shape[0]
     for i in sorted({0, b - 1}):
-        want = sketch_gradient(plan, dict(zip(names, example_grad(i), strict=True)), dtype, device)
+        want = sketch_gradient(plan, scaled(example_grad(i)), dtype, device)
         compare(plan, want, feats[i].sum(0), f"example {first_row + i}'s features", compute_dtype)
 
 

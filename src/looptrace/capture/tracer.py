@@ -38,7 +38,7 @@ from looptrace import batching
 from looptrace.capture.rows import RowTracker, group_rows
 from looptrace.capture.rules import FALLBACK, Rule, find_rule, regroup_saved, vmap_refused
 from looptrace.errors import StepError, TiedParameterError, UnsupportedLayerError
-from looptrace.sketch.plan import OuterPath, SketchPlan, Slot
+from looptrace.sketch.plan import CHUNK_BYTES, OuterPath, SketchPlan, Slot
 
 _ACTIVE: list[Tracer] = []
 
@@ -125,6 +125,7 @@ class Tracer:
         fallback: bool = True,
         outer_path: OuterPath = "auto",
         recompute: bool = False,
+        scale: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if recompute and step_module is None:
             raise StepError(
@@ -137,6 +138,11 @@ class Tracer:
         self.outer_path = outer_path
         self.slot_of: dict[int, Slot] = {id(bp.param): plan.slot(bp.name) for bp in params}
         self.name_of: dict[int, str] = {id(bp.param): bp.name for bp in params}
+        # a diagonal preconditioner P^(1/2) applied to every per-step gradient before sketching
+        self.scale_of: dict[int, torch.Tensor] = {}
+        for bp in params:
+            if scale is not None and bp.name in scale:
+                self.scale_of[id(bp.param)] = scale[bp.name].to(bp.param.device)
         self._handles: list[Any] = []
         self._targets = self._resolve(model, roots, fallback)
         # routes (decided on the first batch, kept for the rest)
@@ -612,15 +618,32 @@ class Tracer:
 
     def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         slot, out = self._out(param)
-        slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), self.outer_path)
+        scale = self.scale_of.get(id(param))
+        if scale is None:
+            slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), self.outer_path)
+            return
+        # an elementwise preconditioner breaks the outer-product factorisation: materialise per example
+        # (in chunks bounding the transient block), scale, sketch
+        b, rows, cols = left.shape[0], left.shape[-1], right.shape[-1]
+        chunk = max(1, CHUNK_BYTES // max(rows * cols * out.element_size(), 1))
+        flat = scale.reshape(1, rows * cols).to(out.dtype)
+        for i in range(0, b, chunk):
+            g = torch.bmm(left[i : i + chunk].transpose(1, 2).to(out.dtype), right[i : i + chunk].to(out.dtype))
+            slot.add_dense(out[i : i + chunk], g.reshape(g.shape[0], -1) * flat)
 
     def dense(self, param: torch.Tensor, g: torch.Tensor) -> None:
         slot, out = self._out(param)
-        slot.add_dense(out, g.to(out.dtype))
+        scale = self.scale_of.get(id(param))
+        g = g.to(out.dtype)
+        slot.add_dense(out, g if scale is None else g * scale.reshape(1, -1).to(out.dtype))
 
     def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
         slot, out = self._out(param)
-        slot.add_rows(out, idx, values.to(out.dtype))
+        scale = self.scale_of.get(id(param))
+        values = values.to(out.dtype)
+        if scale is not None:  # row r of the gradient is scaled by row r of the preconditioner
+            values = values * scale.reshape(scale.shape[0], -1).to(out.dtype)[idx]
+        slot.add_rows(out, idx, values)
 
 
 def step_vjp(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from looptrace.errors import ConfigError
-from looptrace.featurize import LossFn, featurize
+from looptrace.capture.tracer import body_parameters
+from looptrace.errors import CheckpointError, ConfigError
+from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.influence.scores import Decomposition, sdi, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
@@ -50,6 +51,7 @@ def attribute(
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     decomposition: Decomposition = "test",
+    precondition: Literal["adam"] | None = None,
     **featurize_kwargs: Any,
 ) -> Attribution:
     """TracIn and SDI of every train example on every query example, over ``checkpoints``.
@@ -57,6 +59,9 @@ def attribute(
     Each checkpoint is loaded once (``weights_only=True``); the model's own weights are restored
     afterwards. ``decomposition``: ``"test"`` (which query-time step was influenced, default),
     ``"train"`` (which train-time step did the influencing) or ``"matrix"`` (both: tau x tau).
+    ``precondition="adam"``: each checkpoint's inner products use Adam's diagonal geometry
+    ``g^T P_k g'`` with ``P_k = 1 / (sqrt(v_hat_k) + eps)`` from the second moments recorded with it
+    (:class:`looptrace.CheckpointRecorder`); conservation still holds.
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one Checkpoint")
@@ -65,6 +70,8 @@ def attribute(
         raise ConfigError(
             f"checkpoints must be looptrace.Checkpoint objects, got {bad}; wrap each as lt.Checkpoint(state_or_path, lr=eta)"
         )
+    if precondition not in (None, "adam"):
+        raise ConfigError(f"precondition must be None or 'adam', got {precondition!r}")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
     spec = sketch if sketch is not None else SketchSpec()
@@ -78,8 +85,18 @@ def attribute(
     kw = dict(step_module=step_module, body=body, sketch=spec, **featurize_kwargs)
     try:
         for ck in checkpoints:
-            state, eta, name = ck.load()
+            full = ck.load_full()
+            state, eta, name = full.state, full.lr, full.name
             load_into(model, state, name)
+            if precondition == "adam":
+                if full.second_moments is None:
+                    raise CheckpointError(
+                        f"checkpoint {name} has no optimizer second moments; record it with "
+                        "looptrace.CheckpointRecorder(..., moments=True) or drop precondition='adam'"
+                    )
+                kw["precondition"] = adam_preconditioner(
+                    full.second_moments, names=_body_names(model, step_module, body)
+                )
             train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
             query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
             if decomposition == "matrix":
@@ -104,3 +121,9 @@ def attribute(
         model.load_state_dict(original)
     assert total_sdi is not None and total_tracin is not None and total_self is not None
     return Attribution(total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix)
+
+
+def _body_names(
+    model: nn.Module, step_module: nn.Module | None, body: nn.Module | Sequence[nn.Module] | None
+) -> list[str]:
+    return [bp.name for bp in body_parameters(model, resolve_body(model, step_module, body))]

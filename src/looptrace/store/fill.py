@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
-from looptrace.errors import ConfigError
-from looptrace.featurize import LossFn, featurize, resolve_body
+from looptrace.errors import CheckpointError, ConfigError
+from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.sketch.plan import SketchPlan
 from looptrace.sketch.spec import SketchSpec
@@ -21,7 +21,7 @@ from looptrace.store.shards import dataset_fingerprint
 from looptrace.store.store import ROLES, FeatureStore
 
 #: featurize() options that change the numbers; the store records them and refuses a mix.
-RECORDED_OPTIONS = ("tau", "train_mode", "outer_path", "autocast")
+RECORDED_OPTIONS = ("tau", "train_mode", "outer_path", "autocast", "precondition")
 
 
 def featurize_to_store(
@@ -52,16 +52,21 @@ def featurize_to_store(
     recorded in the manifest; reopening the store with other values raises.
     """
     spec = sketch if sketch is not None else SketchSpec()
+    precondition = featurize_kwargs.pop("precondition", None)
+    if precondition not in (None, "adam"):
+        raise ConfigError(f"precondition must be None or 'adam' for a store, got {precondition!r}")
     rank, world = rank_and_world(rank, world_size)
     bad = sorted(set(datasets) - set(ROLES))
     if bad:
         raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
-    loaded = [c.load() for c in checkpoints]
+    full = [c.load_full() for c in checkpoints]
+    loaded = [(f.state, f.lr, f.name) for f in full]
     meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(loaded)]
     # the feature layout comes from the plan alone: no featurisation is needed to create the store
     params = body_parameters(model, resolve_body(model, step_module, body))
     layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
     options = {k: featurize_kwargs.get(k, _DEFAULTS[k]) for k in RECORDED_OPTIONS}
+    options["precondition"] = precondition
     options["autocast"] = None if options["autocast"] is None else str(options["autocast"]).removeprefix("torch.")
     dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
     store = FeatureStore.open(
@@ -80,6 +85,12 @@ def featurize_to_store(
             if not todo:
                 continue
             load_into(model, state, name)
+            kw = dict(featurize_kwargs)
+            if precondition == "adam":
+                moments = full[k].second_moments
+                if moments is None:
+                    raise CheckpointError(f"checkpoint {name} has no optimizer second moments for precondition='adam'")
+                kw["precondition"] = adam_preconditioner(moments, names=[bp.name for bp in params])
             for role, start, stop in todo:
                 subset = torch.utils.data.Subset(datasets[role], range(start, stop))
                 loader = torch.utils.data.DataLoader(
@@ -87,7 +98,7 @@ def featurize_to_store(
                 )
                 f = featurize(
                     model, loader, loss_fn, step_module=step_module, body=body, sketch=spec, per_step=role == "query",
-                    checkpoint=name, progress=progress, **featurize_kwargs,
+                    checkpoint=name, progress=progress, **kw,
                 )  # fmt: skip
                 rows = f.require_steps("query features") if role == "query" else f.total
                 store.write_shard(k, role, start, stop, rows, f.losses)
@@ -96,4 +107,10 @@ def featurize_to_store(
     return store
 
 
-_DEFAULTS: dict[str, Any] = {"tau": None, "train_mode": False, "outer_path": "auto", "autocast": None}
+_DEFAULTS: dict[str, Any] = {
+    "tau": None,
+    "train_mode": False,
+    "outer_path": "auto",
+    "autocast": None,
+    "precondition": None,
+}

@@ -43,6 +43,9 @@ class ParityTask:
     stop_after: int = 0
     stop_accuracy: float = 0.99
     stop_length: int = 0
+    same_length_batches: bool = (
+        False  # one length per batch, uniform in [min_digits, max]: a batch costs (n+2)^2, not (max+2)^2
+    )
     current_max: int = dataclasses.field(default=0, init=False)  # training state, not configuration
     passes_at_final: int = dataclasses.field(default=0, init=False)
 
@@ -86,6 +89,9 @@ class ParityTask:
 
     def batch(self, step: int, cfg: TrainConfig) -> parity.ParityBatch:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        if self.same_length_batches:
+            n = int(torch.randint(self.min_digits, self.max_digits(step) + 1, (1,), generator=g))
+            return parity.fixed_length(cfg.batch_size, n, g)
         return parity.sample(cfg.batch_size, self.min_digits, self.max_digits(step), g)
 
     def loss(self, model: nn.Module, batch: Any, loops: int | None) -> torch.Tensor:
