@@ -83,6 +83,16 @@ def _cmd_upgrade_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from looptrace.apps.evaluation.harness import EvalConfig, evaluate
+
+    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
+    res = evaluate(cfg, Path(args.out), what=args.what)
+    print(json.dumps({k: res[k] for k in ("lds_adam_vs_plain", "seconds") if k in res}, indent=2, default=str))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from looptrace.apps import bench
 
@@ -267,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_arguments(b)
     b.set_defaults(func=_cmd_bench)
+
+    ev = sub.add_parser(
+        "eval", help="counterfactual evaluation: LDS, removal, per-step counterfactuals (retrains a small model)"
+    )
+    ev.add_argument(
+        "what", nargs="?", default="all", choices=["all", "counterfactual", "lds", "removal"], help="which evaluation"
+    )
+    ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
+    ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")
+    ev.add_argument("--out", default="docs/results/eval", help="output directory")
+    ev.set_defaults(func=_cmd_eval)
 
     f = sub.add_parser(
         "featurize", help="featurise train/query sets at every checkpoint into a feature store (torchrun-ready)"

@@ -43,7 +43,9 @@ __all__ = ["add_arguments", "main", "run_all", "run_args"]
 
 
 def _trained_run(path: str | None) -> Path | None:
-    """The trained run the benchmark also measures: ``--trained``, else the shipped parity run."""
+    """The trained run the benchmark also measures: ``--trained``, else the shipped parity run ("" for none)."""
+    if path == "":
+        return None
     if path:
         return Path(path)
     from looptrace.apps.demo import shipped_run

@@ -100,7 +100,7 @@ def precision(work: Workload, cfg: BenchConfig, exact: lt.Features) -> dict[str,
     }
 
 
-def recorder_overhead(cfg: BenchConfig, steps: int = 60, every: tuple[int, ...] = (10, 50)) -> dict[str, Any]:
+def recorder_overhead(cfg: BenchConfig, steps: int = 100, every: tuple[int, ...] = (10, 50)) -> dict[str, Any]:
     """Training time of the benchmark model (AdamW) with and without lt.CheckpointRecorder."""
     from looptrace.apps.bench.common import build
 

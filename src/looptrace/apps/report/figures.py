@@ -114,3 +114,40 @@ def lines(
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def intervals(
+    labels: list[str], means: list[float], los: list[float], his: list[float], path: str | os.PathLike[str],
+    xlabel: str, title: str,
+) -> Path:  # fmt: skip
+    """One horizontal bar per label with its confidence interval."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    y = np.arange(len(labels))
+    ax.barh(y, means, color="C0", alpha=0.7)
+    ax.errorbar(
+        means,
+        y,
+        xerr=[np.array(means) - np.array(los), np.array(his) - np.array(means)],
+        fmt="none",
+        color="k",
+        capsize=3,
+    )
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.invert_yaxis()
+    return _save(fig, path)
+
+
+def loglog(
+    x: np.ndarray, ys: dict[str, np.ndarray], path: str | os.PathLike[str], xlabel: str, ylabel: str, title: str
+) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for k, (name, y) in enumerate(ys.items()):
+        ax.loglog(x, y, "o-", ms=3, color=f"C{k}", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

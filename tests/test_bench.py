@@ -1,0 +1,52 @@
+"""The benchmarks measure what they claim: a model with an inactive loop step is refused, the whole
+benchmark runs end to end at tiny sizes (labels from the data), and the GPU script's dry run works."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import looptrace as lt
+from looptrace.apps.bench import run_all
+from looptrace.apps.bench.common import BenchConfig, InactiveSteps, require_active, step_shares, synthetic_workload
+from looptrace.apps.bench.fidelity import fidelity
+
+TINY = BenchConfig(d_model=16, n_heads=2, loops=4, seq=8, vocab=32, batch=3, n_batches=2, dims=(64, 2048),
+                   total_dims=(4096,), seeds=2, reps=1, memory_cap_mib=512, peer=False)  # fmt: skip
+
+
+def test_a_model_with_one_active_step_is_refused() -> None:
+    """At initialisation the concat adapter is [I | 0]: the core ignores its state and only the last step
+    has gradient. The benchmark must refuse to report on it, and accept the perturbed model."""
+    frozen = synthetic_workload(dataclasses.replace(TINY, active=False))
+    shares = step_shares(frozen.featurize(lt.SketchSpec.exact()))
+    assert shares[-1] > 0.99, f"the unperturbed model should have one active step, shares {shares}"
+    with pytest.raises(InactiveSteps, match=r"loop step\(s\) \[1, 2, 3\]"):
+        fidelity(frozen, TINY, frozen.featurize(lt.SketchSpec.exact()))
+    active = synthetic_workload(TINY)
+    shares = step_shares(active.featurize(lt.SketchSpec.exact()))
+    require_active(shares, TINY.share_floor, "active")
+    assert min(shares) > 0.05, f"perturbed weights should spread the gradient over the steps, shares {shares}"
+
+
+def test_the_whole_benchmark_runs_at_tiny_sizes(tmp_path) -> None:
+    r = run_all(TINY, tmp_path, trained="")
+    for key in ("sdi_rel_error_m2048", "tracin_rel_error_m2048", "slope", "per_step_error", "overhead_ratio",
+                "conservation_rel", "max_batch_ratio"):  # fmt: skip
+        assert key in r and r[key] is not None, key
+    assert r["sdi_rel_error_m2048"] != r["tracin_rel_error_m2048"], "SDI and TracIn errors are separate figures"
+    assert len(r["per_step_error"]) == TINY.loops
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert saved["overhead_ratio"] == r["overhead_ratio"]
+    page = (tmp_path / "README.md").read_text()
+    assert f"{r['sdi_rel_error_m2048']:.4f}" in page and "m=2048" in page, "the page's labels and numbers come from the data"
+
+
+def test_gpu_script_dry_run_on_the_cpu(tmp_path) -> None:
+    from looptrace.apps.bench import gpu
+
+    r = gpu.run("cpu", dry_run=True, out_dir=tmp_path)
+    assert r["dry_run"] and set(r["largest_batch"]) == {"plain", "sketched", "sketched-recompute", "exact"}
+    assert (tmp_path / "gpu-dry-run.json").exists() and "dry run" in (tmp_path / "gpu-dry-run.md").read_text()
