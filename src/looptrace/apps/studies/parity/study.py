@@ -39,11 +39,13 @@ class ParityStudyConfig:
     k_states: int = 4
     horizon_frac: float = 0.05
     seed: int = 0
+    variants: bool = True  # the Fig. 1 investigation: late checkpoints, exact mode, the paper's protocol
+    paper_n_train: int = 512
 
     @classmethod
     def quick(cls) -> ParityStudyConfig:
         """A smoke run (seconds)."""
-        return cls(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64)
+        return cls(n_train=16, n_test=8, sketch_dim=256, n_calibration=32, n_eval=64, paper_n_train=16)
 
 
 def _answer_trajectory(model: torch.nn.Module, batch: parity.ParityBatch, loops: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +72,94 @@ def alternating(n: int, min_len: int, max_len: int, seed: int) -> parity.ParityB
         length, start = int(rng.integers(min_len, max_len + 1)), int(rng.integers(0, 2))
         bits.append([(start + i) % 2 for i in range(length)])
     return parity.encode(bits)
+
+
+def profile_shape(profile: np.ndarray, margin: np.ndarray, readout: int, period: int) -> dict[str, Any]:
+    """How a summed SDI profile looks up to the read-out: where it peaks, how much of its mass is in the first
+    and the last quarter of the steps, its autocorrelation at the margin's period, and the lag that best aligns
+    it with the margin (positive: SDI leads the margin)."""
+    p = np.asarray(profile[:readout], dtype=np.float64)
+    m = np.asarray(margin[:readout], dtype=np.float64)
+    mass = np.abs(p)
+    q = max(1, readout // 4)
+    total = float(mass.sum()) or 1.0
+    ac = pc.autocorrelation(p, max_lag=min(readout - 1, 2 * period))
+    lags = range(-min(8, readout // 2), min(8, readout // 2) + 1)
+
+    def corr(lag: int) -> float:
+        a, b = (p[: readout - lag], m[lag:]) if lag >= 0 else (p[-lag:], m[: readout + lag])
+        a, b = a - a.mean(), b - b.mean()
+        den = float(np.linalg.norm(a) * np.linalg.norm(b))
+        return float(a @ b / den) if den > 0 else 0.0
+
+    best = max(lags, key=lambda lag: abs(corr(lag)))
+    return {
+        "peak_step": int(np.argmax(p) + 1),
+        "largest_magnitude_step": int(np.argmax(mass) + 1),
+        "mass_first_quarter": float(mass[:q].sum() / total),
+        "mass_last_quarter": float(mass[-q:].sum() / total),
+        "autocorrelation_at_period": float(ac[period]) if period < len(ac) else float("nan"),
+        "best_margin_lag": int(best),
+        "margin_correlation_at_lag": corr(best),
+        "margin_correlation_at_0": corr(0),
+    }
+
+
+def profile_variants(
+    model: torch.nn.Module,
+    ckpts: list[lt.Checkpoint],
+    trainset: parity.ParityBatch,
+    probes: parity.ParityBatch,
+    margin: np.ndarray,
+    readout: int,
+    cfg: ParityStudyConfig,
+) -> dict[str, Any]:
+    """The probe's summed SDI profile under the alternatives that could explain its shape: each checkpoint
+    alone (exact), early vs late checkpoints, exact vs sketched, and the paper's protocol (512 training
+    examples, TensorSketch with m = 2048 per tensor)."""
+    probe_loader = parity.as_tuples(probes, 2)
+    train_loader = parity.as_tuples(trainset, cfg.batch_size)
+    period = pc.detect_period(margin[:readout], min_lag=2, max_lag=readout // 2)
+
+    core: Any = model.core
+
+    def profile(cks: list[lt.Checkpoint], spec: lt.SketchSpec, loader: Any = train_loader) -> np.ndarray:
+        res = lt.attribute(model, cks, loader, probe_loader, parity.loss, step_module=core, sketch=spec)
+        return res.sdi.double().numpy()[:, 0].sum(0)
+
+    exact = lt.SketchSpec.exact()
+    per_ck = [profile([ck], exact) for ck in ckpts]
+    late = max(1, len(ckpts) // 3)
+    paper_train = train_sample(cfg.paper_n_train, int(trainset.n.max()), cfg.seed + 1)
+    paper_spec = lt.SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor", seed=cfg.sketch_seed)
+    profiles = {
+        "all checkpoints, exact": np.sum(per_ck, axis=0),
+        f"last {late} checkpoints, exact": np.sum(per_ck[-late:], axis=0),
+        f"first {late} checkpoints, exact": np.sum(per_ck[:late], axis=0),
+        "final checkpoint, exact": per_ck[-1],
+        f"all checkpoints, default sketch (D={cfg.sketch_dim})": profile(
+            ckpts, lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
+        ),
+        f"paper protocol: {cfg.paper_n_train} train, TensorSketch m=2048 per tensor": profile(
+            ckpts, paper_spec, parity.as_tuples(paper_train, cfg.batch_size)
+        ),
+    }
+    out = {name: {"profile": p.tolist(), **profile_shape(p, margin, readout, period)} for name, p in profiles.items()}
+    mass = [float(np.abs(p[:readout]).sum()) for p in per_ck]
+    out["per_checkpoint_mass"] = {"checkpoints": [c.load_full().step for c in ckpts], "abs_profile_mass": mass,
+                                  "share": [m / (sum(mass) or 1.0) for m in mass]}  # fmt: skip
+    return out
+
+
+def cycle_onset(states: np.ndarray, period: int) -> dict[str, Any]:
+    """The first step from which the state sequence repeats with the period (None if it never settles),
+    and how many steps break the cycle after it."""
+    s = np.asarray(states)
+    n = len(s)
+    breaks = [t for t in range(n - period) if s[t] != s[t + period]]
+    onset = (breaks[-1] + 2) if breaks else 1
+    return {"period": int(period), "onset_step": int(onset) if onset <= n - period else None, "breaks": len(breaks),
+            "steps": int(n)}  # fmt: skip
 
 
 def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool = True) -> dict[str, Any]:
@@ -161,6 +251,7 @@ def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool
     f4 = figures.energy_curves(
         energy, out / "fig_energy.png", f"SDI energy over {energy.shape[0]} length-{test_len} test queries"
     )
+    variants = profile_variants(model, ckpts, trainset, probes, margin, readout, cfg) if cfg.variants else {}
     results = {
         "tau": tau,
         "n_train": int(sdi.shape[0]),
@@ -190,6 +281,8 @@ def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool
         "influence_horizon": horizon,
         "sdi_after_readout_max_abs": float(np.abs(sdi[:, :2, readout:]).max()) if tau > readout else 0.0,
         "cancellation_pairs": cancel,
+        "cycle": cycle_onset(labels, period),
+        "profile_variants": variants,
     }
     sections: list[dict[str, Any]] = [
         {
