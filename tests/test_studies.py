@@ -26,3 +26,16 @@ def test_train_then_analyze_then_report(tmp_path, monkeypatch, task: str) -> Non
         trunc = results["truncated_bptt"]
         assert all(r["nonzero_steps"] <= r["bptt_k"] for r in trunc), "truncated BPTT must leave only k steps with SDI"
     assert main(["report", "--run", str(run)]) == 0
+
+
+def test_analyze_several_seeds_writes_their_spread(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        assert main(["train", "sudoku", "--preset", "tiny", "--seed", str(seed), "--out", str(run), "--quiet"]) == 0
+        runs += ["--run", str(run)]
+    assert main(["analyze", "sudoku", *runs, "--quick", "--out", str(tmp_path / "both")]) == 0
+    seeds = json.loads((tmp_path / "both" / "seeds.json").read_text())
+    assert seeds["runs"] == 2 and len(seeds["correlations"]["self_vs_blanks"]["values"]) == 2
+    assert (tmp_path / "both" / "run0" / "report.html").exists() and (tmp_path / "both" / "run1" / "results.json").exists()

@@ -60,8 +60,26 @@ def _study(run_dir: Path, out: Path, quick: bool, task: str | None = None) -> Pa
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path(args.run) / "analysis"
-    print(f"report: {_study(Path(args.run), out, args.quick, args.task)}")
+    runs = [Path(r) for r in args.run]
+    if len(runs) == 1:
+        out = Path(args.out) if args.out else runs[0] / "analysis"
+        print(f"report: {_study(runs[0], out, args.quick, args.task)}")
+        return 0
+    from looptrace.apps.catalog import study as get_study
+
+    if not args.out:
+        raise ConfigError(
+            "several --run need --out (each run's analysis goes to OUT/<run name>, the spread to OUT/seeds.json)"
+        )
+    out = Path(args.out)
+    results = []
+    for run in runs:
+        _study(run, out / run.name, args.quick, args.task)
+        results.append(json.loads((out / run.name / "results.json").read_text()))
+    aggregate = get_study(args.task).aggregate
+    if aggregate is not None:
+        atomic_write_bytes(out / "seeds.json", json.dumps(aggregate(results), indent=2, default=str).encode())
+        print(f"spread over {len(runs)} runs: {out / 'seeds.json'}")
     return 0
 
 
@@ -253,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="run a case study's analysis on a trained run (figures, JSON, HTML report)")
     an.add_argument("task", choices=names, help="the case study the run belongs to")
-    an.add_argument("--run", required=True, help="run directory from `looptrace train`")
+    an.add_argument(
+        "--run", required=True, action="append", help="run directory from `looptrace train` (repeat for several seeds)"
+    )
     an.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
     an.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
     an.set_defaults(func=_cmd_analyze)

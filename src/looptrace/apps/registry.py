@@ -59,6 +59,8 @@ class CaseStudy:
         run_study: ``(run, out_dir, study_config) -> results dict``: the analysis, writing its report.
         train: ``(preset, out_dir, record, progress, device) -> metrics``: custom training (several
             stages); ``None`` uses the one training loop.
+        aggregate: ``(results of several runs) -> summary``: the spread over training seeds
+            (``looptrace analyze NAME --run A --run B ...`` writes it as ``seeds.json``).
     """
 
     name: str
@@ -70,6 +72,7 @@ class CaseStudy:
     quick_config: Callable[[], Any]
     run_study: Callable[[Run, Path, Any], dict[str, Any]]
     train: Callable[[Preset, Path, dict[str, Any], bool, str], dict[str, Any]] | None = None
+    aggregate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):

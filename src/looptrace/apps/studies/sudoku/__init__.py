@@ -1,7 +1,7 @@
 """The Sudoku case study: registered as ``sudoku``."""
 
 from looptrace.apps.registry import CaseStudy, register_study
-from looptrace.apps.studies.sudoku.study import SudokuStudyConfig, run_sudoku_study
+from looptrace.apps.studies.sudoku.study import SudokuStudyConfig, aggregate_seeds, run_sudoku_study
 from looptrace.apps.studies.sudoku.task import PRESETS, SudokuTask, influence_sets
 
 STUDY = register_study(
@@ -14,5 +14,6 @@ STUDY = register_study(
         study_config=SudokuStudyConfig,
         quick_config=SudokuStudyConfig.quick,
         run_study=run_sudoku_study,
+        aggregate=aggregate_seeds,
     )
 )

@@ -122,3 +122,67 @@ def table1(shares: dict[str, Any], late: dict[str, Any], easy_bin: str, hard_bin
             }
         )
     return rows
+
+
+def median_iqr(x: np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, dtype=np.float64)
+    return {"median": float(np.median(x)), "q25": float(np.quantile(x, 0.25)), "q75": float(np.quantile(x, 0.75))}
+
+
+def memorisation_table(self_inf: np.ndarray, cross: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Table 1's upper half: self-TracIn and cross-influence mass C(z) per train group (median [IQR]),
+    with Welch t-tests between the two groups (train-train)."""
+    from scipy import stats
+
+    names = list(groups)
+    out: dict[str, Any] = {"self": {}, "cross": {}}
+    for g, idx in groups.items():
+        out["self"][g] = median_iqr(self_inf[idx])
+        out["cross"][g] = median_iqr(cross[idx])
+    if len(names) == 2:
+        a, b = groups[names[1]], groups[names[0]]  # hard vs easy
+        for key, values in (("self", self_inf), ("cross", cross)):
+            t = stats.ttest_ind(values[a], values[b], equal_var=False)
+            out[key]["welch_t_hard_vs_easy"], out[key]["welch_p"] = float(t.statistic), float(t.pvalue)
+            out[key]["median_ratio_hard_over_easy"] = float(np.median(values[a]) / max(np.median(values[b]), 1e-300))
+    return out
+
+
+def late_mass_between_groups(
+    sdi: np.ndarray, groups: dict[str, np.ndarray], query_bins: dict[str, np.ndarray], late_from: int
+) -> dict[str, Any]:
+    """Per test bin, the mean share of each train group's SDI energy at steps >= ``late_from``, with a paired
+    t-test (by query) between the two train groups (the paper's train-test comparison)."""
+    from scipy import stats
+
+    names = list(groups)
+    per_group = {}
+    for g, idx in groups.items():
+        e = np.abs(sdi[idx]).sum(0)  # [M, tau]
+        per_group[g] = e[:, late_from - 1 :].sum(1) / np.maximum(e.sum(1), 1e-300)
+    out: dict[str, Any] = {}
+    for b, q in query_bins.items():
+        row: dict[str, Any] = {g: float(per_group[g][q].mean()) for g in names}
+        if len(names) == 2 and len(q) > 1:
+            t = stats.ttest_rel(per_group[names[1]][q], per_group[names[0]][q])
+            row["paired_t_hard_vs_easy"], row["paired_p"] = float(t.statistic), float(t.pvalue)
+        out[b] = row
+    return out
+
+
+def quartile_overlap(self_inf: np.ndarray, cross: np.ndarray) -> dict[str, Any]:
+    """The paper's statement: how many train puzzles in the bottom quartile of self-influence lie in the top
+    quartile of C(z) (the paper found none)."""
+    low_self = self_inf <= np.quantile(self_inf, 0.25)
+    top_cross = cross >= np.quantile(cross, 0.75)
+    return {"bottom_self_in_top_cross": int((low_self & top_cross).sum()), "bottom_self": int(low_self.sum()),
+            "top_cross": int(top_cross.sum())}  # fmt: skip
+
+
+def compute_sensitivity(acc: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per difficulty bin: accuracy at the largest loop budget minus at the smallest."""
+    out = {}
+    for b, curve in acc.items():
+        budgets = sorted(curve, key=int)
+        out[b] = float(curve[budgets[-1]] - curve[budgets[0]])
+    return out

@@ -74,6 +74,18 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         "cell_accuracy": held_cell,
         "blanks": [int((hx == 0).sum(1).min()), int((hx == 0).sum(1).max())],
     }
+    # Fig. 2A: accuracy vs loop budget stratified by difficulty, on puzzles of the training difficulty
+    held_bins = dif.bins_by_blanks((hx == 0).sum(1).numpy())
+    stratified_acc = {
+        kind: {b: {str(r): sudoku.accuracy(model, hx[idx], hy[idx], loops=r)[col] for r in cfg.budgets}
+               for b, idx in held_bins.items()}
+        for kind, col in (("board", 0), ("cell", 1))
+    }  # fmt: skip
+    fig2a = {
+        "bins": {b: len(idx) for b, idx in held_bins.items()},
+        "accuracy": stratified_acc,
+        "compute_sensitivity": {kind: dif.compute_sensitivity(v) for kind, v in stratified_acc.items()},
+    }
 
     # SDI on stratified subsets at a fixed horizon
     train_idx = stratified(split_train_blanks, cfg.n_train, cfg.seed)
@@ -113,6 +125,15 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     late = dif.late_mass(sdi, groups, qbins, late_from)
     names = list(qbins)
     t1 = dif.table1(shares, late, names[0], names[-1])
+    cross = np.abs(tracin).sum(1)
+    table1_full = {
+        "groups": {g: len(idx) for g, idx in groups.items()},
+        "memorisation": dif.memorisation_table(self_inf, cross, groups),
+        "shares": shares,
+        "late_mass_between_groups": dif.late_mass_between_groups(sdi, groups, qbins, late_from),
+        "quartiles": dif.quartile_overlap(self_inf, cross),
+        "test_bins": {b: len(q) for b, q in qbins.items()},
+    }
     e = np.abs(sdi).sum(0)
     horizon_step = app.influence_horizon(np.median(e, 0), 0.05)
 
@@ -122,6 +143,7 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         "cell, hard test split": cell,
         **{f"board, test {b} blanks": acc[b] for b in acc},
     }
+    curves.update({f"cell, held-out {b} blanks": v for b, v in stratified_acc["cell"].items()})
     f_acc = figures.lines(np.array(cfg.budgets), {k: np.array([v[str(r)] for r in cfg.budgets]) for k, v in curves.items()},
                           out / "fig_accuracy_vs_loops.png", "test-time loop budget r", "accuracy",
                           f"Accuracy vs loops (trained with mean depth {depth_mean})")  # fmt: skip
@@ -138,7 +160,8 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         "sdi_seconds": sdi_s, "board_accuracy_by_bin": acc, "cell_accuracy": cell, "in_distribution": in_dist,
         "energy_by_bin": energy,
         "correlations": {k: v for k, v in corr.items() if k != "cross_mass"}, "shares": shares, "late_mass": late,
-        "late_from_step": late_from, "table1": t1, "conservation_max_abs": conservation, "influence_horizon": horizon_step,
+        "late_from_step": late_from, "table1": t1, "table1_full": table1_full, "fig2a": fig2a,
+        "conservation_max_abs": conservation, "influence_horizon": horizon_step,
         "train_blanks": train_blanks.tolist(), "test_blanks": query_blanks.tolist(), "self_influence": self_inf.tolist(),
     }  # fmt: skip
     sections: list[dict[str, Any]] = [
@@ -164,3 +187,37 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         {"run": str(run.path), "run_config": run_cfg, "study": dataclasses.asdict(cfg), "torch": torch.__version__},
     )
     return results
+
+
+def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The spread over training seeds of the figures the write-up compares with the paper."""
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+
+    out: dict[str, Any] = {"runs": len(results)}
+    budgets = list(results[0]["in_distribution"]["board_accuracy"])
+    for kind in ("board_accuracy", "cell_accuracy"):
+        out[f"in_distribution_{kind}"] = {r: spread([x["in_distribution"][kind][r] for x in results]) for r in budgets}
+    out["correlations"] = {
+        k: spread([x["correlations"][k]["rho"] for x in results]) for k in results[0]["correlations"]
+    }
+    mem = [x["table1_full"]["memorisation"] for x in results]
+    out["self_median_ratio_hard_over_easy"] = spread([m["self"]["median_ratio_hard_over_easy"] for m in mem])
+    out["cross_median_ratio_hard_over_easy"] = spread([m["cross"]["median_ratio_hard_over_easy"] for m in mem])
+    out["bottom_self_in_top_cross"] = [x["table1_full"]["quartiles"]["bottom_self_in_top_cross"] for x in results]
+    late: dict[str, Any] = {}
+    for b in results[0]["table1_full"]["late_mass_between_groups"]:
+        diffs = []
+        for x in results:
+            row = x["table1_full"]["late_mass_between_groups"].get(b, {})
+            groups = [k for k in row if not k.startswith("paired")]
+            if len(groups) == 2:
+                diffs.append(row[groups[1]] - row[groups[0]])
+        if diffs:
+            late[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
+    out["late_mass_hard_minus_easy_train"] = late
+    sens = [x["fig2a"]["compute_sensitivity"]["cell"] for x in results]
+    out["compute_sensitivity_cell"] = {b: spread([s[b] for s in sens if b in s]) for b in sens[0]}
+    return out
