@@ -43,6 +43,7 @@ class ParityTask:
     stop_after: int = 0
     stop_accuracy: float = 0.99
     stop_length: int = 0
+    stop_length_accuracy: float = 0.0  # at stop_length (0: stop_accuracy)
     same_length_batches: bool = (
         False  # one length per batch, uniform in [min_digits, max]: a batch costs (n+2)^2, not (max+2)^2
     )
@@ -79,11 +80,13 @@ class ParityTask:
         device = next(model.parameters()).device
         model.eval()
         acc = parity.accuracy(model, parity.fixed_length(256 if at_final else 64, self.current_max, g).to(device))
-        if at_final and self.stop_length and acc >= self.stop_accuracy:
-            acc = min(acc, parity.accuracy(model, parity.fixed_length(256, self.stop_length, g).to(device)))
+        passed = acc >= self.stop_accuracy
+        if at_final and self.stop_length and passed:
+            long_acc = parity.accuracy(model, parity.fixed_length(256, self.stop_length, g).to(device))
+            passed = long_acc >= (self.stop_length_accuracy or self.stop_accuracy)
         model.train()
         if at_final:
-            self.passes_at_final = self.passes_at_final + 1 if acc >= self.stop_accuracy else 0
+            self.passes_at_final = self.passes_at_final + 1 if passed else 0
         elif acc >= self.advance_at:
             self.current_max += 1
 
