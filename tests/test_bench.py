@@ -31,6 +31,7 @@ def test_a_model_with_one_active_step_is_refused() -> None:
     assert min(shares) > 0.05, f"perturbed weights should spread the gradient over the steps, shares {shares}"
 
 
+@pytest.mark.slow  # several minutes: fresh processes for the memory points, the recorder, the routes
 def test_the_whole_benchmark_runs_at_tiny_sizes(tmp_path) -> None:
     r = run_all(TINY, tmp_path, trained="")
     for key in ("sdi_rel_error_m2048", "tracin_rel_error_m2048", "slope", "per_step_error", "overhead_ratio",
@@ -41,7 +42,9 @@ def test_the_whole_benchmark_runs_at_tiny_sizes(tmp_path) -> None:
     saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["overhead_ratio"] == r["overhead_ratio"]
     page = (tmp_path / "README.md").read_text()
-    assert f"{r['sdi_rel_error_m2048']:.4f}" in page and "m=2048" in page, "the page's labels and numbers come from the data"
+    assert f"{r['sdi_rel_error_m2048']:.4f}" in page and "m=2048" in page, (
+        "the page's labels and numbers come from the data"
+    )
 
 
 def test_gpu_script_dry_run_on_the_cpu(tmp_path) -> None:

@@ -38,4 +38,6 @@ def test_analyze_several_seeds_writes_their_spread(tmp_path, monkeypatch) -> Non
     assert main(["analyze", "sudoku", *runs, "--quick", "--out", str(tmp_path / "both")]) == 0
     seeds = json.loads((tmp_path / "both" / "seeds.json").read_text())
     assert seeds["runs"] == 2 and len(seeds["correlations"]["self_vs_blanks"]["values"]) == 2
-    assert (tmp_path / "both" / "run0" / "report.html").exists() and (tmp_path / "both" / "run1" / "results.json").exists()
+    assert (tmp_path / "both" / "run0" / "report.html").exists() and (
+        tmp_path / "both" / "run1" / "results.json"
+    ).exists()

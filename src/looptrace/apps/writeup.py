@@ -36,6 +36,10 @@ ALLOWED = re.compile(
     r"|\b[A-Z]\.\d+\b"  # appendix D.3
     r"|\b\w*[A-Za-z_]\d+\w*\b"  # identifiers with digits (k-means is fine, sha256, fig2, m2048)
     r"|\b\d+(?:st|nd|rd|th)\b"
+    r"|\b(?:step|steps|r|t)\s*=?\s*\d+\b"  # axis labels in tables: step 3, r = 4
+    r"|\b95% (?:CI|interval|confidence)"
+    r"|\b\d+-core\b"
+    r"|\b[A-Z][A-Za-z]*-\d+\b"  # method names: TRAK-50
 )
 
 
@@ -91,9 +95,32 @@ def render_dir(directory: Path) -> Path:
     return out
 
 
+README_START = "<!-- results: rendered from docs/results/summary.template.md -->"
+README_END = "<!-- results: end -->"
+
+
+def render_readme() -> Path:
+    """Replace the README's results section with the rendering of docs/results/summary.template.md."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ConfigError(f"README.md has no {README_START} ... {README_END} section")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    base = ROOT / "docs" / "results"
+    body = render((base / "summary.template.md").read_text(), base).strip("\n")
+    atomic_write_bytes(readme, f"{head}{README_START}\n{body}\n{README_END}{tail}".encode())
+    return readme
+
+
 def main(argv: list[str]) -> None:
+    if argv == ["--readme"]:
+        print(f"rendered {render_readme()}")
+        return
     for d in argv or [str(p.parent) for p in (ROOT / "docs").rglob("README.template.md")]:
         print(f"rendered {render_dir(Path(d))}")
+    if not argv:
+        print(f"rendered {render_readme()}")
 
 
 if __name__ == "__main__":
