@@ -29,11 +29,14 @@ class RecursiveStudyConfig:
     sketch_seed: int = 0
     batch_size: int = 16
     max_checkpoints: int = 3
+    exact_recurrences: tuple[int, ...] = (8, 16)  # also computed without sketching (the body is small)
 
     @classmethod
     def quick(cls) -> RecursiveStudyConfig:
         """A smoke run (seconds)."""
-        return cls(recurrences=(2, 3, 4), n_train=6, n_test=4, sketch_dim=256, max_checkpoints=1)
+        return cls(
+            recurrences=(2, 3, 4), n_train=6, n_test=4, sketch_dim=256, max_checkpoints=1, exact_recurrences=(4,)
+        )
 
 
 def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[str, Any]:
@@ -49,7 +52,11 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
     paths = run.checkpoint_paths()[-cfg.max_checkpoints :]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
 
-    rows, cum, trunc_rows = [], {}, []
+    rows, cum, trunc_rows, absolute, exact_rows = [], {}, [], {}, []
+    core: Any = model.core
+    with torch.no_grad():  # does the state settle to a fixed point? (contraction gives geometric growth)
+        states = model(te[0], n_loops=max(cfg.recurrences), return_all=True)["states"]  # [tau, B, L, d]
+    settling = rec.contraction(states.flatten(2).numpy())
     with torch.no_grad():
         acc = {}
         for r in cfg.recurrences:
@@ -66,24 +73,28 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
                 )
                 return (ce * mk).sum(1) / mk.sum(1).clamp_min(1)
 
-            res = lt.attribute(
-                model,
-                [lt.Checkpoint(p) for p in paths],
-                batches(tr, cfg.batch_size),
-                batches(te, cfg.batch_size),
-                loss,
-                step_module=model.core,
-                sketch=spec,
-                tau=r,
-            )
-            s = res.sdi.double().numpy()
+            def sdi_with(sketch: lt.SketchSpec, loss: Any = loss, r: int = r) -> tuple[np.ndarray, np.ndarray]:
+                res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches(tr, cfg.batch_size),
+                                   batches(te, cfg.batch_size), loss, step_module=core, sketch=sketch, tau=r)  # fmt: skip
+                return res.sdi.double().numpy(), res.tracin.double().numpy()
+
+            s, tracin = sdi_with(spec)
+            if bptt is None and r in cfg.exact_recurrences:  # is the sign pattern the sketch's noise?
+                ex, _ = sdi_with(lt.SketchSpec.exact())
+                exact_rows.append({"r": r, "sketched_cumulative_share": rec.cumulative_share(s).tolist(),
+                                   "exact_cumulative_share": rec.cumulative_share(ex).tolist(),
+                                   "exact_absolute_share": rec.absolute_share(ex).tolist(),
+                                   "sdi_rel_error_of_sketch": float(np.linalg.norm(s - ex)) / max(float(np.linalg.norm(ex)), 1e-300),
+                                   "exact_tracin_sum": float(ex.sum()), "exact_abs_step_mass": float(np.abs(ex.sum((0, 1))).sum())})  # fmt: skip
             row = {
                 "r": r, "last_step_fraction": rec.last_step_fraction(s), "growth_ratio": rec.growth_ratio(s),
-                "tracin_sum": float(s.sum()), "conservation_max_abs": float(np.abs(s.sum(-1) - res.tracin.double().numpy()).max()),
+                "tracin_sum": float(s.sum()), "conservation_max_abs": float(np.abs(s.sum(-1) - tracin).max()),
+                "abs_per_step_sum": float(np.abs(s.sum((0, 1))).sum()),
             }  # fmt: skip
             if bptt is None:
                 rows.append(row)
                 cum[str(r)] = rec.cumulative_share(s).tolist()
+                absolute[str(r)] = rec.absolute_share(s).tolist()
             else:
                 trunc_rows.append({**row, "bptt_k": bptt, "nonzero_steps": int((np.abs(s).sum((0, 1)) > 0).sum())})
     f_cum = figures.lines(
@@ -94,7 +105,8 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
     f_last = figures.lines(np.array(cfg.recurrences), {"last-step fraction": np.array([r["last_step_fraction"] for r in rows])},
                            out / "fig_last_step.png", "recurrence r", "fraction of |SDI| in the last step", "Influence in the final step")  # fmt: skip
     results = {"preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
-               "truncated_bptt": trunc_rows, "cumulative_share": cum}  # fmt: skip
+               "truncated_bptt": trunc_rows, "cumulative_share": cum, "absolute_share": absolute, "exact_vs_sketch": exact_rows,
+               "state_contraction": settling}  # fmt: skip
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: recursive GPT ({run_cfg['model']['n_prelude']}/{run_cfg['model']['n_core']}/{run_cfg['model']['n_coda']} prelude/core/coda, "
