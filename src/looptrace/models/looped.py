@@ -39,6 +39,7 @@ class LoopedConfig:
     max_len: int = 128
     causal: bool = True
     injection: Injection = "additive"
+    adapter_init: Literal["identity", "mixed"] = "identity"  # concat adapter at init: [I | 0], or [I/2 | I/2]
     state_init: StateInit = "zeros"
     read_in: Literal["embedding", "linear"] = "embedding"  # linear = Linear(vocab, d) on one-hot tokens
     positions: Literal["none", "learned", "rotary"] = "none"
@@ -143,9 +144,13 @@ class Core(nn.Module):
         if cfg.injection == "concat":
             d = cfg.d_model
             self.adapter = nn.Linear(2 * d, d, bias=False)
-            with torch.no_grad():  # [I | 0]: at init the adapter passes the embedding through
+            with torch.no_grad():  # [I | 0]: at init the adapter passes the embedding through ("mixed": and the state)
                 self.adapter.weight.zero_()
-                self.adapter.weight[:, :d].copy_(torch.eye(d))
+                if cfg.adapter_init == "mixed":
+                    self.adapter.weight[:, :d].copy_(0.5 * torch.eye(d))
+                    self.adapter.weight[:, d:].copy_(0.5 * torch.eye(d))
+                else:
+                    self.adapter.weight[:, :d].copy_(torch.eye(d))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_core)])
         self.norm = _norm(cfg, cfg.d_model) if cfg.core_norm else None
 
