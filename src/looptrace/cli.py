@@ -47,7 +47,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study(run_dir: Path, out: Path, quick: bool, task: str | None = None) -> Path:
+def _study(run_dir: Path, out: Path, quick: bool, task: str | None = None, device: str = "cpu") -> Path:
     from looptrace.apps.catalog import open_run
     from looptrace.apps.catalog import study as get_study
 
@@ -55,7 +55,12 @@ def _study(run_dir: Path, out: Path, quick: bool, task: str | None = None) -> Pa
     if task is not None and task != run.study:
         raise ConfigError(f"{run_dir} is a {run.study!r} run, not {task!r}; run `looptrace analyze {run.study}`")
     study = get_study(run.study)
-    study.run_study(run, out, study.quick_config() if quick else study.study_config())
+    config = study.quick_config() if quick else study.study_config()
+    if device != "cpu" and hasattr(config, "device"):
+        import dataclasses
+
+        config = dataclasses.replace(config, device=device)
+    study.run_study(run, out, config)
     return out / "report.html"
 
 
@@ -63,7 +68,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.run]
     if len(runs) == 1:
         out = Path(args.out) if args.out else runs[0] / "analysis"
-        print(f"report: {_study(runs[0], out, args.quick, args.task)}")
+        print(f"report: {_study(runs[0], out, args.quick, args.task, args.device)}")
         return 0
     from looptrace.apps.catalog import study as get_study
 
@@ -74,7 +79,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = []
     for run in runs:
-        _study(run, out / run.name, args.quick, args.task)
+        _study(run, out / run.name, args.quick, args.task, args.device)
         results.append(json.loads((out / run.name / "results.json").read_text()))
     aggregate = get_study(args.task).aggregate
     if aggregate is not None:
@@ -180,6 +185,12 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         model, step_module, loss_fn, datasets, cks = _setup_from_args(args)
+        model.to(args.device)
+        options: dict[str, Any] = {}
+        if args.adam:
+            options["precondition"] = "adam"
+        if args.autocast:
+            options["autocast"] = getattr(torch, args.autocast)
         spec = (
             SketchSpec.exact()
             if args.method == "exact"
@@ -188,6 +199,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
         store = featurize_to_store(
             model, cks, datasets, loss_fn, args.store, step_module=step_module, sketch=spec, batch_size=args.batch_size,
             shard_size=args.shard_size, dtype=args.dtype, progress=not args.quiet, verify=args.verify,
+            recompute=args.recompute, tau=args.tau, **options,
         )  # fmt: skip
         if dist:
             torch.distributed.barrier()
@@ -276,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--out", default=None, help="output directory (default: RUN/analysis)")
     an.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
+    an.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     an.set_defaults(func=_cmd_analyze)
 
     rp = sub.add_parser("report", help="the HTML report of a run (computing its analysis if needed)")
@@ -348,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="first",
         type=lambda v: {"true": True, "false": False}.get(v.lower(), v),
         help="first|true|false",
+    )
+    f.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (features are stored on disk either way)")
+    f.add_argument(
+        "--tau", type=int, default=None, help="declared loop steps (a batch that runs another number raises)"
+    )
+    f.add_argument(
+        "--recompute", action="store_true", help="re-run each loop step in backward: one step's activations in memory"
+    )
+    f.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed-precision forward")
+    f.add_argument(
+        "--adam", action="store_true", help="Adam-preconditioned inner product (needs recorded second moments)"
     )
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_featurize)

@@ -75,6 +75,7 @@ def alternating_probes(length: int = 40) -> ParityBatch:
 
 def logits_at_answer(model: nn.Module, batch: ParityBatch, loops: int | None = None, **kwargs: Any) -> torch.Tensor:
     """[B, V] logits at the "=" position, read out at step n of each example."""
+    batch = batch.to(next(model.parameters()).device)
     out = model(batch.x, n_loops=loops or batch.loops, readout_steps=batch.n, **kwargs)
     logits = out["logits"] if isinstance(out, dict) else out
     return logits[torch.arange(len(batch)), batch.n]
@@ -82,13 +83,14 @@ def logits_at_answer(model: nn.Module, batch: ParityBatch, loops: int | None = N
 
 def loss(model: nn.Module, batch: ParityBatch) -> torch.Tensor:
     """Per-example cross-entropy of the parity bit (the masked loss of the paper)."""
-    return F.cross_entropy(logits_at_answer(model, batch), batch.y, reduction="none")
+    logits = logits_at_answer(model, batch)
+    return F.cross_entropy(logits, batch.y.to(logits.device), reduction="none")
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batch: ParityBatch, loops: int | None = None) -> float:
     pred = logits_at_answer(model, batch, loops).argmax(-1)
-    return float((pred == batch.y).float().mean())
+    return float((pred == batch.y.to(pred.device)).float().mean())
 
 
 def as_tuples(batch: ParityBatch, batch_size: int) -> list[ParityBatch]:

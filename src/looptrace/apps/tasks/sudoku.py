@@ -204,6 +204,8 @@ def difficulty_split(
 
 def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: int | None = None) -> torch.Tensor:
     """Per-puzzle mean cross-entropy over blank cells. x: boards [B, 81]; y: digits 1..9 [B, 81]."""
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     logits = model(x, n_loops=loops)  # [B, 81, 9]
     ce = F.cross_entropy(logits.flatten(0, 1), (y - 1).flatten(), reduction="none").view(y.shape)
     blank = (x == 0).to(ce.dtype)
@@ -216,8 +218,9 @@ def accuracy(
 ) -> tuple[float, float]:
     """(board accuracy, blank-cell accuracy) at a loop budget; a board counts only if every blank is right."""
     boards_ok, cells_ok, cells = 0, 0.0, 0.0
+    device = next(model.parameters()).device
     for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         pred = model(xb, n_loops=loops).argmax(-1) + 1
         blank = xb == 0
         right = (pred == yb) | ~blank

@@ -42,6 +42,8 @@ class ParityStudyConfig:
     variants: bool = True  # the Fig. 1 investigation: late checkpoints, exact mode, the paper's protocol
     paper_n_train: int = 512
 
+    device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); outputs are on the CPU
+
     @classmethod
     def quick(cls) -> ParityStudyConfig:
         """A smoke run (seconds)."""
@@ -50,6 +52,7 @@ class ParityStudyConfig:
 
 def _answer_trajectory(model: torch.nn.Module, batch: parity.ParityBatch, loops: int) -> tuple[np.ndarray, np.ndarray]:
     """(margins [B, loops], answer-token states [B, loops, d]) from one unrolled run."""
+    batch = batch.to(next(model.parameters()).device)
     with torch.no_grad():
         out = model(batch.x, n_loops=loops, return_all=True)
     idx = torch.arange(len(batch))
@@ -57,7 +60,7 @@ def _answer_trajectory(model: torch.nn.Module, batch: parity.ParityBatch, loops:
     true = logits[..., :2].gather(-1, batch.y[None, :, None].expand(loops, -1, 1))[..., 0]
     other = logits[..., :2].gather(-1, (1 - batch.y)[None, :, None].expand(loops, -1, 1))[..., 0]
     states = out["states"][:, idx, batch.n]  # [loops, B, d]
-    return (true - other).T.numpy(), states.transpose(0, 1).numpy()
+    return (true - other).T.cpu().numpy(), states.transpose(0, 1).cpu().numpy()
 
 
 def _states_at_readout(model: torch.nn.Module, batch: parity.ParityBatch) -> np.ndarray:
@@ -173,7 +176,7 @@ def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool
     queries = query_set(cfg.n_test, test_len, cfg.seed)
     probes = parity.alternating_probes(test_len)
     test = parity.ParityBatch(queries.x[2:], queries.y[2:], queries.n[2:])
-    model = run.load_model()
+    model = run.load_model(cfg.device)
     run_cfg = run.record.raw
     ckpts = run.checkpoints()
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
@@ -196,7 +199,7 @@ def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool
     conservation_rel = conservation / max(float(np.abs(sdi).sum(-1).max()), 1e-300)
 
     # --- mechanistic read-outs on the final model, probe 0101...
-    model = run.load_model()
+    model = run.load_model(cfg.device)
     margins, states = _answer_trajectory(model, probes, probes.loops)
     readout = int(probes.n[0])
     profile = pc.summed_profile(sdi, 0)

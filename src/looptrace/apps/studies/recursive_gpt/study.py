@@ -31,6 +31,8 @@ class RecursiveStudyConfig:
     max_checkpoints: int = 3
     exact_recurrences: tuple[int, ...] = (8, 16)  # also computed without sketching (the body is small)
 
+    device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); outputs are on the CPU
+
     @classmethod
     def quick(cls) -> RecursiveStudyConfig:
         """A smoke run (seconds)."""
@@ -41,14 +43,14 @@ class RecursiveStudyConfig:
 
 def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    model = run.load_model()
+    model = run.load_model(cfg.device)
     run_cfg = run.record.raw
     task: RecursiveGPTTask = run.task
     size = run.preset
     atomic_write_json({"study": dataclasses.asdict(cfg), "run": str(run.path), "preset": size}, out / "config.json")
     data = task.data()
     tr = [t[: cfg.n_train] for t in data.train]
-    te = [t[: cfg.n_test] for t in data.test]
+    te = [t[: cfg.n_test].to(cfg.device) for t in data.test]
     paths = run.checkpoint_paths()[-cfg.max_checkpoints :]
     spec = lt.SketchSpec(dim=cfg.sketch_dim, seed=cfg.sketch_seed)
 
@@ -56,7 +58,7 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
     core: Any = model.core
     with torch.no_grad():  # does the state settle to a fixed point? (contraction gives geometric growth)
         states = model(te[0], n_loops=max(cfg.recurrences), return_all=True)["states"]  # [tau, B, L, d]
-    settling = rec.contraction(states.flatten(2).numpy())
+    settling = rec.contraction(states.flatten(2).cpu().numpy())
     with torch.no_grad():
         acc = {}
         for r in cfg.recurrences:

@@ -35,6 +35,8 @@ class SudokuStudyConfig:
     budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     seed: int = 0
 
+    device: str = "cpu"  # where the model runs (cpu, cuda, cuda:N); outputs are on the CPU
+
     @classmethod
     def quick(cls) -> SudokuStudyConfig:
         """A smoke run (seconds)."""
@@ -43,7 +45,7 @@ class SudokuStudyConfig:
 
 def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    model = run.load_model()
+    model = run.load_model(cfg.device)
     run_cfg = run.record.raw
     task: SudokuTask = run.task
     size = run.preset
