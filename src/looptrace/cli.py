@@ -382,15 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--kind", default="sdi", choices=["sdi", "tracin"])
     sc.set_defaults(func=_cmd_score)
 
-    tk = sub.add_parser("topk", help="top-k proponents and opponents per query (FAISS, exactly re-scored)")
-    tk.add_argument("--store", required=True)
-    tk.add_argument("--k", type=int, default=10)
-    tk.add_argument("--step", type=int, default=None, help="rank by SDI at this query step (default: TracIn)")
-    tk.add_argument(
+    top = sub.add_parser("topk", help="top-k proponents and opponents per query (FAISS, exactly re-scored)")
+    top.add_argument("--store", required=True)
+    top.add_argument("--k", type=int, default=10)
+    top.add_argument("--step", type=int, default=None, help="rank by SDI at this query step (default: TracIn)")
+    top.add_argument(
         "--index", default="flat", choices=["flat", "ivf", "hnsw", "brute"], help="flat = exact inner product"
     )
-    tk.add_argument("--out", default=None, help="write JSON here (default: stdout)")
-    tk.set_defaults(func=_cmd_topk)
+    top.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    top.set_defaults(func=_cmd_topk)
 
     ins = sub.add_parser("inspect", help="what a feature store holds")
     ins.add_argument("--store", required=True)

@@ -30,22 +30,22 @@ from looptrace.models.looped import LoopedTransformer
 
 def parity_estimate(size: str, reps: int) -> dict[str, Any]:
     preset = study("parity").preset(size)
-    model_cfg, tc, task = preset.model, preset.train, preset.task
+    model_cfg, train_cfg, task = preset.model, preset.train, preset.task
     assert isinstance(task, ParityTask)
     model = LoopedTransformer(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
     g = torch.Generator().manual_seed(0)
     lengths = sorted({task.start_max, *range(task.start_max, task.final_max + 1, 4), task.final_max})
     per_length: dict[int, float] = {}
     for n in lengths:
-        batch = parity.sample(tc.batch_size, task.min_digits, n, g, pad_to=n + 2)
+        batch = parity.sample(train_cfg.batch_size, task.min_digits, n, g, pad_to=n + 2)
         times = []
         for i in range(reps + 1):
             t0 = time.perf_counter()
             loss = parity.loss(model, batch).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
             opt.step()
             if i:  # the first step warms up the allocator
                 times.append(time.perf_counter() - t0)
@@ -59,13 +59,13 @@ def parity_estimate(size: str, reps: int) -> dict[str, Any]:
         w = (n - lo) / (hi - lo)
         return (1 - w) * per_length[lo] + w * per_length[hi]
 
-    total = sum(step_time(task.max_digits(s)) for s in range(tc.steps)) if not task.adaptive else None
+    total = sum(step_time(task.max_digits(s)) for s in range(train_cfg.steps)) if not task.adaptive else None
     return {
         "task": "parity",
         "preset": size,
         "model": dataclasses.asdict(model_cfg),
-        "steps": tc.steps,
-        "batch_size": tc.batch_size,
+        "steps": train_cfg.steps,
+        "batch_size": train_cfg.batch_size,
         "curriculum": f"{task.start_max} -> {task.final_max} digits, one more every {task.curriculum_every} steps",
         "seconds_per_step_by_max_length": {str(k): v for k, v in per_length.items()},
         "estimated_total_s": total,
