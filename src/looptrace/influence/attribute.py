@@ -59,6 +59,8 @@ def attribute(
     Each checkpoint is loaded once (``weights_only=True``); the model's own weights are restored
     afterwards. ``decomposition``: ``"test"`` (which query-time step was influenced, default),
     ``"train"`` (which train-time step did the influencing) or ``"matrix"`` (both: tau x tau).
+    ``verify="first"`` (the default) checks the first batch of the first checkpoint's train and query
+    featurisations against autograd; the other checkpoints run the same capture on the same model.
     ``precondition="adam"``: each checkpoint's inner products use Adam's diagonal geometry
     ``g^T P_k g'`` with ``P_k = 1 / (sqrt(v_hat_k) + eps)`` from the second moments recorded with it
     (:class:`looptrace.CheckpointRecorder`); conservation still holds.
@@ -99,6 +101,8 @@ def attribute(
                 )
             train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
             query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
+            if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
+                kw["verify"] = False
             if decomposition == "matrix":
                 mat = eta * step_matrix(train, query)
                 total_matrix = mat if total_matrix is None else total_matrix + mat
