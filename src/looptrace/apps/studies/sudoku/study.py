@@ -220,6 +220,17 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
         if diffs:
             late[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
     out["late_mass_hard_minus_easy_train"] = late
+    shares: dict[str, Any] = {}
+    for b in results[0]["table1_full"]["shares"]:
+        diffs = []
+        for x in results:
+            row = x["table1_full"]["shares"].get(b, {})
+            groups = [k for k in row if not k.startswith("paired")]
+            if len(groups) == 2:
+                diffs.append(row[groups[1]] - row[groups[0]])
+        if diffs:
+            shares[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
+    out["share_hard_minus_easy_train"] = shares
     sens = [x["fig2a"]["compute_sensitivity"]["cell"] for x in results]
     out["compute_sensitivity_cell"] = {b: spread([s[b] for s in sens if b in s]) for b in sens[0]}
     return out
