@@ -36,7 +36,7 @@ def write_report(r: dict[str, Any], out: Path) -> Path:
         names = list(r["lds"]["methods"])
         v = [r["lds"]["methods"][n] for n in names]
         fig = figures.intervals(names, [x["mean"] for x in v], [x["lo"] for x in v], [x["hi"] for x in v], out / "fig_lds.png",
-                                f"LDS (Spearman over {r['lds']['subsets']} retrained 50% subsets, mean over queries, 95% CI)",
+                                f"LDS: mean over queries, 95% CI ({r['lds']['subsets']} retrained subsets)",
                                 "Linear datamodeling score")  # fmt: skip
         sections.append({"heading": "Linear datamodeling score", "figure": fig, "source": "results.json: lds",
                          "caption": "Mean per-query LDS with a bootstrap 95% confidence interval."})  # fmt: skip
