@@ -41,3 +41,22 @@ def test_train_cli_tiny_and_resume(tmp_path) -> None:
     assert main(["train", "parity", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
     after = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_shipped_parity_run_is_the_small_preset_and_meets_its_targets() -> None:
+    """`make demo` uses the run shipped with the package: it must be a replayable record of the small preset
+    whose final evaluation meets the preset's targets (99 % in distribution, 95 % at length 40)."""
+    from looptrace.apps.catalog import open_run, study
+    from looptrace.apps.demo import shipped_run
+    from looptrace.config import config_to_dict
+
+    path = shipped_run("parity", "small")
+    assert path is not None, "the trained parity run is missing from src/looptrace/apps/data/runs/parity-small"
+    run = open_run(path)
+    preset = study("parity").preset("small")
+    assert run.preset == "small" and run.model_config == preset.model
+    assert config_to_dict(run.task) == config_to_dict(preset.task), "the shipped run was trained with another task"
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["accuracy_in_distribution"] >= 0.99 and metrics["accuracy_length_40"] >= 0.95
+    cks = run.checkpoints()
+    assert len(cks) >= 2 and cks[-1].load_full().step == metrics["steps"], "the last step must leave a checkpoint"
