@@ -8,7 +8,7 @@ A write-up is a template (``README.template.md``) whose numbers are placeholders
 
 ``FILE:PATH|FORMAT``: ``FILE`` is relative to the template's directory (or to the repository root when it
 starts with ``/``), ``PATH`` walks the JSON with ``.key``, ``[index]`` and ``["key with spaces"]``,
-``FORMAT`` is a Python format spec (default: ``str``). ``python -m looptrace.apps.writeup DIR ...``
+``FORMAT`` is a Python format spec (default: ``str``) or ``len``. ``python -m looptrace.apps.writeup DIR ...``
 renders each ``DIR/README.template.md`` into ``DIR/README.md``; the tests check that the committed page is
 the rendering of its template and that the template writes no number outside a placeholder (except the
 references allowed by :data:`ALLOWED`: figure, table, section and appendix numbers, file names, code).
@@ -74,6 +74,8 @@ def render(template: str, base: Path) -> str:
             except (OSError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"placeholder {m.group(0)}: cannot read {src} ({exc})") from exc
         v = _walk(cache[src], path, m.group(0))
+        if fmt == "len":
+            return str(len(v))
         return format(v, fmt) if fmt else str(v)
 
     return PLACEHOLDER.sub(value, template)

@@ -256,6 +256,7 @@ def run_parity_study(run: Run, out: Path, cfg: ParityStudyConfig, progress: bool
     )
     variants = profile_variants(model, ckpts, trainset, probes, margin, readout, cfg) if cfg.variants else {}
     results = {
+        "run_record": run.record.raw,
         "tau": tau,
         "n_train": int(sdi.shape[0]),
         "n_queries": int(sdi.shape[1]),

@@ -158,7 +158,7 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
     f_sc = figures.lines(np.sort(np.unique(train_blanks)), {"median self-influence": np.array([np.median(self_inf[train_blanks == b]) for b in np.sort(np.unique(train_blanks))])},
                          out / "fig_self_influence.png", "train puzzle blanks", "self-influence sum_k eta_k |g|^2", "Memorisation proxy vs difficulty", logy=True)  # fmt: skip
     results = {
-        "preset": size, "horizon": horizon, "checkpoints": res.checkpoints, "etas": res.etas, "sketch": spec.to_dict(),
+        "run_record": run.record.raw, "preset": size, "horizon": horizon, "checkpoints": res.checkpoints, "etas": res.etas, "sketch": spec.to_dict(),
         "sdi_seconds": sdi_s, "board_accuracy_by_bin": acc, "cell_accuracy": cell, "in_distribution": in_dist,
         "energy_by_bin": energy,
         "correlations": {k: v for k, v in corr.items() if k != "cross_mass"}, "shares": shares, "late_mass": late,
