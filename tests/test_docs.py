@@ -13,7 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-EXECUTED = ["index.md", "guide/huggingface.md", "guide/training-loop.md", "guide/recurrent-depth.md", "guide/evaluation.md"]
+EXECUTED = [
+    "index.md",
+    "guide/huggingface.md",
+    "guide/training-loop.md",
+    "guide/recurrent-depth.md",
+    "guide/evaluation.md",
+]
 
 
 def python_blocks(page: Path) -> list[str]:
