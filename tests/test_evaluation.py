@@ -3,6 +3,8 @@ Adam-preconditioned inner product against its exact definition."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,18 @@ def test_adam_preconditioned_features_equal_the_exact_definition(tmp_path) -> No
     no_moments = lt.Checkpoint(model.state_dict(), lr=1.0)
     with pytest.raises(lt.CheckpointError, match="second moments"):
         lt.attribute(model, [no_moments], batches, batches, lm_loss, step_module=model.core, precondition="adam")
+
+
+def test_the_eval_command_runs_end_to_end(tmp_path) -> None:
+    """`looptrace eval --smoke`: retraining, LDS, removal and the step counterfactual wired together, with every
+    section of results.json filled and its report written."""
+    pytest.importorskip("matplotlib")
+    from looptrace.cli import main
+
+    assert main(["eval", "--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("lds", "removal", "step_counterfactual", "config"):
+        assert key in res, f"results.json lost its {key!r} section (keys: {sorted(res)})"
+    scores = [m["mean"] for m in res["lds"]["methods"].values()]
+    assert scores and all(-1.0 <= s <= 1.0 for s in scores), f"LDS outside [-1, 1]: {scores}"
+    assert (tmp_path / "report.html").exists()

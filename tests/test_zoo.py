@@ -117,6 +117,23 @@ def test_parity_readout_ignores_later_loops() -> None:
     assert torch.equal(short, long), "the answer is read out at step n; loops after it must not change it"
 
 
+def test_length_bucketed_parity_loss_equals_the_padded_loss() -> None:
+    """The small preset trains on length groups cut to their longest example: the per-example losses and the
+    gradient must be those of the whole padded batch (float64), in the batch's order."""
+    mc, _, _ = preset("parity", "small")
+    torch.manual_seed(0)
+    model = LoopedTransformer(mc).double()
+    b = parity.sample(40, 1, 21, torch.Generator().manual_seed(3))
+    ref = parity.loss(model, b)
+    (g_ref,) = torch.autograd.grad(ref.sum(), [next(model.core.parameters())])
+    for buckets in (2, 4, 7):
+        got = parity.bucketed_loss(model, b, buckets)
+        (g,) = torch.autograd.grad(got.sum(), [next(model.core.parameters())])
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=f"{buckets} buckets: per-example losses differ")
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=f"{buckets} buckets: the gradient differs")
+    assert get_study("parity").preset("small").task.length_buckets > 1, "the small preset should train on length groups"
+
+
 # ---------------------------------------------------------------------------------------- text
 def test_arithmetic_templates_are_disjoint_and_in_gsm8k_format() -> None:
     tr, te = text.arithmetic_problems(50, "train", 0), text.arithmetic_problems(50, "test", 0)

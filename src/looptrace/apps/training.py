@@ -145,7 +145,7 @@ def train(
             )
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", **(task.state_dict() if hasattr(task, "state_dict") else {}))
     if bar is not None:
         bar.close()
     model.eval()

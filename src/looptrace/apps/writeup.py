@@ -36,7 +36,7 @@ ALLOWED = re.compile(
     r"|\b[A-Z]\.\d+\b"  # appendix D.3
     r"|\b\w*[A-Za-z_]\d+\w*\b"  # identifiers with digits (k-means is fine, sha256, fig2, m2048)
     r"|\b\d+(?:st|nd|rd|th)\b"
-    r"|\b(?:step|steps|r|t)\s*=?\s*\d+\b"  # axis labels in tables: step 3, r = 4
+    r"|\b(?:step|steps|r|t|m|k|tau|seed)\s*=?\s*\d+\b"  # axis labels and method settings: step 3, r = 4, m = 2048
     r"|\b95% (?:CI|interval|confidence)"
     r"|\b\d+-core\b"
     r"|\b[A-Z][A-Za-z]*-\d+\b"  # method names: TRAK-50

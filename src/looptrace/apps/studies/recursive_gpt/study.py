@@ -41,6 +41,40 @@ class RecursiveStudyConfig:
         )
 
 
+def comparison(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the write-up sets beside the paper's, under fixed names: at the shortest and longest
+    recurrence, the last-step fraction, the signed and absolute shares of the last steps, how much the
+    per-step sums cancel (TracIn vs the summed per-step magnitudes), exact vs sketch and the state's settling."""
+    rows = {r["r"]: r for r in results["full_bptt"]}
+    lo, hi = min(rows), max(rows)
+    cum, ab = results["cumulative_share"][str(hi)], results["absolute_share"][str(hi)]
+    steps = np.diff(np.concatenate([[0.0], np.asarray(cum)]))  # signed per-step share at r = hi
+    out: dict[str, Any] = {
+        "r_min": lo, "r_max": hi,
+        "last_step_fraction_r_min": rows[lo]["last_step_fraction"], "last_step_fraction_r_max": rows[hi]["last_step_fraction"],
+        "last_step_fraction_min": min(r["last_step_fraction"] for r in rows.values()),
+        "r_of_last_step_fraction_min": min(rows, key=lambda r: rows[r]["last_step_fraction"]),
+        "growth_ratio_r_max": rows[hi]["growth_ratio"],
+        "cumulative_share_r_max_last4": list(cum[-4:]), "signed_step_share_r_max_last4": steps[-4:].tolist(),
+        "absolute_share_r_max_last": ab[-1], "absolute_share_r_max_last4": float(np.sum(ab[-4:])),
+        "tracin_sum_r_max": rows[hi]["tracin_sum"], "abs_per_step_sum_r_max": rows[hi]["abs_per_step_sum"],
+        "cancellation_r_max": rows[hi]["abs_per_step_sum"] / max(abs(rows[hi]["tracin_sum"]), 1e-300),
+        "max_abs_cumulative_share_r_max": float(np.max(np.abs(cum))),
+        "contraction_median_ratio": results["state_contraction"]["median_ratio"],
+        "state_change_last": results["state_contraction"]["relative_change"][-1],
+        "state_change_first": results["state_contraction"]["relative_change"][0],
+        "accuracy_max": max(results["answer_accuracy"].values()),
+        "truncated_nonzero_steps_max": max((r["nonzero_steps"] for r in results["truncated_bptt"]), default=0),
+    }  # fmt: skip
+    for row in results["exact_vs_sketch"]:
+        r = row["r"]
+        out[f"exact_r{r}_sketch_rel_error"] = row["sdi_rel_error_of_sketch"]
+        out[f"exact_r{r}_last_cumulative"] = row["exact_cumulative_share"][-4:]
+        out[f"exact_r{r}_absolute_last"] = row["exact_absolute_share"][-1]
+        out[f"exact_r{r}_cancellation"] = row["exact_abs_step_mass"] / max(abs(row["exact_tracin_sum"]), 1e-300)
+    return out
+
+
 def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model = run.load_model(cfg.device)
@@ -109,6 +143,9 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
     results = {"run_record": run.record.raw, "preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
                "truncated_bptt": trunc_rows, "cumulative_share": cum, "absolute_share": absolute, "exact_vs_sketch": exact_rows,
                "state_contraction": settling}  # fmt: skip
+    results["body_parameters"] = sum(p.numel() for p in core.parameters())
+    results["model_parameters"] = sum(p.numel() for p in model.parameters())
+    results["comparison"] = comparison(results)
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: recursive GPT ({run_cfg['model']['n_prelude']}/{run_cfg['model']['n_core']}/{run_cfg['model']['n_coda']} prelude/core/coda, "

@@ -166,6 +166,7 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         "conservation_max_abs": conservation, "influence_horizon": horizon_step,
         "train_blanks": train_blanks.tolist(), "test_blanks": query_blanks.tolist(), "self_influence": self_inf.tolist(),
     }  # fmt: skip
+    results["comparison"] = comparison(results)
     sections: list[dict[str, Any]] = [
         {"heading": "Setup", "text": [
             f"Model: {run_cfg['model']['d_model']}-wide bidirectional looped block ({run_cfg['model']['n_heads']} heads, learned positions, "
@@ -189,6 +190,45 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
         {"run": str(run.path), "run_config": run_cfg, "study": dataclasses.asdict(cfg), "torch": torch.__version__},
     )
     return results
+
+
+def comparison(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the write-up sets beside the paper's, under fixed names (the groups' and bins' labels depend
+    on the run's difficulty range): Table 1, the correlations, the quartile statement and Fig. 2A's compute
+    sensitivity of the easiest and hardest held-out bins."""
+    t1 = results["table1_full"]
+    easy, hard = list(t1["groups"])
+    bins = list(t1["test_bins"])
+    easy_bin, hard_bin = bins[0], bins[-1]
+    mem, shares, late = t1["memorisation"], t1["shares"], t1["late_mass_between_groups"]
+    sens = results["fig2a"]["compute_sensitivity"]["cell"]
+    held = list(sens)
+    corr = results["correlations"]
+    budgets = list(results["in_distribution"]["board_accuracy"])
+    return {
+        "easy_group": easy, "hard_group": hard, "easy_test_bin": easy_bin, "hard_test_bin": hard_bin,
+        "n_easy": t1["groups"][easy], "n_hard": t1["groups"][hard],
+        "self_vs_blanks_rho": corr["self_vs_blanks"]["rho"], "self_vs_blanks_p": corr["self_vs_blanks"]["p"],
+        "cross_vs_blanks_rho": corr["cross_vs_blanks"]["rho"], "cross_vs_blanks_p": corr["cross_vs_blanks"]["p"],
+        "self_vs_cross_rho": corr["self_vs_cross"]["rho"],
+        "self_median_easy": mem["self"][easy]["median"], "self_median_hard": mem["self"][hard]["median"],
+        "self_median_ratio_hard_over_easy": mem["self"]["median_ratio_hard_over_easy"], "self_welch_p": mem["self"]["welch_p"],
+        "cross_median_easy": mem["cross"][easy]["median"], "cross_median_hard": mem["cross"][hard]["median"],
+        "cross_median_ratio_hard_over_easy": mem["cross"]["median_ratio_hard_over_easy"], "cross_welch_p": mem["cross"]["welch_p"],
+        "share_easy_test_easy_train": shares[easy_bin][easy], "share_easy_test_hard_train": shares[easy_bin][hard],
+        "share_hard_test_easy_train": shares[hard_bin][easy], "share_hard_test_hard_train": shares[hard_bin][hard],
+        "share_hard_test_p": shares[hard_bin].get("paired_p", float("nan")),
+        "late_easy_test_easy_train": late[easy_bin][easy], "late_easy_test_hard_train": late[easy_bin][hard],
+        "late_hard_test_easy_train": late[hard_bin][easy], "late_hard_test_hard_train": late[hard_bin][hard],
+        "late_hard_test_p": late[hard_bin].get("paired_p", float("nan")),
+        "late_easy_test_p": late[easy_bin].get("paired_p", float("nan")),
+        "bottom_self_in_top_cross": t1["quartiles"]["bottom_self_in_top_cross"], "bottom_self": t1["quartiles"]["bottom_self"],
+        "easiest_held_bin": held[0], "hardest_held_bin": held[-1],
+        "sensitivity_cell_easiest": sens[held[0]], "sensitivity_cell_hardest": sens[held[-1]],
+        "board_accuracy_at_1": results["in_distribution"]["board_accuracy"][budgets[0]],
+        "board_accuracy_at_max": results["in_distribution"]["board_accuracy"][budgets[-1]],
+        "cell_accuracy_hard_split_at_max": results["cell_accuracy"][budgets[-1]],
+    }  # fmt: skip
 
 
 def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,4 +273,16 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["share_hard_minus_easy_train"] = shares
     sens = [x["fig2a"]["compute_sensitivity"]["cell"] for x in results]
     out["compute_sensitivity_cell"] = {b: spread([s[b] for s in sens if b in s]) for b in sens[0]}
+    comps = [x.get("comparison") or comparison(x) for x in results]
+    out["comparison"] = {k: spread([c[k] for c in comps]) for k, v in comps[0].items() if isinstance(v, (int, float))}
+    out["comparison"]["sensitivity_hardest_minus_easiest"] = spread(
+        [c["sensitivity_cell_hardest"] - c["sensitivity_cell_easiest"] for c in comps]
+    )
+    out["comparison"]["share_hard_minus_easy_on_hard_test"] = spread(
+        [c["share_hard_test_hard_train"] - c["share_hard_test_easy_train"] for c in comps]
+    )
+    out["comparison"]["late_hard_minus_easy_on_hard_test"] = spread(
+        [c["late_hard_test_hard_train"] - c["late_hard_test_easy_train"] for c in comps]
+    )
+    out["labels"] = {k: v for k, v in comps[0].items() if isinstance(v, str)}
     return out
