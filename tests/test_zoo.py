@@ -129,7 +129,9 @@ def test_length_bucketed_parity_loss_equals_the_padded_loss() -> None:
     for buckets in (2, 4, 7):
         got = parity.bucketed_loss(model, b, buckets)
         (g,) = torch.autograd.grad(got.sum(), [next(model.core.parameters())])
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=f"{buckets} buckets: per-example losses differ")
+        torch.testing.assert_close(
+            got, ref, rtol=1e-12, atol=1e-12, msg=f"{buckets} buckets: per-example losses differ"
+        )
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12, msg=f"{buckets} buckets: the gradient differs")
     assert get_study("parity").preset("small").task.length_buckets > 1, "the small preset should train on length groups"
 
