@@ -118,7 +118,7 @@ _MODEL: dict[str, Any] = dict(
 
 
 def small() -> Preset:
-    """CPU-sized: d=64, sequences of 64 tokens, 1/2/1 blocks; both stages fit in 20 minutes on 2 cores.
+    """CPU-sized: d=64, sequences of 64 tokens, 1/2/1 blocks; both stages take minutes on a CPU (measured: docs/results/recursive-gpt).
     Truncated BPTT k=4, depth mean 4 (max 16), s_0 = e (nanochat's recursive branch)."""
     return Preset(
         LoopedConfig(

@@ -120,7 +120,7 @@ _MODEL: dict[str, Any] = dict(
 
 
 def small() -> Preset:
-    """CPU-sized: d=64 and depth mean 8 (max 16) so that training fits in 20 minutes on 2 cores, on
+    """CPU-sized: d=64 and depth mean 8 (max 16) so that training fits in under an hour on one CPU thread (measured: docs/results/sudoku), on
     puzzles with 10-40 blanks (train: the easiest 80 %, test: the hardest 20 %, 34-40 blanks).
     Measured here: with 30-50 blanks and 3000 steps blank-cell accuracy stayed at 0.2; with 10-40 it
     reached 0.34 in 3000 steps and was still improving."""
