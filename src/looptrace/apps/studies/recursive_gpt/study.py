@@ -140,7 +140,7 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
     )  # fmt: skip
     f_last = figures.lines(np.array(cfg.recurrences), {"last-step fraction": np.array([r["last_step_fraction"] for r in rows])},
                            out / "fig_last_step.png", "recurrence r", "fraction of |SDI| in the last step", "Influence in the final step")  # fmt: skip
-    results = {"run_record": run.record.raw, "preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
+    results: dict[str, Any] = {"run_record": run.record.raw, "preset": size, "checkpoints": [str(p) for p in paths], "sketch": spec.to_dict(), "answer_accuracy": acc, "full_bptt": rows,
                "truncated_bptt": trunc_rows, "cumulative_share": cum, "absolute_share": absolute, "exact_vs_sketch": exact_rows,
                "state_contraction": settling}  # fmt: skip
     results["body_parameters"] = sum(p.numel() for p in core.parameters())
