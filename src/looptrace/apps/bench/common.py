@@ -250,6 +250,13 @@ def parity_workload(run_dir: Path, n: int = 8, length: int = 20) -> Workload:
     from looptrace.apps.catalog import open_run
     from looptrace.apps.tasks import parity
 
+    def _shown(path: Any) -> str:  # a path inside the package or the checkout, without this machine's prefix
+        p = Path(path).resolve()
+        for base in (Path(__file__).resolve().parents[2], Path.cwd()):
+            if p.is_relative_to(base):
+                return str(p.relative_to(base.parent if base.name == "looptrace" else base))
+        return str(path)
+
     run = open_run(run_dir)
     model = run.load_model()
     data = parity.fixed_length(n, length, torch.Generator().manual_seed(123))
@@ -261,7 +268,8 @@ def parity_workload(run_dir: Path, n: int = 8, length: int = 20) -> Workload:
 
     return Workload(
         "parity-trained",
-        f"the trained parity model ({run.preset} preset, final checkpoint of {run_dir}), {n} held-out {length}-bit inputs, "
+        f"the trained parity model ({run.preset} preset, final checkpoint of {_shown(run_dir)}), {n} held-out "
+        f"{length}-bit inputs, "
         f"tau={length} (read out at the last step)",
         model,
         [(data.x, data.y, data.n)],

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {wall[seed]:.0f} s{' (stopped at the limit)' if late[seed] else ''}", flush=True)
     r = collect(runs, wall, a.limit, late)
     out = Path(a.out or f"docs/results/{a.study}")
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(r, out / "train_time.json")
     atomic_write_bytes(out / "train_time.md", markdown(r).encode())
     print(markdown(r))
