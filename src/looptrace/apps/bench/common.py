@@ -210,6 +210,15 @@ def paired_times(base: Callable[[], Any], fn: Callable[[], Any], reps: int) -> t
     return statistics.median(tb), statistics.median(tf), statistics.median(ratio), ratio
 
 
+def _shown(path: Any) -> str:
+    """A path inside the package or the checkout, without this machine's prefix (for result descriptions)."""
+    p = Path(path).resolve()
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if p.is_relative_to(base):
+            return str(p.relative_to(base.parent if base.name == "looptrace" else base))
+    return str(path)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -249,13 +258,6 @@ def parity_workload(run_dir: Path, n: int = 8, length: int = 20) -> Workload:
     out at their last loop step (so that every step of the loop carries gradient)."""
     from looptrace.apps.catalog import open_run
     from looptrace.apps.tasks import parity
-
-    def _shown(path: Any) -> str:  # a path inside the package or the checkout, without this machine's prefix
-        p = Path(path).resolve()
-        for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-            if p.is_relative_to(base):
-                return str(p.relative_to(base.parent if base.name == "looptrace" else base))
-        return str(path)
 
     run = open_run(run_dir)
     model = run.load_model()

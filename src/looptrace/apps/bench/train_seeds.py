@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from looptrace.apps.bench.common import machine
 from looptrace.io import atomic_write_bytes, atomic_write_json
 
@@ -42,8 +44,6 @@ def _row(seed: int, path: Path, wall: float, timed_out: bool, note: str) -> dict
     row: dict[str, Any] = {"seed": seed, "wall_s": wall, "timed_out": timed_out, "threads": record["train"].get("threads"),
                            "overrides": record.get("overrides", {}), "note": note}  # fmt: skip
     if timed_out or not (path / "metrics.json").exists():  # the last saved state says how far it got
-        import torch
-
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         last = [e for e in json.loads(state["history"]) if "loss" in e][-1]
         row.update(steps=int(state["step"]), stopped_early=False, met_targets=False,

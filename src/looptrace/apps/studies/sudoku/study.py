@@ -249,28 +249,23 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["self_median_ratio_hard_over_easy"] = spread([m["self"]["median_ratio_hard_over_easy"] for m in mem])
     out["cross_median_ratio_hard_over_easy"] = spread([m["cross"]["median_ratio_hard_over_easy"] for m in mem])
     out["bottom_self_in_top_cross"] = [x["table1_full"]["quartiles"]["bottom_self_in_top_cross"] for x in results]
-    late: dict[str, Any] = {}
-    for b in results[0]["table1_full"]["late_mass_between_groups"]:
-        diffs = []
-        for x in results:
-            row = x["table1_full"]["late_mass_between_groups"].get(b, {})
-            groups = [k for k in row if not k.startswith("paired")]
-            if len(groups) == 2:
-                diffs.append(row[groups[1]] - row[groups[0]])
-        if diffs:
-            late[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
-    out["late_mass_hard_minus_easy_train"] = late
-    shares: dict[str, Any] = {}
-    for b in results[0]["table1_full"]["shares"]:
-        diffs = []
-        for x in results:
-            row = x["table1_full"]["shares"].get(b, {})
-            groups = [k for k in row if not k.startswith("paired")]
-            if len(groups) == 2:
-                diffs.append(row[groups[1]] - row[groups[0]])
-        if diffs:
-            shares[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
-    out["share_hard_minus_easy_train"] = shares
+
+    def hard_minus_easy(table: str) -> dict[str, Any]:
+        """Per test bin, the spread over runs of the hard train group's value minus the easy group's."""
+        out_b: dict[str, Any] = {}
+        for b in results[0]["table1_full"][table]:
+            diffs = []
+            for x in results:
+                row = x["table1_full"][table].get(b, {})
+                groups = [k for k in row if not k.startswith("paired")]
+                if len(groups) == 2:
+                    diffs.append(row[groups[1]] - row[groups[0]])
+            if diffs:
+                out_b[b] = {**spread(diffs), "positive_in": int(sum(d > 0 for d in diffs))}
+        return out_b
+
+    out["late_mass_hard_minus_easy_train"] = hard_minus_easy("late_mass_between_groups")
+    out["share_hard_minus_easy_train"] = hard_minus_easy("shares")
     sens = [x["fig2a"]["compute_sensitivity"]["cell"] for x in results]
     out["compute_sensitivity_cell"] = {b: spread([s[b] for s in sens if b in s]) for b in sens[0]}
     comps = [x.get("comparison") or comparison(x) for x in results]
