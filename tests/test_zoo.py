@@ -206,3 +206,35 @@ def test_training_stops_early_once_the_curriculum_is_learned(tmp_path) -> None:
 
 def test_parity_task_without_stop_never_stops() -> None:
     assert not ParityTask(adaptive=True).done()
+
+
+def test_learning_rate_anneals_once_the_final_length_is_reached(tmp_path) -> None:
+    mc, tc, task = preset("parity", "tiny")
+    task = dataclasses.replace(task, advance_at=0.0, final_max=4, anneal_steps=10, anneal_to=0.1)
+    tc = dataclasses.replace(tc, steps=30, warmup=0, min_lr_ratio=1.0, ckpt_every=30, log_every=1)
+    m = run_train("parity", "tiny", task, mc, tc, tmp_path / "run")
+    lrs = {h["step"]: h["lr"] for h in m["history"] if "lr" in h}
+    # 2 -> 4 digits at the checks after steps 5 and 10: the anneal starts at step 10 (the 11th step)
+    assert all(lrs[s] == tc.lr for s in range(1, 11)), "the learning rate must not change before the final length"
+    assert lrs[16] == pytest.approx(tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert all(lrs[s] == pytest.approx(0.1 * tc.lr) for s in range(21, 31)), "after anneal_steps: anneal_to x lr"
+    task.load_state_dict(task.state_dict())
+    assert task.final_step == 10, "the anneal's start is training state, saved for resuming"
+
+
+def test_final_length_check_rejects_a_poor_model_on_a_quarter_of_the_inputs(monkeypatch) -> None:
+    seen: list[int] = []
+
+    def fake_accuracy(model, batch, loops=None) -> float:
+        seen.append(len(batch))
+        return 0.8
+
+    monkeypatch.setattr(parity, "accuracy", fake_accuracy)
+    model = torch.nn.Linear(1, 1)
+    g = torch.Generator().manual_seed(0)
+    task = ParityTask(check_examples=256, reject_margin=0.05)
+    assert not task._passes(model, 21, 0.99, g) and seen == [64], "0.8 is far below 0.99: a quarter decides"
+    seen.clear()
+    assert not task._passes(model, 21, 0.82, g) and seen == [64, 256], "0.8 is within the margin: all inputs decide"
+    seen.clear()
+    assert not ParityTask(check_examples=256)._passes(model, 21, 0.99, g) and seen == [256], "no margin: one check"

@@ -33,7 +33,8 @@ class Task(Protocol):
     """What the loop needs from a task (see :mod:`looptrace.apps.studies`).
 
     Optional hooks, used when present: ``after_step(model, step, cfg)`` (curricula),
-    ``done() -> bool`` (end training early; the stopping step leaves a checkpoint), and
+    ``lr_scale(step) -> float`` (a factor on the scheduled learning rate, e.g. an anneal once a
+    curriculum is complete), ``done() -> bool`` (end training early; the stopping step leaves a checkpoint), and
     ``state_dict()`` / ``load_state_dict(state)`` (task state saved for resuming)."""
 
     name: str
@@ -55,6 +56,11 @@ def _task_done(task: Task) -> bool:
     """A task may end training early (``task.done()``, e.g. once its curriculum is learned)."""
     done = getattr(task, "done", None)
     return bool(done()) if callable(done) else False
+
+
+def _task_lr_scale(task: Task, step: int) -> float:
+    scale = getattr(task, "lr_scale", None)
+    return float(scale(step)) if callable(scale) else 1.0
 
 
 def _task_state(task: Task) -> str:
@@ -101,7 +107,7 @@ def train(
     for step in range(start, cfg.steps):
         if _task_done(task):  # a resumed run that had already stopped early
             break
-        lr = cfg.lr_at(step)
+        lr = cfg.lr_at(step) * _task_lr_scale(task, step)
         for g in opt.param_groups:
             g["lr"] = lr
         loops = sampler.sample(step) if sampler is not None else None

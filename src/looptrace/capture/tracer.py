@@ -7,9 +7,13 @@ shared parameters, several calls per step, truncated BPTT and per-example read-o
 "last input" slot and no counting of parameter uses: a step whose output never receives gradient
 simply contributes nothing at its true index.
 
-The backward pass asks autograd for the gradient of a zero scalar *anchor* added to every captured
-output, never for the parameters: autograd then computes every delta the hooks need but skips the
-weight-gradient products, and parameter ``.grad`` is never touched.
+The backward pass asks autograd for the gradient of a zero scalar *anchor*, never for the parameters:
+autograd then computes every delta the hooks need but skips the weight-gradient products, and parameter
+``.grad`` is never touched. The anchor is added to the step module's gradient-carrying inputs; a captured
+output downstream of an anchored tensor (found by a walk of its autograd graph, memoised per batch) gets its
+delta computed anyway and is hooked as it is. Any other captured output (no step module, recomputation, a layer
+whose output does not depend on the step's inputs) gets the anchor added itself. The first version added it to
+every captured output: one more elementwise pass forward and one reduction backward per layer call.
 
 Each body layer takes one of three routes, chosen on the first batch and reported in ``routes``:
 
@@ -165,6 +169,9 @@ class Tracer:
         self.max_step = 0
         self.recompute_fired = False
         self.anchors: dict[torch.dtype, torch.Tensor] = {}
+        # anchors on the step module's inputs (not with recomputation: its forward hooks run in backward)
+        self._input_anchors = step_module is not None and not recompute
+        self._reach: dict[int, tuple[bool, Any]] = {}  # id(autograd node) -> (downstream of an anchor, node)
         self.feats: torch.Tensor | None = None
         self.batch_size = 0
         self._cur_step = 0
@@ -261,7 +268,7 @@ class Tracer:
         self.step_module.forward = forward  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ steps
-    def _step_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+    def _step_pre(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         if self.phase == "forward" and not self._suspended and self.step_routed:
             # what the step route re-runs per example: the step's inputs, as autograd already keeps them
             self._step_inputs = (
@@ -270,6 +277,59 @@ class Tracer:
             )
             self._step_route_now = False
         self.enter_step(None)
+        if self._input_anchors and self.phase == "forward" and not self._suspended and torch.is_grad_enabled():
+            return self._anchor_inputs(args), self._anchor_inputs(kwargs)
+        return None
+
+    def _anchor_inputs(self, tree: Any) -> Any:
+        """``tree`` with the anchor added to every floating tensor that carries gradient."""
+
+        def add(t: torch.Tensor) -> torch.Tensor:
+            if not (t.requires_grad and t.is_floating_point()):
+                return t
+            new = t + self.anchor(t.dtype, t.device)
+            assert new.grad_fn is not None
+            self._reach[id(new.grad_fn)] = (True, new.grad_fn)
+            return new
+
+        return batching.map_tensors(tree, add)
+
+    def _downstream_of_anchor(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` depends on an anchored tensor, so that autograd computes its gradient when asked for
+        the anchors'. A walk of its autograd graph back to an anchor, memoised for the batch (later layers of a
+        step stop at an earlier one); a walk longer than a bound answers False (the caller then anchors ``t``)."""
+        fn = t.grad_fn
+        if fn is None:
+            return False
+        memo = self._reach
+        known = memo.get(id(fn))
+        if known is not None:
+            return bool(known[0])
+        anchors = [a for a in self.anchors.values()]
+        stack, visited, seen = [fn], [], {id(fn)}
+        while stack:
+            node = stack.pop()
+            visited.append(node)
+            if len(visited) > 10_000:
+                return False
+            if any(getattr(node, "variable", None) is a for a in anchors):
+                memo[id(fn)] = (True, fn)
+                return True
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                hit = memo.get(id(nxt))
+                if hit is not None:
+                    if hit[0]:
+                        memo[id(fn)] = (True, fn)
+                        return True
+                    continue
+                if id(nxt) not in seen:
+                    seen.add(id(nxt))
+                    stack.append(nxt)
+        for node in visited:  # the whole graph behind t was walked: none of it reaches an anchor
+            memo[id(node)] = (False, node)
+        return False
 
     def _step_post(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         if self.phase != "forward" or self._suspended:
@@ -332,6 +392,7 @@ class Tracer:
         self.max_step = 0
         self.recompute_fired = False
         self.anchors = {}
+        self._reach.clear()
         self.feats = None
         self.batch_size = batch_size or 0
 
@@ -409,6 +470,7 @@ class Tracer:
         self.phase = "idle"
         self.feats = None
         self.anchors = {}
+        self._reach.clear()
         self._recomputed.clear()
         self._waiting.clear()
         self._ready.clear()
@@ -463,13 +525,20 @@ class Tracer:
         else:
             saved = rule.capture(module, args, kwargs, output)
         step = self.step
+        replaced = False
         for i in live:
-            o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
             hook = partial(
                 self._on_grad, module=module, rule=rule, saved=saved, step=step, index=i, name=name, rows=rows
             )
+            if key is None and self._input_anchors and self._downstream_of_anchor(outs[i]):
+                outs[i].register_hook(hook)  # autograd computes its gradient for the anchors' sake
+                continue
+            o = outs[i] + self.anchor(outs[i].dtype, outs[i].device)
             o.register_hook(partial(self._on_region_grad, key=key, deliver=hook) if key is not None else hook)
             outs[i] = o
+            replaced = True
+        if not replaced:
+            return None
         if isinstance(output, torch.Tensor):
             return outs[0]
         return type(output)(outs)

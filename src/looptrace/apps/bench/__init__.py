@@ -60,28 +60,33 @@ def run_all(
     t0 = time.perf_counter()
     work = synthetic_workload(cfg)
     results: dict[str, Any] = {"machine": machine(), "config": dataclasses.asdict(cfg)}
-    print("fidelity ...", flush=True)
+    clock = _Sections()
+    results["section_seconds"] = clock.seconds  # where the run's time went, section by section
+    section = clock.start
+    section("fidelity")
     exact = work.featurize(lt.SketchSpec.exact())
     results["fidelity"] = {work.name: fidelity(work, cfg, exact)}
     run_dir = _trained_run(trained)
     if run_dir is not None:
+        section("fidelity (trained run)")
         trained_work = parity_workload(run_dir)
         results["fidelity"][trained_work.name] = fidelity(
             trained_work, dataclasses.replace(cfg, total_dims=()), trained_work.featurize(lt.SketchSpec.exact())
         )
-    print("conservation ...", flush=True)
+    section("conservation")
     results["conservation"] = conservation(work, exact)
-    print("speed ...", flush=True)
+    section("speed")
     results["overhead"] = overhead(work, cfg)
     ref = None
     if cfg.peer:
-        print("reference implementation ...", flush=True)
+        section("reference implementation")
         ref = reference(cfg, exact, venv, dims=sorted({256, 1024, 2048}))
     results["reference"] = ref
+    section("peer table, profile, project-after")
     results["peer_table"] = peer_rows(work, cfg, exact, ref)
     results["where_time_goes"] = where_time_goes(work)
     results["project_after"] = project_after(work, cfg, exact)
-    print("memory ...", flush=True)
+    section("memory")
     points: dict[str, tuple[int, ...]] = {
         "plain": (2, 8),
         "sketched": (2, 8),
@@ -89,10 +94,13 @@ def run_all(
         "exact": (2, 8),
     }
     results["memory"] = measure_memory(cfg) if cfg.device != "cpu" else _cpu_memory(cfg, points)
-    print("precision, routes, recorder ...", flush=True)
+    section("precision")
     results["precision"] = precision(work, cfg, exact)
+    section("routes")
     results["routes"] = routes(cfg)
+    section("recorder")
     results["recorder"] = recorder_overhead(cfg)
+    section("")
     results["seconds"] = time.perf_counter() - t0
     results.update(headline(results, out_dir))
     stem = "latest" if cfg.device == "cpu" else "gpu-all"
@@ -101,6 +109,23 @@ def run_all(
         out_dir / ("README.md" if cfg.device == "cpu" else "gpu-all.md"), markdown(results, out_dir).encode()
     )
     return results
+
+
+class _Sections:
+    """Wall seconds per named section of a run (``start(name)`` ends the previous one; ``start("")`` the last)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._t = time.perf_counter()
+
+    def start(self, name: str) -> None:
+        now = time.perf_counter()
+        if self._name:
+            self.seconds[self._name] = now - self._t
+        self._name, self._t = name, now
+        if name:
+            print(f"{name} ...", flush=True)
 
 
 def _cpu_memory(cfg: BenchConfig, points: dict[str, tuple[int, ...]]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class BenchConfig:
     seeds: int = 10
     reps: int = 7
     memory_cap_mib: int = 2048
+    recorder_steps: int = 100  # training steps per timing of the checkpoint recorder's overhead
     peer: bool = True
     active: bool = True  # perturb the weights so that every loop step carries gradient
     share_floor: float = 0.1  # every step must carry >= share_floor / tau of the gradient norm
@@ -64,8 +65,9 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        """Fewer dimensions and seeds (m = 2048 always included)."""
-        return cls(dims=(256, 1024, 2048, 4096), total_dims=(51200,), seeds=5, reps=5)
+        """Fewer dimensions, seeds, timing rounds and recorder steps (m = 2048 always included): about five
+        minutes on a 2-core CPU (``section_seconds`` in the results says where they go)."""
+        return cls(dims=(256, 1024, 2048), total_dims=(51200,), seeds=3, reps=3, recorder_steps=30)
 
     @classmethod
     def paper(cls) -> BenchConfig:

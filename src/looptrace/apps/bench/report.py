@@ -14,6 +14,14 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _sections_line(r: dict[str, Any]) -> list[str]:
+    """Where the run's time went (runs before section timing have none)."""
+    sec = r.get("section_seconds")
+    if not sec:
+        return []
+    return ["Time by section: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items()) + ".", ""]
+
+
 def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
     m, c = r["machine"], r["config"]
     fid = r["fidelity"]["looped-gpt"]
@@ -27,6 +35,7 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "Ratios are medians over rounds of alternating calls within this run (the spread of the rounds is in "
         "latest.json).",
         "",
+        *_sections_line(r),
         "## Every loop step is measured",
         "",
         "Share of the body-gradient norm carried by each loop step (exact per-step gradients, mean over examples); "
