@@ -95,6 +95,21 @@ class BareParam(nn.Module):
         return h + torch.tanh(self.fc(h * self.scale + e))
 
 
+class ConstantBranch(nn.Module):
+    """A Linear on a fixed code (not downstream of the step's inputs: its output needs its own anchor) next to
+    one on the state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.code_net = nn.Linear(3, D)
+        self.register_buffer("code", torch.randn(3, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        return h + torch.tanh(self.fc(h + e) * self.code_net(self.code.expand(b, t, 3)))
+
+
 class Looped(nn.Module):
     def __init__(self, core: nn.Module, loops: int = 4, bptt_k: int | None = None) -> None:
         super().__init__()
@@ -136,6 +151,7 @@ BODIES = {
     "moe-top2-step": (lambda: MoE(top=2, unbind=True), "step"),
     "conv-groupnorm": (ConvMixer, "exact fallback"),
     "bare-parameter": (BareParam, "exact fallback"),
+    "constant-branch": (ConstantBranch, "Linear"),
 }
 
 
@@ -146,8 +162,9 @@ def test_exact_per_step_features_equal_the_oracle(body: str, bptt_k: int | None,
     make, route = BODIES[body]
     model = Looped(make(), bptt_k=bptt_k)
     data = batches()
+    # verification asks autograd for the weights' gradients too: only the second batch shows the capture alone
     feats = lt.featurize(
-        model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=True, recompute=recompute
+        model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify="first", recompute=recompute
     )
     want = oracle_per_step(model, model.core, data, loss_fn)
     assert float(want.norm()) > 0
@@ -265,3 +282,27 @@ def test_routes_are_reported(capsys) -> None:
     lt.featurize(model, batches(1), loss_fn, step_module=model.core, sketch=lt.SketchSpec(dim=32), progress=True)
     err = capsys.readouterr().err
     assert "core.experts.0.0" in err and "rows from the data flow" in err, err
+
+
+def test_only_layers_off_the_step_inputs_get_their_own_anchor(monkeypatch) -> None:
+    """The capture anchors the step module's inputs; a layer downstream of them is hooked as it is, one that is not
+    (the fixed-code branch) gets the anchor itself. Both kinds occur here, and the features are the oracle's."""
+    from looptrace.capture.tracer import Tracer
+
+    seen: list[bool] = []
+    walk = Tracer._downstream_of_anchor
+
+    def spy(self: Tracer, t: torch.Tensor) -> bool:
+        seen.append(walk(self, t))
+        return seen[-1]
+
+    monkeypatch.setattr(Tracer, "_downstream_of_anchor", spy)
+    model = Looped(ConstantBranch())
+    data = batches(1)
+    # without verification: it asks autograd for the weights' gradients, which computes every delta anyway
+    feats = lt.featurize(model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify=False)
+    assert seen.count(True) == model.loops and seen.count(False) == model.loops, (
+        f"expected fc downstream of the anchored inputs and code_net not, at each of {model.loops} steps: {seen}"
+    )
+    assert_close(feats.per_step, oracle_per_step(model, model.core, data, loss_fn), "constant-branch features")
+

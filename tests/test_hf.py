@@ -50,7 +50,7 @@ def test_albert_exact_per_step_sdi_equals_the_oracle(head: str) -> None:
         data = [{**base[i], "labels": torch.tensor(i % 3)} for i in range(6)]
     batches = list(_loader(data, 3))
     step = lt.find_step_module(model, batches[0])
-    feats = lt.featurize(model, batches, loss, step_module=step, sketch=lt.SketchSpec.exact(), verify=True)
+    feats = lt.featurize(model, batches, loss, step_module=step, sketch=lt.SketchSpec.exact(), verify="first")
     want = oracle_per_step(model, step, batches, loss)
     assert float(want[:, 0].norm()) > 0 and feats.per_step.shape[1] == 3
     assert_close(feats.per_step, want, f"ALBERT ({head}) exact per-step features vs the untied oracle")

@@ -161,6 +161,9 @@ class Tracer:
         self._region: list[int] | None = None  # [step, calls so far] inside a checkpointed step
         self._recomputed: dict[tuple[int, int], list[Any]] = {}  # key -> [saved, deltas still to come]
         self._waiting: dict[tuple[int, int], list[tuple[torch.Tensor, Any]]] = {}
+        # step -> what re-runs it (the region, its inputs, the RNG and autocast state of the forward), for steps
+        # whose deltas all arrive without autograd ever unpacking the step's saved tensors (see _rerun_waiting)
+        self._reruns: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._ready: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
         # per-batch state
         self.step = 0
@@ -261,6 +264,7 @@ class Tracer:
                 finally:
                     tracer._region = outer
 
+            tracer._reruns[step] = (region, args, kwargs, _forward_state(args, kwargs))
             # the whole step is re-run (no early stop), so every layer's forward hook sees its inputs again
             with torch.utils.checkpoint.set_checkpoint_early_stop(False):
                 return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, **kwargs)
@@ -457,6 +461,7 @@ class Tracer:
             if inputs:
                 grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=keep_graph)
             self.flush()
+            self._rerun_waiting()
             if self.recompute_fired:
                 raise StepError(
                     "reentrant activation checkpointing recomputes the body inside backward, where its "
@@ -474,6 +479,7 @@ class Tracer:
         self._recomputed.clear()
         self._waiting.clear()
         self._ready.clear()
+        self._reruns.clear()
 
     def anchor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         a = self.anchors.get(dtype)
@@ -592,6 +598,27 @@ class Tracer:
         # deltas that arrived before the recomputation are delivered once it is over (torch.func, which the
         # exact fallback uses, refuses to run inside checkpointing's saved-tensor hooks)
         self._ready.extend((key, grad, deliver) for grad, deliver in self._waiting.pop(key, []))
+
+    def _rerun_waiting(self) -> None:
+        """Re-run the checkpointed steps whose deltas are still waiting for their inputs, and deliver them.
+
+        Autograd recomputes a checkpointed step only when it unpacks one of the step's saved tensors. When
+        every captured output of a step lies at the step's boundary (a single layer is the whole body, e.g. a
+        GRUCell) and nothing behind the step is asked for, backward takes the deltas at those outputs and
+        never enters the step: the step's inputs are then never captured. Those steps are re-run here, with
+        the forward's RNG and autocast state, in the backward phase, so the forward hooks capture the inputs."""
+        if not self._waiting:
+            return
+        for step in sorted({key[0] for key in self._waiting}):
+            region, args, kwargs, state = self._reruns[step]
+            with _replay_state(state), torch.enable_grad():
+                region(*args, **kwargs)
+            self.flush()
+        if self._waiting:
+            raise StepError(
+                f"deltas of checkpointed calls {sorted(self._waiting)} (step, call) found no inputs: the step did "
+                "not make the same calls when re-run; recompute=True needs a deterministic step"
+            )
 
     def flush(self) -> None:
         """Deliver the deltas whose inputs a recomputation has just captured."""
@@ -713,6 +740,25 @@ class Tracer:
         if scale is not None:  # row r of the gradient is scaled by row r of the preconditioner
             values = values * scale.reshape(scale.shape[0], -1).to(out.dtype)[idx]
         slot.add_rows(out, idx, values)
+
+
+def _forward_state(args: Any, kwargs: Any) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]], Any]:
+    """The RNG states (CPU, and each CUDA device the inputs are on) and the autocast setting of a forward call."""
+    devices = sorted({t.device.index or 0 for t in batching.tensors((args, kwargs)) if t.device.type == "cuda"})
+    cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+    dev = "cuda" if devices else "cpu"
+    return torch.get_rng_state(), cuda, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+
+
+@contextlib.contextmanager
+def _replay_state(state: tuple[torch.Tensor, list[tuple[int, torch.Tensor]], Any]) -> Iterator[None]:
+    cpu, cuda, (dev, enabled, dtype) = state
+    with torch.random.fork_rng(devices=[d for d, _ in cuda]):
+        torch.set_rng_state(cpu)
+        for d, st in cuda:
+            torch.cuda.set_rng_state(st, d)
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            yield
 
 
 def step_vjp(
