@@ -233,8 +233,28 @@ def test_final_length_check_rejects_a_poor_model_on_a_quarter_of_the_inputs(monk
     model = torch.nn.Linear(1, 1)
     g = torch.Generator().manual_seed(0)
     task = ParityTask(check_examples=256, reject_margin=0.05)
-    assert not task._passes(model, 21, 0.99, g) and seen == [64], "0.8 is far below 0.99: a quarter decides"
+    assert not task._passes(model, (21, 21), 0.99, g) and seen == [64], "0.8 is far below 0.99: a quarter decides"
     seen.clear()
-    assert not task._passes(model, 21, 0.82, g) and seen == [64, 256], "0.8 is within the margin: all inputs decide"
+    assert not task._passes(model, (21, 21), 0.82, g) and seen == [64, 256], (
+        "0.8 is within the margin: all inputs decide"
+    )
     seen.clear()
-    assert not ParityTask(check_examples=256)._passes(model, 21, 0.99, g) and seen == [256], "no margin: one check"
+    assert not ParityTask(check_examples=256)._passes(model, (21, 21), 0.99, g) and seen == [256], (
+        "no margin: one check"
+    )
+
+
+def test_stop_check_draws_the_final_evaluation_s_lengths(monkeypatch) -> None:
+    lengths: list[set[int]] = []
+
+    def fake_accuracy(model, batch, loops=None) -> float:
+        lengths.append(set(batch.n.tolist()))
+        return 1.0
+
+    monkeypatch.setattr(parity, "accuracy", fake_accuracy)
+    _, tc, _ = preset("parity", "tiny")
+    task = ParityTask(adaptive=True, check_every=1, final_max=6, stop_after=1, stop_length=9, stop_in_distribution=True)
+    task.current_max = 6
+    task.after_step(torch.nn.Linear(1, 1), 0, tc)
+    assert len(lengths) == 2 and lengths[0] == set(range(1, 7)) and lengths[1] == {9}, lengths
+    assert task.done()
