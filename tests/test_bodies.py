@@ -305,4 +305,3 @@ def test_only_layers_off_the_step_inputs_get_their_own_anchor(monkeypatch) -> No
         f"expected fc downstream of the anchored inputs and code_net not, at each of {model.loops} steps: {seen}"
     )
     assert_close(feats.per_step, oracle_per_step(model, model.core, data, loss_fn), "constant-branch features")
-

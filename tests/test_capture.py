@@ -128,7 +128,13 @@ def test_layer_kinds_match_oracle(kind: str, recompute: bool) -> None:
     model = Net(kind)
     batches = make_batches()
     feats = lt.featurize(
-        model, batches, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify="first", recompute=recompute
+        model,
+        batches,
+        loss_fn,
+        step_module=model.core,
+        sketch=lt.SketchSpec.exact(),
+        verify="first",
+        recompute=recompute,
     )
     want = oracle_per_step(model, model.core, batches, loss_fn)
     assert float(want.norm()) > 0

@@ -27,7 +27,13 @@ def test_exact_equals_untied_oracle(case: str, recompute: bool) -> None:
     model = tiny_model(**CASES[case])
     batches = tiny_batches()
     feats = lt.featurize(
-        model, batches, lm_loss, step_module=model.core, sketch=lt.SketchSpec.exact(), verify="first", recompute=recompute
+        model,
+        batches,
+        lm_loss,
+        step_module=model.core,
+        sketch=lt.SketchSpec.exact(),
+        verify="first",
+        recompute=recompute,
     )
     want = oracle_per_step(model, model.core, batches, lm_loss)
     assert feats.per_step is not None
