@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import looptrace as lt
 from looptrace import batching
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
@@ -148,3 +149,24 @@ def model() -> LoopedTransformer:
 @pytest.fixture
 def batches() -> list[Any]:
     return tiny_batches()
+
+
+def assert_exact_matches_oracle(
+    model: nn.Module,
+    step_module: nn.Module,
+    batches: list[Any],
+    loss_fn: Callable[..., torch.Tensor],
+    what: str,
+    **kw: Any,
+) -> lt.Features:
+    """Exact per-step features equal the untied oracle (float64). Only the first batch is verified: verification
+    asks autograd for the weights' gradients too, which computes every delta, so the later batches test the
+    capture alone."""
+    feats = lt.featurize(
+        model, batches, loss_fn, step_module=step_module, sketch=lt.SketchSpec.exact(), verify="first", **kw
+    )
+    want = oracle_per_step(model, step_module, batches, loss_fn)
+    assert float(want.norm()) > 0, f"{what}: the oracle has no gradient, the comparison would prove nothing"
+    assert feats.per_step is not None and feats.per_step.dtype == torch.float64
+    assert_close(feats.per_step, want, what)
+    return feats

@@ -14,7 +14,7 @@ from torch import nn
 
 import looptrace as lt
 from looptrace.sketch.plan import SketchPlan
-from tests.conftest import assert_close, oracle_per_step
+from tests.conftest import assert_close, assert_exact_matches_oracle, oracle_per_step
 
 D, T, B = 6, 4, 3
 
@@ -162,13 +162,8 @@ def test_exact_per_step_features_equal_the_oracle(body: str, bptt_k: int | None,
     make, route = BODIES[body]
     model = Looped(make(), bptt_k=bptt_k)
     data = batches()
-    # verification asks autograd for the weights' gradients too: only the second batch shows the capture alone
-    feats = lt.featurize(
-        model, data, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), verify="first", recompute=recompute
-    )
-    want = oracle_per_step(model, model.core, data, loss_fn)
-    assert float(want.norm()) > 0
-    assert_close(feats.per_step, want, f"exact per-step features vs the untied oracle ({body}, bptt_k={bptt_k})")
+    what = f"exact per-step features vs the untied oracle ({body}, bptt_k={bptt_k})"
+    feats = assert_exact_matches_oracle(model, model.core, data, loss_fn, what, recompute=recompute)
     if bptt_k is not None:
         assert torch.count_nonzero(feats.per_step[:, : model.loops - bptt_k]) == 0, "truncated steps must be exactly 0"
     assert any(route in r for r in feats.routes.values()), f"{body}: expected a {route!r} route, got {feats.routes}"

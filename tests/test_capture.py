@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import looptrace as lt
-from tests.conftest import assert_close, oracle_per_step, per_example_grads
+from tests.conftest import assert_close, assert_exact_matches_oracle, per_example_grads
 
 
 class Scale(nn.Module):
@@ -127,18 +127,9 @@ KINDS = ["plain", "tied", "twice", "mha", "mha-seqfirst", "embedding", "fallback
 def test_layer_kinds_match_oracle(kind: str, recompute: bool) -> None:
     model = Net(kind)
     batches = make_batches()
-    feats = lt.featurize(
-        model,
-        batches,
-        loss_fn,
-        step_module=model.core,
-        sketch=lt.SketchSpec.exact(),
-        verify="first",
-        recompute=recompute,
+    assert_exact_matches_oracle(
+        model, model.core, batches, loss_fn, f"exact features vs oracle ({kind})", recompute=recompute
     )
-    want = oracle_per_step(model, model.core, batches, loss_fn)
-    assert float(want.norm()) > 0
-    assert_close(feats.per_step, want, f"exact features vs oracle ({kind})")
 
 
 @pytest.mark.parametrize("kind", ["plain", "tied", "mha", "embedding", "fallback", "conv1d"])

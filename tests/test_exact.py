@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import looptrace as lt
-from tests.conftest import assert_close, lm_loss, oracle_per_step, per_example_grads, tiny_batches, tiny_model
+from tests.conftest import (
+    assert_close,
+    assert_exact_matches_oracle,
+    lm_loss,
+    oracle_per_step,
+    per_example_grads,
+    tiny_batches,
+    tiny_model,
+)
 
 CASES = {
     "concat-layernorm": dict(injection="concat"),
@@ -26,19 +34,8 @@ def test_exact_equals_untied_oracle(case: str, recompute: bool) -> None:
     features must be the same, exactly."""
     model = tiny_model(**CASES[case])
     batches = tiny_batches()
-    feats = lt.featurize(
-        model,
-        batches,
-        lm_loss,
-        step_module=model.core,
-        sketch=lt.SketchSpec.exact(),
-        verify="first",
-        recompute=recompute,
-    )
-    want = oracle_per_step(model, model.core, batches, lm_loss)
-    assert feats.per_step is not None
-    assert feats.per_step.dtype == torch.float64
-    assert_close(feats.per_step, want, f"exact per-step features vs untied oracle ({case}, recompute={recompute})")
+    what = f"exact per-step features vs untied oracle ({case}, recompute={recompute})"
+    assert_exact_matches_oracle(model, model.core, batches, lm_loss, what, recompute=recompute)
 
 
 def test_truncated_bptt_gives_zero_rows_at_true_index() -> None:
