@@ -258,3 +258,14 @@ def test_stop_check_draws_the_final_evaluation_s_lengths(monkeypatch) -> None:
     task.after_step(torch.nn.Linear(1, 1), 0, tc)
     assert len(lengths) == 2 and lengths[0] == set(range(1, 7)) and lengths[1] == {9}, lengths
     assert task.done()
+
+
+def test_checks_at_the_final_length_run_every_stop_check_every_steps(monkeypatch) -> None:
+    checked: list[int] = []
+    monkeypatch.setattr(parity, "accuracy", lambda model, batch, loops=None: checked.append(len(batch)) or 0.0)
+    _, tc, _ = preset("parity", "tiny")
+    task = ParityTask(adaptive=True, check_every=1, stop_check_every=3, final_max=6, stop_after=1, check_examples=8)
+    task.current_max = 6
+    for step in range(6):
+        task.after_step(torch.nn.Linear(1, 1), step, tc)
+    assert len(checked) == 2, f"at the final length a check every 3 steps (after steps 3 and 6), got {len(checked)}"

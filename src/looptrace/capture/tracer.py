@@ -292,8 +292,9 @@ class Tracer:
             if not (t.requires_grad and t.is_floating_point()):
                 return t
             new = t + self.anchor(t.dtype, t.device)
-            assert new.grad_fn is not None
-            self._reach[id(new.grad_fn)] = (True, new.grad_fn)
+            fn = new.grad_fn
+            assert fn is not None
+            self._reach[id(fn)] = (True, fn)
             return new
 
         return batching.map_tensors(tree, add)
@@ -309,7 +310,7 @@ class Tracer:
         known = memo.get(id(fn))
         if known is not None:
             return bool(known[0])
-        anchors = [a for a in self.anchors.values()]
+        anchors = list(self.anchors.values())
         stack, visited, seen = [fn], [], {id(fn)}
         while stack:
             node = stack.pop()
