@@ -269,3 +269,22 @@ def test_checks_at_the_final_length_run_every_stop_check_every_steps(monkeypatch
     for step in range(6):
         task.after_step(torch.nn.Linear(1, 1), step, tc)
     assert len(checked) == 2, f"at the final length a check every 3 steps (after steps 3 and 6), got {len(checked)}"
+
+
+def test_a_passing_stop_check_counts_only_if_the_same_weights_pass_again(monkeypatch) -> None:
+    seen: list[int] = []
+    answers = iter([1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0])  # check 1 passes, its confirmation fails; check 2 both
+
+    def fake_accuracy(model, batch, loops=None) -> float:
+        seen.append(len(batch))
+        return next(answers)
+
+    monkeypatch.setattr(parity, "accuracy", fake_accuracy)
+    _, tc, _ = preset("parity", "tiny")
+    task = ParityTask(adaptive=True, check_every=1, final_max=6, stop_after=1, stop_length=9, check_examples=8,
+                      confirm_examples=32)  # fmt: skip
+    task.current_max = 6
+    task.after_step(torch.nn.Linear(1, 1), 0, tc)
+    assert seen == [8, 8, 32, 32] and not task.done(), f"a failed confirmation must not stop training: {seen}"
+    task.after_step(torch.nn.Linear(1, 1), 1, tc)
+    assert seen[4:] == [8, 8, 32, 32] and task.done(), "a confirmed pass stops training"
