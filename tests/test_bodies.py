@@ -265,6 +265,14 @@ def test_bodies_whose_examples_interact_are_refused(make: Any, kw: dict[str, Any
         lt.featurize(model, batches(), loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), **kw)
 
 
+def test_examples_that_interact_in_a_batch_of_two_are_refused() -> None:
+    """A batch of two run as a pair is the batch itself: each example must then be run alone."""
+    model = Looped(Interacting())
+    pairs = [(x[:2], y[:2]) for x, y in batches()]
+    with pytest.raises(lt.VerificationError, match="example 0's features"):
+        lt.featurize(model, pairs, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact())
+
+
 def test_batchnorm_in_eval_mode_does_not_interact() -> None:
     model = Looped(BatchNormBody())
     data = batches()

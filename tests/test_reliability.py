@@ -200,3 +200,23 @@ def test_batch_not_on_the_first_axis_is_refused() -> None:
     square = [(x[:, :3], y) for x, y in make_batches(b=3)]  # sequence length 3 == batch 3
     with pytest.raises(lt.VerificationError, match="example"):
         feat(SeqFirst(), square)
+
+
+def test_features_swapped_between_the_first_and_last_example_are_caught() -> None:
+    """The batch sum cannot see a swap; the first and last examples' check weights them 1:2, so it must."""
+    from looptrace.sketch.plan import SketchPlan
+    from looptrace.verify import check_batch
+
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)  # 4 examples' gradients of a [3, 5] weight
+    plan = SketchPlan.build(lt.SketchSpec.exact(), [("w", (3, 5))])
+    feats = grads.reshape(4, 1, 15)  # one loop step, exact features
+
+    def rows_grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor, ...]:
+        return (sum(w * grads[r] for r, w in zip(rows, weights, strict=True)),)
+
+    params = {"w": torch.zeros(3, 5, dtype=torch.float64)}
+    check_batch(plan, feats, params, (grads.sum(0),), rows_grad, 0)  # the right features pass
+    swapped = feats[[3, 1, 2, 0]]
+    with pytest.raises(lt.VerificationError, match="examples 0 and 3"):
+        check_batch(plan, swapped, params, (grads.sum(0),), rows_grad, 0)

@@ -24,7 +24,7 @@ from looptrace.errors import ConfigError, LoaderError, LossError, MemoryBudgetEr
 from looptrace.features import Features
 from looptrace.sketch.plan import OuterPath, SketchPlan
 from looptrace.sketch.spec import SketchSpec
-from looptrace.verify import check_batch, example_gradients_alone, example_gradients_in_graph
+from looptrace.verify import check_batch, probe_groups, rows_grad_alone, rows_grad_in_graph
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Verify = bool | Literal["first"]
@@ -214,12 +214,13 @@ class _BatchRunner:
             feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, also, keep_graph=in_graph)
             if check:
                 self.tracer.end_batch()
-                example_grad = (
-                    example_gradients_in_graph(losses, also)
-                    if in_graph
-                    else example_gradients_alone(self._losses_of, batch, also)
-                )
-                check_batch(self.plan, feats, named, grads, example_grad, first_row, self.autocast, self.scale)
+                b = int(losses.shape[0])
+                if in_graph:  # one weighted backward through the batch's own graph
+                    rows = [0, b - 1] if b > 1 else [0]
+                    rows_grad, groups = rows_grad_in_graph(losses, also), [(rows, [1.0, 2.0][: len(rows)])]
+                else:
+                    rows_grad, groups = rows_grad_alone(self._losses_of, batch, also), probe_groups(b)
+                check_batch(self.plan, feats, named, grads, rows_grad, first_row, self.autocast, self.scale, groups)
             return feats, losses.detach()
         finally:
             self.tracer.end_batch()

@@ -1,14 +1,19 @@
 """Verification against autograd: the guard against silently wrong features.
 
 The captured per-step features of a batch must add up to the sketch of autograd's gradient of the
-body, summed over the batch and for single examples (the first and the last). Because every sketch is
-linear, this holds exactly for a correct capture (up to floating-point error) and fails when a body
-weight is used outside the step module, when examples interact inside the body, or when a layer rule
-is wrong. In sketched mode the check compares sketches, never a full per-example gradient. The batch
-sum comes with the capture's own backward pass (the weight gradients are asked for alongside the
-deltas); the two single examples are run alone, as batches of one cut from the same batch tensors, so
-the check costs about 2/B of a batch (in train mode, where dropout would differ between passes, they
-are taken from the batch's own graph instead).
+body, summed over the batch, and for the first and last examples run without the rest of the batch.
+Because every sketch is linear, this holds exactly for a correct capture (up to floating-point error)
+and fails when a body weight is used outside the step module, when examples interact inside the body,
+when features land on the wrong example, or when a layer rule is wrong. In sketched mode the check
+compares sketches, never a full per-example gradient.
+
+The batch sum comes with the capture's own backward pass (the weight gradients are asked for alongside
+the deltas). The first and last examples are run together as a batch of two cut from the same batch
+tensors (so padding is unchanged), with one backward of ``loss_first + 2 * loss_last``: a mix of the
+rest of the batch into them shows as a mismatch (their companions changed), and so does a swap of the
+two (unequal weights). A batch of two is not a change of companions, so for batches of one or two each
+example is run alone. In train mode, where dropout would differ between passes, the same weighted
+backward is taken through the batch's own graph instead.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from looptrace import batching
 from looptrace.errors import VerificationError
 from looptrace.sketch.plan import SketchPlan
 
-__all__ = ["check_batch", "example_gradients_alone", "example_gradients_in_graph", "sketch_gradient", "tolerance"]
+__all__ = ["check_batch", "probe_groups", "rows_grad_alone", "rows_grad_in_graph", "sketch_gradient", "tolerance"]
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -68,20 +73,35 @@ def compare(
         )
 
 
+def probe_groups(batch_size: int) -> list[tuple[list[int], list[float]]]:
+    """The rows run without the rest of the batch, with their weights: the first and last together
+    (weights 1 and 2) from three examples on, each alone below (see the module)."""
+    last = batch_size - 1
+    if batch_size >= 3:
+        return [([0, last], [1.0, 2.0])]
+    return [([i], [1.0]) for i in range(batch_size)]
+
+
+#: The weighted gradient of some rows' losses: ``rows_grad(rows, weights)`` is the gradient of
+#: ``sum_i weights[i] * loss[rows[i]]`` w.r.t. the checked parameters, in order.
+RowsGrad = Callable[[list[int], list[float]], tuple[torch.Tensor | None, ...]]
+
+
 def check_batch(
     plan: SketchPlan,
     feats: torch.Tensor,
     params: dict[str, torch.Tensor],
     batch_grads: tuple[torch.Tensor | None, ...],
-    example_grad: Callable[[int], tuple[torch.Tensor | None, ...]],
+    rows_grad: RowsGrad,
     first_row: int,
     compute_dtype: torch.dtype | None = None,
     scale: dict[str, torch.Tensor] | None = None,
+    groups: list[tuple[list[int], list[float]]] | None = None,
 ) -> None:
     """Compare a batch's features ``[B, steps, D]`` with autograd: the batch sum (``batch_grads``, the
-    gradient of the summed loss w.r.t. ``params`` in order) and the first and last examples alone
-    (``example_grad(i)``: the gradient of example i's loss w.r.t. ``params``). ``scale``: the diagonal
-    preconditioner the features were computed with, applied to autograd's side too."""
+    gradient of the summed loss w.r.t. ``params`` in order) and, for each of ``groups`` (default
+    :func:`probe_groups`), the weighted sum of its rows' features against ``rows_grad(rows, weights)``.
+    ``scale``: the diagonal preconditioner the features were computed with, applied to autograd's side too."""
     names = list(params)
 
     def scaled(grads: tuple[torch.Tensor | None, ...]) -> dict[str, torch.Tensor | None]:
@@ -93,35 +113,38 @@ def check_batch(
     dtype, device = feats.dtype, feats.device
     total = sketch_gradient(plan, scaled(batch_grads), dtype, device)
     compare(plan, total, feats.sum((0, 1)), "the batch's summed features", compute_dtype)
-    b = feats.shape[0]
-    for i in sorted({0, b - 1}):
-        want = sketch_gradient(plan, scaled(example_grad(i)), dtype, device)
-        compare(plan, want, feats[i].sum(0), f"example {first_row + i}'s features", compute_dtype)
+    for rows, weights in groups if groups is not None else probe_groups(feats.shape[0]):
+        want = sketch_gradient(plan, scaled(rows_grad(rows, weights)), dtype, device)
+        w = torch.tensor(weights, dtype=dtype, device=device)
+        got = (feats[rows].sum(1) * w[:, None]).sum(0)
+        if len(rows) == 1:
+            what = f"example {first_row + rows[0]}'s features"
+        else:
+            what = (f"the features of examples {first_row + rows[0]} and {first_row + rows[-1]} (run together "
+                    f"without the rest of the batch, weighted {weights[0]:g}:{weights[-1]:g})")  # fmt: skip
+        compare(plan, want, got, what, compute_dtype)
 
 
-def example_gradients_in_graph(
-    losses: torch.Tensor, params: list[torch.Tensor]
-) -> Callable[[int], tuple[torch.Tensor | None, ...]]:
-    """Example i's gradient from the batch's own graph (one backward through the whole batch each; the
-    graph is released after the last example). Used when a fresh forward would differ (dropout on)."""
-    b = int(losses.shape[0])
+def rows_grad_in_graph(losses: torch.Tensor, params: list[torch.Tensor]) -> RowsGrad:
+    """Weighted rows' gradient from the batch's own graph (one backward through the whole batch; the
+    graph is released). Used when a fresh forward would differ (dropout on); check with one group."""
 
-    def grad(i: int) -> tuple[torch.Tensor | None, ...]:
-        return torch.autograd.grad(losses[i], params, allow_unused=True, retain_graph=i != b - 1)
+    def grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor | None, ...]:
+        w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
+        return torch.autograd.grad((losses[rows] * w).sum(), params, allow_unused=True)
 
     return grad
 
 
-def example_gradients_alone(
-    run: Callable[[Any], torch.Tensor], batch: Any, params: list[torch.Tensor]
-) -> Callable[[int], tuple[torch.Tensor | None, ...]]:
-    """Example i's gradient from a forward and backward of that example alone (its rows of the same batch
-    tensors, so padding is unchanged): a batch of one costs 1/B of the batch, and any dependence of an
-    example's loss on the others (examples that interact) shows as a mismatch."""
+def rows_grad_alone(run: Callable[[Any], torch.Tensor], batch: Any, params: list[torch.Tensor]) -> RowsGrad:
+    """Weighted rows' gradient from a forward and backward of those rows alone (the same batch tensors'
+    rows, so padding is unchanged): any dependence of their losses on the rest of the batch (examples
+    that interact) shows as a mismatch."""
 
-    def grad(i: int) -> tuple[torch.Tensor | None, ...]:
+    def grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor | None, ...]:
         with torch.enable_grad():
-            loss = run(batching.select_rows(batch, [i]))
-        return torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            losses = run(batching.select_rows(batch, rows))
+        w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
+        return torch.autograd.grad((losses * w).sum(), params, allow_unused=True)
 
     return grad
