@@ -67,8 +67,9 @@ def featurize(
         per_step: keep ``[N, tau, D]``; ``False`` keeps only the ``[N, D]`` totals (train side of
             test-side SDI), tau times less memory.
         verify: check that the captured features add up to autograd's gradient (all body parameters,
-            summed over the batch, and two single examples): ``"first"`` batch only, ``True`` every
-            batch, ``False`` never. Catches weights used outside the body and broken layer rules.
+            summed over the batch, and the first and last examples run without the rest of the batch):
+            ``"first"`` batch only, ``True`` every batch, ``False`` never. Catches weights used outside
+            the body, examples that interact, features on the wrong example and broken layer rules.
         fallback: allow the exact torch.func fallback for body modules with no layer rule.
         train_mode: featurise in train mode (dropout on). Default: eval mode, restored afterwards.
         outer_path: how TensorSketch of outer products is computed: ``"auto"`` (cheaper by a cost
