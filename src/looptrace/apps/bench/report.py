@@ -14,6 +14,12 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _spread(timing: dict[str, Any]) -> str:
+    """`` (rounds lo-hi)``: the range of a paired timing's per-round ratios (the headline is their median)."""
+    rounds = timing.get("rounds") or []
+    return f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
+
+
 def _sections_line(r: dict[str, Any]) -> list[str]:
     """Where the run's time went (runs before section timing have none)."""
     sec = r.get("section_seconds")
@@ -56,9 +62,15 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "",
         "| figure | value | what it compares |",
         "|---|---|---|",
-        f"| featurisation / plain fwd+bwd, default sketch, verification on | {r['overhead_ratio']:.2f}x | {ov['loader']}; "
+        f"| featurisation / plain fwd+bwd, default sketch, verification on | {r['overhead_ratio']:.2f}x"
+        f"{_spread(ov['default_verify_first'])} | {ov['loader']}; "
         f"{ov['default_spec']} with the first-batch check against autograd vs a plain training step's forward+backward |",
-        f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x | verify=False |",
+        f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x{_spread(ov['default_no_verify'])} | "
+        "verify=False |",
+        f"| the first-batch check's own cost | {_f(ov.get('check_cost_plain_batches'))} plain batches"
+        f"{_spread({'rounds': ov.get('check_cost_rounds')})} | the two rows above, timed in the same rounds: the "
+        "difference in plain batches (median over rounds; a range that spans zero means the machine's noise is "
+        "larger than the check) |",
         f"| the same with recomputation | {ov['default_recompute']['ratio']:.2f}x | recompute=True, verify=False |",
         f"| speed-up vs the reference, same method | {_f(r['speedup_vs_reference_same_method'])}x | reference overhead / "
         "ours, both per-tensor TensorSketch m=2048 by FFT |",
@@ -100,11 +112,16 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
     lines += [
         "## The peer table (equal total dimension)",
         "",
+        "Time is the median over timing rounds of (featurisation / plain fwd+bwd) in each round; the range over the"
+        " rounds in brackets. The reference runs in its own environment and process, so a speed-up is a ratio of"
+        " two medians taken minutes apart: read it with both ranges.",
+        "",
         "| estimator | D | time / plain fwd+bwd | SDI rel. error | TracIn rel. error |",
         "|---|---|---|---|---|",
     ]
     for row in r["peer_table"]:
-        lines.append(f"| {row['label']} | {row['D']} | {_f(row['overhead'])}x | {_f(row['sdi_rel_error'], '.4f')} | "
+        spread = _spread({"rounds": row.get("overhead_rounds")})
+        lines.append(f"| {row['label']} | {row['D']} | {_f(row['overhead'])}x{spread} | {_f(row['sdi_rel_error'], '.4f')} | "
                      f"{_f(row['tracin_rel_error'], '.4f')} |")  # fmt: skip
     if not r.get("reference"):
         lines.append("| reference implementation | | not run (unavailable here) | | |")

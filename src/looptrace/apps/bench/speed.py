@@ -27,15 +27,50 @@ def _ratio(work: Workload, cfg: BenchConfig, **kw: Any) -> dict[str, Any]:
     return {"plain_s": t_plain, "featurize_s": t_feat, "ratio": ratio, "rounds": rounds}
 
 
+#: Timing rounds of the overhead measurement at least (its ratios drive a target; fewer rounds are too noisy).
+OVERHEAD_ROUNDS = 5
+
+
 def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
-    """The default featurisation over the whole loader (verification on its first batch, as users run it),
-    without verification, with recomputation, against a plain forward+backward over the same batches."""
+    """The default featurisation over the whole loader (verification on its first batch, as users run it)
+    and without verification, timed in the same rounds as a plain forward+backward over the same batches,
+    so that the check's own cost (in plain batches) is a difference within each round; then with
+    recomputation."""
     default = lt.SketchSpec()
+    n = len(work.batches)
+    calls = {
+        "plain": lambda: work.plain_step(work.batches),
+        "verify": lambda: work.featurize(default, work.batches, verify="first"),
+        "no_verify": lambda: work.featurize(default, work.batches, verify=False),
+    }
+    for fn in calls.values():  # warm-up
+        fn()
+    # each featurisation sits between two plain runs and is divided by their mean: a slow spell of the
+    # machine that spans a call shows on both sides of the ratio
+    times: dict[str, list[float]] = {"verify": [], "no_verify": []}
+    plain: dict[str, list[float]] = {"verify": [], "no_verify": []}
+    for _ in range(max(cfg.reps, OVERHEAD_ROUNDS)):
+        before = median_time(calls["plain"], 1, warm=False)
+        for key in ("verify", "no_verify"):
+            times[key].append(median_time(calls[key], 1, warm=False))
+            after = median_time(calls["plain"], 1, warm=False)
+            plain[key].append((before + after) / 2)
+            before = after
+
+    def ratios(key: str) -> dict[str, Any]:
+        rounds = [t / p for t, p in zip(times[key], plain[key], strict=True)]
+        return {"plain_s": statistics.median(plain[key]), "featurize_s": statistics.median(times[key]),
+                "ratio": statistics.median(rounds), "rounds": rounds}  # fmt: skip
+
+    v, nv = ratios("verify")["rounds"], ratios("no_verify")["rounds"]
+    check = [n * (a - b) for a, b in zip(v, nv, strict=True)]  # in plain batches: n batches per plain run
     return {
-        "loader": f"{len(work.batches)} batches of {work.batches[0][0].shape[0]} examples",
+        "loader": f"{n} batches of {work.batches[0][0].shape[0]} examples",
         "default_spec": str(default),
-        "default_verify_first": _ratio(work, cfg, spec=default, verify="first"),
-        "default_no_verify": _ratio(work, cfg, spec=default, verify=False),
+        "default_verify_first": ratios("verify"),
+        "default_no_verify": ratios("no_verify"),
+        "check_cost_plain_batches": statistics.median(check),
+        "check_cost_rounds": check,
         "default_recompute": _ratio(work, cfg, spec=default, verify=False, recompute=True),
     }
 
@@ -61,12 +96,14 @@ def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[st
             errs_tracin.append(rel(lt.tracin(f, f), t_ex))
         timing = _ratio(work, cfg, spec=spec, verify=False, **kw)
         rows.append({"label": label, "D": total, "overhead": timing["ratio"], "featurize_s": timing["featurize_s"],
+                     "overhead_rounds": timing["rounds"],
                      "sdi_rel_error": statistics.mean(errs_sdi), "tracin_rel_error": statistics.mean(errs_tracin)})  # fmt: skip
     if ref is not None:
         at = next((e for e in ref["errors"] if e["m"] == 2048), None)
         rows.append(
             {"label": "reference implementation (step-decomposed-influence, TensorSketch m=2048, FFT)", "D": at["D"] if at else None,
              "overhead": ref["overhead_m2048"], "featurize_s": ref["featurize_m2048_s"],
+             "overhead_rounds": ref.get("overhead_m2048_rounds"),
              "sdi_rel_error": at["sdi_rel_error"] if at else None, "tracin_rel_error": at["tracin_rel_error"] if at else None}
         )  # fmt: skip
     return rows
