@@ -215,12 +215,12 @@ class _BatchRunner:
             feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, also, keep_graph=in_graph)
             if check:
                 self.tracer.end_batch()
-                b = int(losses.shape[0])
-                if in_graph:  # one weighted backward through the batch's own graph
-                    rows = [0, b - 1] if b > 1 else [0]
-                    rows_grad, groups = rows_grad_in_graph(losses, also), [(rows, [1.0, 2.0][: len(rows)])]
-                else:
-                    rows_grad, groups = rows_grad_alone(self._losses_of, batch, also), probe_groups(b)
+                rows_grad = (
+                    rows_grad_in_graph(losses, also)  # one weighted backward through the batch's own graph
+                    if in_graph
+                    else rows_grad_alone(self._losses_of, batch, also)
+                )
+                groups = probe_groups(int(losses.shape[0]), alone=not in_graph)
                 check_batch(self.plan, feats, named, grads, rows_grad, first_row, self.autocast, self.scale, groups)
             return feats, losses.detach()
         finally:

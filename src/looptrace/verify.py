@@ -73,11 +73,13 @@ def compare(
         )
 
 
-def probe_groups(batch_size: int) -> list[tuple[list[int], list[float]]]:
-    """The rows run without the rest of the batch, with their weights: the first and last together
-    (weights 1 and 2) from three examples on, each alone below (see the module)."""
+def probe_groups(batch_size: int, alone: bool = True) -> list[tuple[list[int], list[float]]]:
+    """The rows checked on their own, with their weights: the first and last together (weights 1 and 2).
+    Run ``alone`` (a fresh forward of those rows), a batch of one or two is not a change of companions, so
+    each example is then a group of its own; through the batch's own graph (``alone=False``) one group,
+    since that graph is released after one backward (see the module)."""
     last = batch_size - 1
-    if batch_size >= 3:
+    if batch_size >= (3 if alone else 2):
         return [([0, last], [1.0, 2.0])]
     return [([i], [1.0]) for i in range(batch_size)]
 
@@ -127,7 +129,7 @@ def check_batch(
 
 def rows_grad_in_graph(losses: torch.Tensor, params: list[torch.Tensor]) -> RowsGrad:
     """Weighted rows' gradient from the batch's own graph (one backward through the whole batch; the
-    graph is released). Used when a fresh forward would differ (dropout on); check with one group."""
+    graph is released). Used when a fresh forward would differ (dropout on), with ``probe_groups(b, alone=False)``."""
 
     def grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor | None, ...]:
         w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)

@@ -14,9 +14,8 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def _spread(timing: dict[str, Any]) -> str:
-    """`` (rounds lo-hi)``: the range of a paired timing's per-round ratios (the headline is their median)."""
-    rounds = timing.get("rounds") or []
+def _spread(rounds: list[float] | None) -> str:
+    """`` (rounds lo-hi)``: the range of a timing's per-round values (the headline is their median)."""
     return f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if rounds else ""
 
 
@@ -63,12 +62,12 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "| figure | value | what it compares |",
         "|---|---|---|",
         f"| featurisation / plain fwd+bwd, default sketch, verification on | {r['overhead_ratio']:.2f}x"
-        f"{_spread(ov['default_verify_first'])} | {ov['loader']}; "
+        f"{_spread(ov['default_verify_first']['rounds'])} | {ov['loader']}; "
         f"{ov['default_spec']} with the first-batch check against autograd vs a plain training step's forward+backward |",
-        f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x{_spread(ov['default_no_verify'])} | "
+        f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x{_spread(ov['default_no_verify']['rounds'])} | "
         "verify=False |",
         f"| the first-batch check's own cost | {_f(ov.get('check_cost_plain_batches'))} plain batches"
-        f"{_spread({'rounds': ov.get('check_cost_rounds')})} | the two rows above, timed in the same rounds: the "
+        f"{_spread(ov.get('check_cost_rounds'))} | the two rows above, timed in the same rounds: the "
         "difference in plain batches (median over rounds; a range that spans zero means the machine's noise is "
         "larger than the check) |",
         f"| the same with recomputation | {ov['default_recompute']['ratio']:.2f}x | recompute=True, verify=False |",
@@ -120,7 +119,7 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "|---|---|---|---|---|",
     ]
     for row in r["peer_table"]:
-        spread = _spread({"rounds": row.get("overhead_rounds")})
+        spread = _spread(row.get("overhead_rounds"))
         lines.append(f"| {row['label']} | {row['D']} | {_f(row['overhead'])}x{spread} | {_f(row['sdi_rel_error'], '.4f')} | "
                      f"{_f(row['tracin_rel_error'], '.4f')} |")  # fmt: skip
     if not r.get("reference"):

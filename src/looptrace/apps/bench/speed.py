@@ -62,13 +62,14 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
         return {"plain_s": statistics.median(plain[key]), "featurize_s": statistics.median(times[key]),
                 "ratio": statistics.median(rounds), "rounds": rounds}  # fmt: skip
 
-    v, nv = ratios("verify")["rounds"], ratios("no_verify")["rounds"]
-    check = [n * (a - b) for a, b in zip(v, nv, strict=True)]  # in plain batches: n batches per plain run
+    verify, no_verify = ratios("verify"), ratios("no_verify")
+    # in plain batches: n batches per plain run
+    check = [n * (a - b) for a, b in zip(verify["rounds"], no_verify["rounds"], strict=True)]
     return {
         "loader": f"{n} batches of {work.batches[0][0].shape[0]} examples",
         "default_spec": str(default),
-        "default_verify_first": ratios("verify"),
-        "default_no_verify": ratios("no_verify"),
+        "default_verify_first": verify,
+        "default_no_verify": no_verify,
         "check_cost_plain_batches": statistics.median(check),
         "check_cost_rounds": check,
         "default_recompute": _ratio(work, cfg, spec=default, verify=False, recompute=True),
