@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import looptrace as lt
 from looptrace.apps.bench import run_all
@@ -53,3 +54,29 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path) -> None:
     r = gpu.run("cpu", dry_run=True, out_dir=tmp_path)
     assert r["dry_run"] and set(r["largest_batch"]) == {"plain", "sketched", "sketched-recompute", "exact"}
     assert (tmp_path / "gpu-dry-run.json").exists() and "dry run" in (tmp_path / "gpu-dry-run.md").read_text()
+
+
+def test_the_overhead_split_measures_what_it_names() -> None:
+    """The floor asks autograd for no weight gradient yet reaches every loop step; the replay covers every
+    Linear call of the body (layers x steps) and sketches into the plan's coordinates."""
+    from looptrace.apps.bench.speed import floor_step, linear_products
+
+    work = synthetic_workload(TINY)
+    steps: list[int] = []
+    handle = work.step_module.register_forward_hook(lambda m, a, o: steps.append(1))
+    work.model.zero_grad(set_to_none=True)
+    try:
+        floor_step(work)()
+    finally:
+        handle.remove()
+    assert len(steps) == TINY.loops * TINY.n_batches, f"the floor ran {len(steps)} step calls"
+    assert all(p.grad is None for p in work.model.parameters()), "the floor must not compute weight gradients"
+
+    replay = linear_products(work, lt.SketchSpec())
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in work.step_module.modules())
+    assert len(replay.factors) == n_linear * TINY.loops, (
+        f"{len(replay.factors)} replayed calls for {n_linear} Linear layers x {TINY.loops} steps"
+    )
+    replay.products()
+    replay.weight_grads()
+    assert replay.out.abs().sum() > 0, "the replay sketched nothing"

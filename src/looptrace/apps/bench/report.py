@@ -27,6 +27,35 @@ def _sections_line(r: dict[str, Any]) -> list[str]:
     return ["Time by section: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items()) + ".", ""]
 
 
+def _overhead_parts(ov: dict[str, Any]) -> list[str]:
+    """The featurisation's time split into what any capture pays and the capture's own work (runs before
+    this split have none)."""
+    if "floor" not in ov:
+        return []
+    floor, no_verify = ov["floor"]["ratio"], ov["default_no_verify"]["ratio"]
+    products, wgrads = ov["linear_products"]["ratio"], ov["linear_weight_grads"]["ratio"]
+    n = ov["n_batches"]
+    rest = no_verify - floor - products
+    return [
+        "",
+        f"## Where the overhead goes (the whole loader: {ov['loader']}; x a plain fwd+bwd over it, in the same rounds)",
+        "",
+        "| part | x plain | what it is |",
+        "|---|---|---|",
+        f"| floor | {floor:.2f}{_spread(ov['floor']['rounds'])} | forward + backward asking autograd only for the "
+        "first loop step's input: every delta inside the loop, no weight gradient (no capture can cost less) |",
+        f"| per-example products + sketch of the body's Linear layers | {products:.2f}"
+        f"{_spread(ov['linear_products']['rounds'])} | `Slot.add_outer` replayed alone on the shapes of the body's "
+        "Linear calls (per-example matmuls, then the CountSketch scatter) |",
+        f"| the weight gradients they stand in for | {wgrads:.2f}{_spread(ov['linear_weight_grads']['rounds'])} | "
+        "one summed matmul per call, the same shapes: what a plain backward spends there |",
+        f"| everything else the capture does | {rest:.2f} | featurisation without the check ({no_verify:.2f}) minus "
+        "the two rows above: hooks, the other layer rules (norms, biases), bookkeeping |",
+        f"| the first-batch check | {ov['check_cost_plain_batches'] / n:.2f} | "
+        f"{ov['check_cost_plain_batches']:.2f} plain batches spread over the loader's {n} |",
+    ]
+
+
 def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
     m, c = r["machine"], r["config"]
     fid = r["fidelity"]["looped-gpt"]
@@ -136,10 +165,11 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         lines.append(
             f"| {row['D']} | {row['method']} | {row['budget']} | {e['mean']:.4f} ± {e['sd']:.4f} | {row['seconds']:.2f} |"
         )
+    lines += _overhead_parts(ov)
     w = r["where_time_goes"]
     lines += [
         "",
-        f"## Where the time goes (one batch, torch.profiler self CPU time: featurisation {w['featurize_self_s']:.3f} s, "
+        f"## Where the time goes, by operator (one batch, torch.profiler self CPU time: featurisation {w['featurize_self_s']:.3f} s, "
         f"plain {w['plain_self_s']:.3f} s)",
         "",
         "| featurisation op | share | plain op | share |",

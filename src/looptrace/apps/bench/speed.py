@@ -7,16 +7,20 @@ process, so drift in the machine's speed cancels within a round.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import looptrace as lt
 from looptrace.apps.bench.common import BenchConfig, Workload, median_time, paired_times, rel
-from looptrace.sketch.plan import SketchPlan
+from looptrace.errors import ConfigError
+from looptrace.sketch.plan import SketchPlan, Slot
 
 
 def _ratio(work: Workload, cfg: BenchConfig, **kw: Any) -> dict[str, Any]:
@@ -38,23 +42,31 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
     recomputation."""
     default = lt.SketchSpec()
     n = len(work.batches)
+    replay = linear_products(work, default)
     calls = {
         "plain": lambda: work.plain_step(work.batches),
         "verify": lambda: work.featurize(default, work.batches, verify="first"),
         "no_verify": lambda: work.featurize(default, work.batches, verify=False),
+        "floor": floor_step(work),
+        "products": replay.products,
+        "weight_grads": replay.weight_grads,
     }
     for fn in calls.values():  # warm-up
         fn()
     # each featurisation sits between two plain runs and is divided by their mean: a slow spell of the
-    # machine that spans a call shows on both sides of the ratio
-    times: dict[str, list[float]] = {"verify": [], "no_verify": []}
-    plain: dict[str, list[float]] = {"verify": [], "no_verify": []}
+    # machine that spans a call shows on both sides of the ratio (the floor and the two short replays share
+    # one such window)
+    groups = (("verify",), ("no_verify",), ("floor", "products", "weight_grads"))
+    times: dict[str, list[float]] = {k: [] for g in groups for k in g}
+    plain: dict[str, list[float]] = {k: [] for k in times}
     for _ in range(max(cfg.reps, OVERHEAD_ROUNDS)):
         before = median_time(calls["plain"], 1, warm=False)
-        for key in ("verify", "no_verify"):
-            times[key].append(median_time(calls[key], 1, warm=False))
+        for group in groups:
+            for key in group:
+                times[key].append(median_time(calls[key], 1, warm=False))
             after = median_time(calls["plain"], 1, warm=False)
-            plain[key].append((before + after) / 2)
+            for key in group:
+                plain[key].append((before + after) / 2)
             before = after
 
     def ratios(key: str) -> dict[str, Any]:
@@ -67,13 +79,102 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
     check = [n * (a - b) for a, b in zip(verify["rounds"], no_verify["rounds"], strict=True)]
     return {
         "loader": f"{n} batches of {work.batches[0][0].shape[0]} examples",
+        "n_batches": n,
         "default_spec": str(default),
         "default_verify_first": verify,
         "default_no_verify": no_verify,
         "check_cost_plain_batches": statistics.median(check),
         "check_cost_rounds": check,
+        # where the capture's time goes, in the same rounds (each a ratio to a plain fwd+bwd of the loader)
+        "floor": ratios("floor"),
+        "linear_products": ratios("products"),
+        "linear_weight_grads": ratios("weight_grads"),
         "default_recompute": _ratio(work, cfg, spec=default, verify=False, recompute=True),
     }
+
+
+def floor_step(work: Workload) -> Callable[[], None]:
+    """A forward and backward over the loader that asks autograd only for the gradient at the input of the
+    first loop step: every delta inside the loop is computed, no weight gradient anywhere and nothing behind
+    the loop. No capture can cost less (it needs those deltas); the gap between this and featurisation is
+    the capture's own work."""
+
+    anchor: list[torch.Tensor] = []  # the batch's anchor, added to the first step call's input
+
+    def pre(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if anchor or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        zero = torch.zeros((), dtype=args[0].dtype, device=args[0].device, requires_grad=True)
+        anchor.append(zero)
+        return (args[0] + zero, *args[1:])
+
+    def run() -> None:
+        for batch in work.batches:
+            anchor.clear()
+            handle = work.step_module.register_forward_pre_hook(pre)
+            try:
+                losses = work.loss_fn(work.model, batch)
+            finally:
+                handle.remove()
+            if not anchor:
+                raise ConfigError("the step module was never called with a tensor input: no floor to measure")
+            torch.autograd.grad(losses.sum(), anchor)
+
+    return run
+
+
+@dataclasses.dataclass
+class LinearReplay:
+    """The body's ``nn.Linear`` calls of one batch (recorded from one forward), replayed on random factors of
+    their shapes (the cost depends on the shapes only), once per batch of the loader."""
+
+    factors: list[tuple[Slot, torch.Tensor, torch.Tensor]]  # (slot, delta-like [B, L, out], input-like [B, L, in])
+    out: torch.Tensor  # [B, D]
+    batches: int
+
+    def products(self) -> None:
+        """The per-example products and their sketch as the capture computes them (``Slot.add_outer``)."""
+        for _ in range(self.batches):
+            for slot, left, right in self.factors:
+                slot.add_outer(self.out[:, slot.offset : slot.offset + slot.m], left, right)
+
+    def weight_grads(self) -> None:
+        """The summed weight gradients a plain backward computes there instead (one matmul per call)."""
+        for _ in range(self.batches):
+            for _slot, left, right in self.factors:
+                torch.mm(left.flatten(0, 1).T, right.flatten(0, 1))
+
+
+def linear_products(work: Workload, spec: lt.SketchSpec) -> LinearReplay:
+    """Record the shapes of the body's ``nn.Linear`` calls in one forward and lay out their sketch."""
+    calls: list[tuple[str, int, int, int, int]] = []  # (weight name, batch, tokens, out, in)
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            x = args[0]
+            calls.append((f"{name}.weight", x.shape[0], x[0].numel() // x.shape[-1], output.shape[-1], x.shape[-1]))
+
+        return hook
+
+    linears = [(n, m) for n, m in work.step_module.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(record(n)) for n, m in linears]
+    try:
+        with torch.no_grad():
+            work.loss_fn(work.model, work.batches[0])
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise ConfigError("the body has no nn.Linear layer: nothing to replay")
+    plan = SketchPlan.build(spec, [(n, tuple(p.shape)) for n, p in work.step_module.named_parameters()])
+    p0 = next(work.step_module.parameters())
+    g = torch.Generator(device="cpu").manual_seed(0)
+    factors = [
+        (plan.slot(name), torch.randn(b, t, o, generator=g).to(p0), torch.randn(b, t, i, generator=g).to(p0))
+        for name, b, t, o, i in calls
+    ]
+    out = torch.zeros(calls[0][1], plan.dim, dtype=p0.dtype, device=p0.device)
+    return LinearReplay(factors, out, len(work.batches))
 
 
 def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
