@@ -184,6 +184,15 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """One call's seconds (synchronised on a GPU) and its result: for calls too long to repeat."""
+    _sync()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - t0, out
+
+
 def median_time(fn: Callable[[], Any], reps: int, warm: bool = True) -> float:
     if warm:
         fn()

@@ -42,8 +42,11 @@ def peer_venv(root: Path) -> Path | None:
     return py
 
 
-def reference(cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int]) -> dict[str, Any] | None:
-    """The reference's timings and errors at ``dims`` (m per tensor), or ``None`` if it cannot run here."""
+def reference(
+    cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int], ours: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The reference's timings and errors at ``dims`` (m per tensor), or ``None`` if it cannot run here.
+    ``ours`` (label -> [SketchSpec dict, featurize keywords]) are timed head to head with it in its process."""
     py = peer_venv(venv)
     if py is None:
         return None
@@ -52,7 +55,7 @@ def reference(cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int])
         out = Path(tmp) / "peer.pt"
         r = subprocess.run(
             [str(py), "-m", "looptrace.apps.bench.reference_probe", json.dumps(dataclasses.asdict(cfg)), json.dumps(dims),
-             str(cfg.seeds), str(out)],
+             str(cfg.seeds), str(out), json.dumps(ours or {})],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src},
         )  # fmt: skip
         if r.returncode != 0:

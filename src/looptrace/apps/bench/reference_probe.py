@@ -4,11 +4,15 @@ numpy and ``step-decomposed-influence``; ``looptrace`` comes from PYTHONPATH). P
 and saves the reference's per-step features of the first batch to OUT for the error measurement.
 
 The time is taken like ours: the whole loader (``n_batches`` batches), alternating with a plain
-forward+backward over the same batches, the median of the per-round ratios."""
+forward+backward over the same batches, the median of the per-round ratios. With OURS (a JSON dict of
+label -> [SketchSpec dict, featurize keywords]) the speed-ups are head to head: in each round, in this
+process, on the same model and batches, the reference and each of ours run back to back between two plain
+runs, and a round's speed-up is the reference's time over ours (no ratio of figures taken minutes apart)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 
 from looptrace.apps.bench.common import BenchConfig, build, loss_fn, paired_times
+from looptrace.models.looped import LoopedTransformer
 
 
 def main(argv: list[str]) -> None:
@@ -48,10 +53,55 @@ def main(argv: list[str]) -> None:
             phi = torch.cat([fs.phi[k] for k in sorted(fs.phi)], dim=-1)  # [N, steps, alpha * m]
             feats[f"{m}_{seed}"] = phi
             res["runs"].append({"m": m, "seed": seed, "seconds": time.perf_counter() - t0, "D": phi.shape[-1]})
-    t_plain, t_ref, ratio, ratios = paired_times(plain, lambda: featurize(2048, 0, batches), cfg.reps)
-    res.update(plain_s=t_plain, featurize_m2048_s=t_ref, overhead_m2048=ratio, overhead_m2048_rounds=ratios)
+    ours = json.loads(argv[4]) if len(argv) > 4 else {}
+    if not ours:
+        t_plain, t_ref, ratio, ratios = paired_times(plain, lambda: featurize(2048, 0, batches), cfg.reps)
+        res.update(plain_s=t_plain, featurize_m2048_s=t_ref, overhead_m2048=ratio, overhead_m2048_rounds=ratios)
+    else:
+        res.update(head_to_head(cfg, model, batches, plain, lambda: featurize(2048, 0, batches), ours))
     torch.save(feats, out_path)
     print(json.dumps(res))
+
+
+def head_to_head(
+    cfg: BenchConfig, model: LoopedTransformer, batches: list[Any], plain: Any, ref: Any, ours: dict[str, Any]
+) -> dict[str, Any]:
+    """Rounds of plain, the reference, each of ours, plain: overheads against the mean of the round's two
+    plain runs, and each of ours' speed-up as the reference's time over its own in the same round."""
+    import looptrace as lt
+    from looptrace.apps.bench.common import median_time
+
+    calls = {
+        label: (lambda spec=lt.SketchSpec.from_dict(d), kw=kw: lt.featurize(
+            model, batches, loss_fn, step_module=model.core, sketch=spec, verify=False, **kw))
+        for label, (d, kw) in ours.items()
+    }  # fmt: skip
+    for fn in (plain, ref, *calls.values()):  # warm-up
+        fn()
+    rounds: list[dict[str, float]] = []
+    for _ in range(max(cfg.reps, 3)):
+        t = {"plain_before": median_time(plain, 1, warm=False), "reference": median_time(ref, 1, warm=False)}
+        for label, fn in calls.items():
+            t[label] = median_time(fn, 1, warm=False)
+        t["plain_after"] = median_time(plain, 1, warm=False)
+        rounds.append(t)
+
+    base = [(r["plain_before"] + r["plain_after"]) / 2 for r in rounds]
+    ref_over = [r["reference"] / b for r, b in zip(rounds, base, strict=True)]
+    out: dict[str, Any] = {
+        "plain_s": statistics.median(base),
+        "featurize_m2048_s": statistics.median([r["reference"] for r in rounds]),
+        "overhead_m2048": statistics.median(ref_over),
+        "overhead_m2048_rounds": ref_over,
+        "head_to_head": {},
+    }
+    for label in calls:
+        speedups = [r["reference"] / r[label] for r in rounds]
+        over = [r[label] / b for r, b in zip(rounds, base, strict=True)]
+        out["head_to_head"][label] = {"speedup": statistics.median(speedups), "speedup_rounds": speedups, "overhead": statistics.median(over),
+                                      "overhead_rounds": over, "featurize_s": statistics.median([r[label] for r in rounds])}  # fmt: skip
+    out["rounds"] = rounds
+    return out
 
 
 if __name__ == "__main__":

@@ -56,6 +56,20 @@ def _overhead_parts(ov: dict[str, Any]) -> list[str]:
     ]
 
 
+def _peer(r: dict[str, Any], key: str) -> dict[str, Any]:
+    """Our peer-table row whose label holds ``key`` (empty if none)."""
+    return next((row for row in r["peer_table"] if row["label"].startswith("looptrace") and key in row["label"]), {})
+
+
+def _how(r: dict[str, Any], key: str) -> str:
+    """How a speed-up was measured: head to head in one process, or as a ratio of two overheads."""
+    rounds = _peer(r, key).get("speedup_rounds")
+    if rounds:
+        return (f"head to head: the reference's time / ours in each of {len(rounds)} rounds, both in the reference's "
+                "process on the same model and batches between two plain runs (median)")  # fmt: skip
+    return "reference overhead / ours (each measured in its own process)"
+
+
 def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
     m, c = r["machine"], r["config"]
     fid = r["fidelity"]["looped-gpt"]
@@ -100,10 +114,11 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "difference in plain batches (median over rounds; a range that spans zero means the machine's noise is "
         "larger than the check) |",
         f"| the same with recomputation | {ov['default_recompute']['ratio']:.2f}x | recompute=True, verify=False |",
-        f"| speed-up vs the reference, same method | {_f(r['speedup_vs_reference_same_method'])}x | reference overhead / "
-        "ours, both per-tensor TensorSketch m=2048 by FFT |",
-        f"| speed-up vs the reference, our default | {_f(r['speedup_vs_reference_default'])}x | reference (TensorSketch "
-        "m=2048) / our default sketch at the same total D |",
+        f"| speed-up vs the reference, same method | {_f(r['speedup_vs_reference_same_method'])}x"
+        f"{_spread(_peer(r, 'FFT').get('speedup_rounds'))} | {_how(r, 'FFT')}, both per-tensor TensorSketch m=2048 by FFT |",
+        f"| speed-up vs the reference, our default | {_f(r['speedup_vs_reference_default'])}x"
+        f"{_spread(_peer(r, 'default').get('speedup_rounds'))} | {_how(r, 'default')}: the reference (TensorSketch "
+        "m=2048) vs our default sketch at the same total D |",
         f"| SDI relative error, TensorSketch m=2048/tensor | {r['sdi_rel_error_m2048']:.4f} | {c['seeds']} seeds, "
         "||SDI~ - SDI|| / ||SDI|| over [N, M, tau] |",
         f"| TracIn relative error, TensorSketch m=2048/tensor | {r['tracin_rel_error_m2048']:.4f} | the same, [N, M] |",
@@ -141,18 +156,20 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "## The peer table (equal total dimension)",
         "",
         "Time is the median over timing rounds of (featurisation / plain fwd+bwd) in each round; the range over the"
-        " rounds in brackets. The reference runs in its own environment and process, so a speed-up is a ratio of"
-        " two medians taken minutes apart: read it with both ranges.",
+        " rounds in brackets. Our rows are timed in this process, the reference in its own environment and process"
+        " (its row's time is from there). The last column is the head-to-head speed-up: in the reference's process,"
+        " the reference and our row back to back in each round, the reference's time over ours.",
         "",
-        "| estimator | D | time / plain fwd+bwd | SDI rel. error | TracIn rel. error |",
-        "|---|---|---|---|---|",
+        "| estimator | D | time / plain fwd+bwd | SDI rel. error | TracIn rel. error | reference time / ours |",
+        "|---|---|---|---|---|---|",
     ]
     for row in r["peer_table"]:
         spread = _spread(row.get("overhead_rounds"))
+        head = f"{row['speedup']:.2f}x{_spread(row.get('speedup_rounds'))}" if "speedup" in row else ""
         lines.append(f"| {row['label']} | {row['D']} | {_f(row['overhead'])}x{spread} | {_f(row['sdi_rel_error'], '.4f')} | "
-                     f"{_f(row['tracin_rel_error'], '.4f')} |")  # fmt: skip
+                     f"{_f(row['tracin_rel_error'], '.4f')} | {head} |")  # fmt: skip
     if not r.get("reference"):
-        lines.append("| reference implementation | | not run (unavailable here) | | |")
+        lines.append("| reference implementation | | not run (unavailable here) | | | |")
     lines += [
         "",
         "## Choosing the default sketch (equal total dimension D)",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, Workload, median_time, paired_times, rel
+from looptrace.apps.bench.common import BenchConfig, Workload, median_time, paired_times, rel, timed
 from looptrace.errors import ConfigError
 from looptrace.sketch.plan import SketchPlan, Slot
 
@@ -177,20 +177,26 @@ def linear_products(work: Workload, spec: lt.SketchSpec) -> LinearReplay:
     return LinearReplay(factors, out, len(work.batches))
 
 
-def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The reference implementation and ours at the same total dimension D (TensorSketch, m = 2048 per
-    tensor): the same method by FFT, the same method materialised, and our default sketch."""
-    n_tensors = len(exact.layout)
-    total = 2048 * n_tensors
-    s_ex, t_ex = lt.sdi(exact, exact), lt.tracin(exact, exact)
+def peer_specs(exact: lt.Features) -> list[tuple[str, lt.SketchSpec, dict[str, Any]]]:
+    """Our rows of the peer table, at the reference's total dimension (m = 2048 for each body tensor):
+    (label, spec, featurize keywords)."""
+    total = 2048 * len(exact.layout)
     same = lt.SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor")
-    rows_spec: list[tuple[str, lt.SketchSpec, dict[str, Any]]] = [
+    return [
         ("looptrace: same method (per-tensor TensorSketch m=2048, FFT)", same, {"outer_path": "fft"}),
         ("looptrace: same method (per-tensor TensorSketch m=2048, materialised)", same, {"outer_path": "materialize"}),
         (f"looptrace: default sketch at the same D ({lt.SketchSpec(dim=total)})", lt.SketchSpec(dim=total), {}),
     ]
+
+
+def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The reference implementation and ours at the same total dimension D (TensorSketch, m = 2048 per
+    tensor): the same method by FFT, the same method materialised, and our default sketch."""
+    total = 2048 * len(exact.layout)
+    s_ex, t_ex = lt.sdi(exact, exact), lt.tracin(exact, exact)
+    head = (ref or {}).get("head_to_head", {})
     rows = []
-    for label, spec, kw in rows_spec:
+    for label, spec, kw in peer_specs(exact):
         errs_sdi, errs_tracin = [], []
         for seed in range(cfg.seeds):
             f = work.featurize(lt.SketchSpec(**{**spec.to_dict(), "seed": seed}), None, **kw)
@@ -200,6 +206,8 @@ def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[st
         rows.append({"label": label, "D": total, "overhead": timing["ratio"], "featurize_s": timing["featurize_s"],
                      "overhead_rounds": timing["rounds"],
                      "sdi_rel_error": statistics.mean(errs_sdi), "tracin_rel_error": statistics.mean(errs_tracin)})  # fmt: skip
+        if label in head:  # the reference's time over ours, round by round in one process
+            rows[-1].update(speedup=head[label]["speedup"], speedup_rounds=head[label]["speedup_rounds"])
     if ref is not None:
         at = next((e for e in ref["errors"] if e["m"] == 2048), None)
         rows.append(
@@ -256,8 +264,8 @@ def project_after(work: Workload, cfg: BenchConfig, exact: lt.Features, k: int =
         g = grad_fn(detached, x, y)
         return torch.cat([g[n].reshape(batch_size, -1) for n in names], 1)
 
-    t_grad = median_time(per_example, max(1, cfg.reps // 2))
-    g = per_example()
+    per_example()  # warm-up (vmap's first call)
+    t_grad, g = timed(per_example)
     p = g.shape[1]
     t_ex = lt.tracin(exact, exact)
 
@@ -276,9 +284,10 @@ def project_after(work: Workload, cfg: BenchConfig, exact: lt.Features, k: int =
         slot.add_dense(out, g)
         return out
 
-    t_dense = median_time(dense, max(1, cfg.reps // 2))
+    # the dense projection draws P x k Gaussians (tens of seconds on a CPU): one timed call, its output kept
+    t_dense, pd = timed(dense)
     t_sparse = median_time(sparse, cfg.reps)
-    pd, ps = dense(), sparse()
+    ps = sparse()
     return {
         "k": k,
         "per_example_grad_s": t_grad,
