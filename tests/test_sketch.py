@@ -144,3 +144,36 @@ def test_budget_layouts(budget: str) -> None:
 def test_bad_specs_raise(kwargs, words: str) -> None:
     with pytest.raises(lt.ConfigError, match=words):
         lt.SketchSpec(**kwargs)
+
+
+def test_the_table_cache_returns_what_a_fresh_draw_gives_and_stays_bounded() -> None:
+    from looptrace.sketch.plan import TABLE_CACHE, TableCache
+
+    params = [("a.weight", (12, 5)), ("b.bias", (7,))]
+    spec = lt.SketchSpec(dim=64, seed=3)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    TABLE_CACHE.clear()
+    first = SketchPlan.build(spec, params)
+    drawn = {s.name: s.tables(cpu, f32) for s in first.slots}
+    again = SketchPlan.build(spec, params)
+    for s in again.slots:
+        assert s.tables(cpu, f32) is drawn[s.name], "a second plan of the same body and spec should reuse the tables"
+    limit, TABLE_CACHE.max_bytes = TABLE_CACHE.max_bytes, 0
+    try:
+        fresh = SketchPlan.build(spec, params)
+        for s in fresh.slots:
+            t = s.tables(cpu, f32)
+            assert t is not drawn[s.name]
+            for k, v in t.items():
+                assert torch.equal(v, drawn[s.name][k]), f"cached table {k} of {s.name} differs from a fresh draw"
+    finally:
+        TABLE_CACHE.max_bytes = limit
+    other = SketchPlan.build(lt.SketchSpec(dim=64, seed=4), params)  # another seed: other tables, not a hit
+    assert not torch.equal(other.slot("a.weight").tables(cpu, f32)["idx"], drawn["a.weight"]["idx"])
+
+    small = TableCache(max_bytes=3000)
+    for i in range(10):
+        small.put(("k", i), {"idx": torch.zeros(100, dtype=torch.int64)})  # 800 bytes each
+    assert small.nbytes <= 3000 and small.get(("k", 9)) is not None and small.get(("k", 0)) is None, (
+        "the cache should drop the least recently used tables to stay under its bound"
+    )

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -40,6 +42,58 @@ OuterPath = Literal["auto", "fft", "materialize"]
 
 #: Upper bound on the bytes of one transient per-example gradient block or FFT buffer.
 CHUNK_BYTES = 64 * 2**20
+
+
+class TableCache:
+    """The most recently used hash tables, up to ``max_bytes`` in all (least recently used dropped first).
+
+    Drawing the tables of a plan costs tens of milliseconds per call on a small model (a 4-wise polynomial
+    hash per coordinate), as much as a few batches' capture: every featurisation of the same body under the
+    same spec (one per checkpoint) would pay it again. Entries are keyed by everything the hash depends on,
+    so a hit is the table a fresh draw would give (tests/test_sketch.py checks this)."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[object, ...], dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(tables: dict[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in tables.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(self._size(t) for t in self._entries.values())
+
+    def get(self, key: tuple[object, ...]) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            if self.max_bytes <= 0:  # turned off
+                return None
+            tables = self._entries.get(key)
+            if tables is not None:
+                self._entries.move_to_end(key)
+            return tables
+
+    def put(self, key: tuple[object, ...], tables: dict[str, torch.Tensor]) -> None:
+        size = self._size(tables)
+        with self._lock:
+            if size > self.max_bytes:
+                return
+            self._entries[key] = tables
+            self._entries.move_to_end(key)
+            total = sum(self._size(t) for t in self._entries.values())
+            while total > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                total -= self._size(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: Hash tables shared between plans (see :class:`TableCache`); ``TABLE_CACHE.max_bytes = 0`` turns it off.
+TABLE_CACHE = TableCache()
 
 
 @dataclasses.dataclass
@@ -70,10 +124,17 @@ class Slot:
 
     # ------------------------------------------------------------------ hash tables
     def tables(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Hash tables on ``device``: generated on the CPU, then copied (identical on any device)."""
+        """Hash tables on ``device``: generated on the CPU, then copied (identical on any device). Kept in
+        :data:`TABLE_CACHE` too, so that the next plan with this slot (the next checkpoint, the next call)
+        does not draw them again."""
         key = (device, dtype)
         if key in self._tables:
             return self._tables[key]
+        shared_key = (self.kind, self.name, self.shape, self.m, self.seed, str(device), dtype)
+        cached = TABLE_CACHE.get(shared_key)
+        if cached is not None:
+            self._tables[key] = cached
+            return cached
         t: dict[str, torch.Tensor] = {}
         if self.kind == "cs":
             t["idx"] = bucket_hash(self.numel, self.m, seed=self.seed, name=self.name, role="h", independence=4)
@@ -91,6 +152,7 @@ class Slot:
             t["sign"] = (s1[:, None] * s2[None, :]).reshape(-1)
         out = {k: v.to(device=device, dtype=dtype if k.startswith("s") else torch.int64) for k, v in t.items()}
         self._tables[key] = out
+        TABLE_CACHE.put(shared_key, out)
         return out
 
     # ------------------------------------------------------------------ sketch operators

@@ -156,9 +156,9 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "## The peer table (equal total dimension)",
         "",
         "Time is the median over timing rounds of (featurisation / plain fwd+bwd) in each round; the range over the"
-        " rounds in brackets. Our rows are timed in this process, the reference in its own environment and process"
-        " (its row's time is from there). The last column is the head-to-head speed-up: in the reference's process,"
-        " the reference and our row back to back in each round, the reference's time over ours.",
+        " rounds in brackets. When the reference ran, every row was timed in its environment and process, in the same"
+        " rounds (plain, the reference, each of ours, plain); the last column is then the head-to-head speed-up: the"
+        " reference's time over ours, round by round.",
         "",
         "| estimator | D | time / plain fwd+bwd | SDI rel. error | TracIn rel. error | reference time / ours |",
         "|---|---|---|---|---|---|",

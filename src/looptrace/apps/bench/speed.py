@@ -202,12 +202,16 @@ def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[st
             f = work.featurize(lt.SketchSpec(**{**spec.to_dict(), "seed": seed}), None, **kw)
             errs_sdi.append(rel(lt.sdi(f, f), s_ex))
             errs_tracin.append(rel(lt.tracin(f, f), t_ex))
-        timing = _ratio(work, cfg, spec=spec, verify=False, **kw)
+        h = head.get(label)
+        if h is not None:  # timed with the reference, round by round in its process: the same rounds as its row
+            timing = {"ratio": h["overhead"], "featurize_s": h["featurize_s"], "rounds": h["overhead_rounds"]}
+        else:
+            timing = _ratio(work, cfg, spec=spec, verify=False, **kw)
         rows.append({"label": label, "D": total, "overhead": timing["ratio"], "featurize_s": timing["featurize_s"],
-                     "overhead_rounds": timing["rounds"],
+                     "overhead_rounds": timing["rounds"], "timed": "with the reference" if h else "this process",
                      "sdi_rel_error": statistics.mean(errs_sdi), "tracin_rel_error": statistics.mean(errs_tracin)})  # fmt: skip
-        if label in head:  # the reference's time over ours, round by round in one process
-            rows[-1].update(speedup=head[label]["speedup"], speedup_rounds=head[label]["speedup_rounds"])
+        if h is not None:  # the reference's time over ours, round by round
+            rows[-1].update(speedup=h["speedup"], speedup_rounds=h["speedup_rounds"])
     if ref is not None:
         at = next((e for e in ref["errors"] if e["m"] == 2048), None)
         rows.append(
