@@ -122,8 +122,7 @@ def recorder_overhead(cfg: BenchConfig, every: tuple[int, ...] = (10, 50)) -> di
                 recorder.step(model, opt)
         return time.perf_counter() - t0
 
-    train(None)
-    base = min(train(None) for _ in range(2))
+    base = min(train(None) for _ in range(2))  # the first of the two warms up
     for n in every:
         with tempfile.TemporaryDirectory() as tmp:
             t = min(train(lt.CheckpointRecorder(f"{tmp}/{i}", every=n, body=model.core)) for i in range(2))

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         t_plain, t_ref, ratio, ratios = paired_times(plain, lambda: featurize(2048, 0, batches), cfg.reps)
         res.update(plain_s=t_plain, featurize_m2048_s=t_ref, overhead_m2048=ratio, overhead_m2048_rounds=ratios)
     else:
-        res.update(head_to_head(cfg, model, batches, plain, lambda: featurize(2048, 0, batches), ours))
+        res.update(head_to_head(cfg, model, batches, plain, lambda loader=batches: featurize(2048, 0, loader), ours))
     torch.save(feats, out_path)
     print(json.dumps(res))
 
@@ -76,8 +76,12 @@ def head_to_head(
             model, batches, loss_fn, step_module=model.core, sketch=spec, verify=False, **kw))
         for label, (d, kw) in ours.items()
     }  # fmt: skip
-    for fn in (plain, ref, *calls.values()):  # warm-up
-        fn()
+    plain()
+    ref(batches[:1])  # warm-up, on one batch (the first call of each sets up hooks, plans and tables)
+    for d, kw in ours.values():
+        lt.featurize(
+            model, batches[:1], loss_fn, step_module=model.core, sketch=lt.SketchSpec.from_dict(d), verify=False, **kw
+        )
     rounds: list[dict[str, float]] = []
     for _ in range(max(cfg.reps, 3)):
         t = {"plain_before": median_time(plain, 1, warm=False), "reference": median_time(ref, 1, warm=False)}

@@ -56,6 +56,15 @@ def _overhead_parts(ov: dict[str, Any]) -> list[str]:
     ]
 
 
+def _check_how(ov: dict[str, Any]) -> str:
+    """How the check's cost was measured (the way changed; older results say the old way)."""
+    if ov.get("check_cost_how") == "one batch":
+        return (f"the first batch featurised with and without it, next to a plain forward+backward of that batch, in "
+                f"{len(ov['check_cost_rounds'])} rounds: the difference in plain batches (median; range)")  # fmt: skip
+    return ("the two rows above, timed in the same rounds: the difference in plain batches (median over rounds; a range "
+            "that spans zero means the machine's noise is larger than the check)")  # fmt: skip
+
+
 def _peer(r: dict[str, Any], key: str) -> dict[str, Any]:
     """Our peer-table row whose label holds ``key`` (empty if none)."""
     return next((row for row in r["peer_table"] if row["label"].startswith("looptrace") and key in row["label"]), {})
@@ -110,9 +119,7 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x{_spread(ov['default_no_verify']['rounds'])} | "
         "verify=False |",
         f"| the first-batch check's own cost | {_f(ov.get('check_cost_plain_batches'))} plain batches"
-        f"{_spread(ov.get('check_cost_rounds'))} | the two rows above, timed in the same rounds: the "
-        "difference in plain batches (median over rounds; a range that spans zero means the machine's noise is "
-        "larger than the check) |",
+        f"{_spread(ov.get('check_cost_rounds'))} | {_check_how(ov)} |",
         f"| the same with recomputation | {ov['default_recompute']['ratio']:.2f}x | recompute=True, verify=False |",
         f"| speed-up vs the reference, same method | {_f(r['speedup_vs_reference_same_method'])}x"
         f"{_spread(_peer(r, 'FFT').get('speedup_rounds'))} | {_how(r, 'FFT')}, both per-tensor TensorSketch m=2048 by FFT |",

@@ -75,8 +75,7 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
                 "ratio": statistics.median(rounds), "rounds": rounds}  # fmt: skip
 
     verify, no_verify = ratios("verify"), ratios("no_verify")
-    # in plain batches: n batches per plain run
-    check = [n * (a - b) for a, b in zip(verify["rounds"], no_verify["rounds"], strict=True)]
+    check = check_cost(work, default)
     return {
         "loader": f"{n} batches of {work.batches[0][0].shape[0]} examples",
         "n_batches": n,
@@ -85,12 +84,36 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
         "default_no_verify": no_verify,
         "check_cost_plain_batches": statistics.median(check),
         "check_cost_rounds": check,
+        "check_cost_how": "one batch",
         # where the capture's time goes, in the same rounds (each a ratio to a plain fwd+bwd of the loader)
         "floor": ratios("floor"),
         "linear_products": ratios("products"),
         "linear_weight_grads": ratios("weight_grads"),
         "default_recompute": _ratio(work, cfg, spec=default, verify=False, recompute=True),
     }
+
+
+#: Rounds of the check's own cost (one batch each: short, so several).
+CHECK_ROUNDS = 7
+
+
+def check_cost(work: Workload, spec: lt.SketchSpec) -> list[float]:
+    """The first-batch check's own cost in plain batches, per round: featurisation of the first batch with
+    and without it, next to a plain forward+backward of that batch. (The whole-loader rounds above differ by
+    it too, but a whole loader's noise is larger than one batch's check.)"""
+    one = work.batches[:1]
+    calls = [
+        lambda: work.plain_step(one),
+        lambda: work.featurize(spec, one, verify="first"),
+        lambda: work.featurize(spec, one, verify=False),
+    ]
+    for fn in calls:  # warm-up
+        fn()
+    rounds = []
+    for _ in range(CHECK_ROUNDS):
+        plain, with_check, without = (median_time(fn, 1, warm=False) for fn in calls)
+        rounds.append((with_check - without) / plain)
+    return rounds
 
 
 def floor_step(work: Workload) -> Callable[[], None]:
