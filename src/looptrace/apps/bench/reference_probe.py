@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from looptrace.apps.bench.common import BenchConfig, build, loss_fn, paired_times
+import looptrace as lt
+from looptrace.apps.bench.common import BenchConfig, build, loss_fn, median_time, paired_times
 from looptrace.models.looped import LoopedTransformer
 
 
@@ -66,27 +67,26 @@ def main(argv: list[str]) -> None:
 def head_to_head(
     cfg: BenchConfig, model: LoopedTransformer, batches: list[Any], plain: Any, ref: Any, ours: dict[str, Any]
 ) -> dict[str, Any]:
-    """Rounds of plain, the reference, each of ours, plain: overheads against the mean of the round's two
-    plain runs, and each of ours' speed-up as the reference's time over its own in the same round."""
-    import looptrace as lt
-    from looptrace.apps.bench.common import median_time
+    """Rounds of plain, the reference and each of ours (in reverse order every other round, so that no one
+    always runs first), plain: overheads against the mean of the round's two plain runs, and each of ours'
+    speed-up as the reference's time over its own in the same round. ``ref(loader)`` and each of ours
+    default to the whole loader."""
 
-    calls = {
-        label: (lambda spec=lt.SketchSpec.from_dict(d), kw=kw: lt.featurize(
-            model, batches, loss_fn, step_module=model.core, sketch=spec, verify=False, **kw))
-        for label, (d, kw) in ours.items()
-    }  # fmt: skip
-    plain()
-    ref(batches[:1])  # warm-up, on one batch (the first call of each sets up hooks, plans and tables)
-    for d, kw in ours.values():
-        lt.featurize(
-            model, batches[:1], loss_fn, step_module=model.core, sketch=lt.SketchSpec.from_dict(d), verify=False, **kw
+    def featurizer(d: dict[str, Any], kw: dict[str, Any]) -> Any:
+        spec = lt.SketchSpec.from_dict(d)
+        return lambda loader=batches: lt.featurize(
+            model, loader, loss_fn, step_module=model.core, sketch=spec, verify=False, **kw
         )
+
+    calls = {"reference": ref, **{label: featurizer(d, kw) for label, (d, kw) in ours.items()}}
+    plain()
+    for fn in calls.values():  # warm-up, on one batch (the first call sets up hooks, plans and tables)
+        fn(batches[:1])
     rounds: list[dict[str, float]] = []
-    for _ in range(max(cfg.reps, 3)):
-        t = {"plain_before": median_time(plain, 1, warm=False), "reference": median_time(ref, 1, warm=False)}
-        for label, fn in calls.items():
-            t[label] = median_time(fn, 1, warm=False)
+    for k in range(max(cfg.reps, 3)):
+        t = {"plain_before": median_time(plain, 1, warm=False)}
+        for label in list(calls) if k % 2 == 0 else reversed(list(calls)):
+            t[label] = median_time(calls[label], 1, warm=False)
         t["plain_after"] = median_time(plain, 1, warm=False)
         rounds.append(t)
 
@@ -99,7 +99,7 @@ def head_to_head(
         "overhead_m2048_rounds": ref_over,
         "head_to_head": {},
     }
-    for label in calls:
+    for label in ours:
         speedups = [r["reference"] / r[label] for r in rounds]
         over = [r[label] / b for r, b in zip(rounds, base, strict=True)]
         out["head_to_head"][label] = {"speedup": statistics.median(speedups), "speedup_rounds": speedups, "overhead": statistics.median(over),

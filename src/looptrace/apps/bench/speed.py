@@ -176,7 +176,15 @@ def linear_products(work: Workload, spec: lt.SketchSpec) -> LinearReplay:
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             x = args[0]
-            calls.append((f"{name}.weight", x.shape[0], x[0].numel() // x.shape[-1], output.shape[-1], x.shape[-1]))
+            calls.append(
+                (
+                    f"{name}.weight" if name else "weight",
+                    x.shape[0],
+                    x[0].numel() // x.shape[-1],
+                    output.shape[-1],
+                    x.shape[-1],
+                )
+            )
 
         return hook
 
