@@ -67,7 +67,7 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         """Fewer dimensions, seeds, timing rounds and recorder steps (m = 2048 always included): about five
         minutes on a 2-core CPU (``section_seconds`` in the results says where they go)."""
-        return cls(dims=(256, 1024, 2048), total_dims=(51200,), seeds=3, reps=3, recorder_steps=30)
+        return cls(dims=(256, 1024, 2048), total_dims=(51200,), seeds=3, reps=3, recorder_steps=20)
 
     @classmethod
     def paper(cls) -> BenchConfig:
