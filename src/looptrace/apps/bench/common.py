@@ -206,11 +206,15 @@ def median_time(fn: Callable[[], Any], reps: int, warm: bool = True) -> float:
     return statistics.median(ts)
 
 
-def paired_times(base: Callable[[], Any], fn: Callable[[], Any], reps: int) -> tuple[float, float, float, list[float]]:
+def paired_times(
+    base: Callable[[], Any], fn: Callable[[], Any], reps: int, warm: bool = True
+) -> tuple[float, float, float, list[float]]:
     """Median times of ``base`` and ``fn`` run alternately, the median of the per-round ratios fn / base
-    (drift in the machine's speed cancels within a round), and the ratios themselves."""
-    base()
-    fn()  # warm-up
+    (drift in the machine's speed cancels within a round), and the ratios themselves. ``warm=False`` when
+    the caller has run both already."""
+    if warm:
+        base()
+        fn()
     tb, tf, ratio = [], [], []
     for _ in range(reps):
         a = median_time(base, 1, warm=False)

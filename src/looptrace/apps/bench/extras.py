@@ -87,8 +87,8 @@ def precision(work: Workload, cfg: BenchConfig, exact: lt.Features) -> dict[str,
     f32 = work.featurize(spec)
     bf16 = work.featurize(spec, autocast=torch.bfloat16)
     s32, t32 = lt.sdi(f32, f32), lt.tracin(f32, f32)
-    _, _, ratio, _ = paired_times(
-        lambda: work.featurize(spec), lambda: work.featurize(spec, autocast=torch.bfloat16), cfg.reps
+    _, _, ratio, _ = paired_times(  # both ran just above
+        lambda: work.featurize(spec), lambda: work.featurize(spec, autocast=torch.bfloat16), cfg.reps, warm=False
     )
     return {
         "dtype": "bfloat16",

@@ -25,8 +25,9 @@ from looptrace.sketch.plan import SketchPlan, Slot
 
 def _ratio(work: Workload, cfg: BenchConfig, **kw: Any) -> dict[str, Any]:
     spec = kw.pop("spec")
+    work.featurize(spec, work.batches[:1], **kw)  # warm-up on one batch (plain is warm already)
     t_plain, t_feat, ratio, rounds = paired_times(
-        lambda: work.plain_step(work.batches), lambda: work.featurize(spec, work.batches, **kw), cfg.reps
+        lambda: work.plain_step(work.batches), lambda: work.featurize(spec, work.batches, **kw), cfg.reps, warm=False
     )
     return {"plain_s": t_plain, "featurize_s": t_feat, "ratio": ratio, "rounds": rounds}
 
