@@ -127,13 +127,20 @@ def check_batch(
         compare(plan, want, got, what, compute_dtype)
 
 
+def _weighted_grad(
+    losses: torch.Tensor, weights: list[float], params: list[torch.Tensor]
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradient of ``sum_i weights[i] * losses[i]`` w.r.t. ``params`` (``None`` where unused)."""
+    w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
+    return torch.autograd.grad((losses * w).sum(), params, allow_unused=True)
+
+
 def rows_grad_in_graph(losses: torch.Tensor, params: list[torch.Tensor]) -> RowsGrad:
     """Weighted rows' gradient from the batch's own graph (one backward through the whole batch; the
     graph is released). Used when a fresh forward would differ (dropout on), with ``probe_groups(b, alone=False)``."""
 
     def grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor | None, ...]:
-        w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
-        return torch.autograd.grad((losses[rows] * w).sum(), params, allow_unused=True)
+        return _weighted_grad(losses[rows], weights, params)
 
     return grad
 
@@ -146,7 +153,6 @@ def rows_grad_alone(run: Callable[[Any], torch.Tensor], batch: Any, params: list
     def grad(rows: list[int], weights: list[float]) -> tuple[torch.Tensor | None, ...]:
         with torch.enable_grad():
             losses = run(batching.select_rows(batch, rows))
-        w = torch.tensor(weights, dtype=losses.dtype, device=losses.device)
-        return torch.autograd.grad((losses * w).sum(), params, allow_unused=True)
+        return _weighted_grad(losses, weights, params)
 
     return grad

@@ -137,13 +137,8 @@ def _cpu_memory(cfg: BenchConfig, points: dict[str, tuple[int, ...]]) -> dict[st
 
 
 def _speedup(ref: dict[str, Any] | None, ours: dict[str, Any]) -> float | None:
-    """The reference's time over ours: head to head (round by round in one process) when measured so,
-    else the ratio of the two overheads (results from before head-to-head timing)."""
-    if ref is None:
-        return None
-    if "speedup" in ours:
-        return float(ours["speedup"])
-    return float(ref["overhead"] / ours["overhead"])
+    """The reference's time over ours, head to head (round by round in its process); None without it."""
+    return None if ref is None else float(ours["speedup"])
 
 
 def headline(r: dict[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def peer_venv(root: Path) -> Path | None:
 
 
 def reference(
-    cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int], ours: dict[str, Any] | None = None
+    cfg: BenchConfig, exact: lt.Features, venv: Path, dims: list[int], ours: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The reference's timings and errors at ``dims`` (m per tensor), or ``None`` if it cannot run here.
     ``ours`` (label -> [SketchSpec dict, featurize keywords]) are timed head to head with it in its process."""
@@ -55,7 +55,7 @@ def reference(
         out = Path(tmp) / "peer.pt"
         r = subprocess.run(
             [str(py), "-m", "looptrace.apps.bench.reference_probe", json.dumps(dataclasses.asdict(cfg)), json.dumps(dims),
-             str(cfg.seeds), str(out), json.dumps(ours or {})],
+             str(cfg.seeds), str(out), json.dumps(ours)],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src},
         )  # fmt: skip
         if r.returncode != 0:

@@ -1,13 +1,13 @@
 """The reference implementation on the benchmark model, in its own virtual environment:
-``python -m looptrace.apps.bench.reference_probe CONFIG DIMS SEEDS OUT`` (the environment has torch,
+``python -m looptrace.apps.bench.reference_probe CONFIG DIMS SEEDS OUT OURS`` (the environment has torch,
 numpy and ``step-decomposed-influence``; ``looptrace`` comes from PYTHONPATH). Prints timings as JSON
 and saves the reference's per-step features of the first batch to OUT for the error measurement.
 
-The time is taken like ours: the whole loader (``n_batches`` batches), alternating with a plain
-forward+backward over the same batches, the median of the per-round ratios. With OURS (a JSON dict of
-label -> [SketchSpec dict, featurize keywords]) the speed-ups are head to head: in each round, in this
-process, on the same model and batches, the reference and each of ours run back to back between two plain
-runs, and a round's speed-up is the reference's time over ours (no ratio of figures taken minutes apart)."""
+The time is taken head to head with OURS (a JSON dict of label -> [SketchSpec dict, featurize keywords]):
+in each round, in this process, on the same model and the whole loader (``n_batches`` batches), the
+reference and each of ours run back to back between two plain forward+backward runs; overheads are
+against those plain runs, and a round's speed-up is the reference's time over ours (no ratio of figures
+taken minutes apart)."""
 
 from __future__ import annotations
 
@@ -20,21 +20,16 @@ from typing import Any
 import torch
 
 import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, build, loss_fn, median_time, paired_times
-from looptrace.models.looped import LoopedTransformer
+from looptrace.apps.bench.common import BenchConfig, Workload, loss_fn, median_time, synthetic_workload
 
 
 def main(argv: list[str]) -> None:
     from sdi import ProjectedTracInSDI  # type: ignore[import-not-found]  # the peer, only in its venv
 
     cfg = BenchConfig(**json.loads(argv[0]))
-    dims, seeds, out_path = json.loads(argv[1]), int(argv[2]), argv[3]
-    model, batches = build(cfg)
-
-    def plain() -> None:
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, b).sum().backward()
+    dims, seeds, out_path, ours = json.loads(argv[1]), int(argv[2]), argv[3], json.loads(argv[4])
+    work = synthetic_workload(cfg)
+    model, batches = work.model, work.batches
 
     def featurize(m: int, seed: int, loader: list[Any]) -> Any:
         est = ProjectedTracInSDI(
@@ -54,29 +49,24 @@ def main(argv: list[str]) -> None:
             phi = torch.cat([fs.phi[k] for k in sorted(fs.phi)], dim=-1)  # [N, steps, alpha * m]
             feats[f"{m}_{seed}"] = phi
             res["runs"].append({"m": m, "seed": seed, "seconds": time.perf_counter() - t0, "D": phi.shape[-1]})
-    ours = json.loads(argv[4]) if len(argv) > 4 else {}
-    if not ours:
-        t_plain, t_ref, ratio, ratios = paired_times(plain, lambda: featurize(2048, 0, batches), cfg.reps)
-        res.update(plain_s=t_plain, featurize_m2048_s=t_ref, overhead_m2048=ratio, overhead_m2048_rounds=ratios)
-    else:
-        res.update(head_to_head(cfg, model, batches, plain, lambda loader=batches: featurize(2048, 0, loader), ours))
+    res.update(head_to_head(cfg, work, lambda loader=batches: featurize(2048, 0, loader), ours))
     torch.save(feats, out_path)
     print(json.dumps(res))
 
 
-def head_to_head(
-    cfg: BenchConfig, model: LoopedTransformer, batches: list[Any], plain: Any, ref: Any, ours: dict[str, Any]
-) -> dict[str, Any]:
+def head_to_head(cfg: BenchConfig, work: Workload, ref: Any, ours: dict[str, Any]) -> dict[str, Any]:
     """Rounds of plain, the reference and each of ours (in reverse order every other round, so that no one
     always runs first), plain: overheads against the mean of the round's two plain runs, and each of ours'
     speed-up as the reference's time over its own in the same round. ``ref(loader)`` and each of ours
     default to the whole loader."""
+    batches = work.batches
 
     def featurizer(d: dict[str, Any], kw: dict[str, Any]) -> Any:
         spec = lt.SketchSpec.from_dict(d)
-        return lambda loader=batches: lt.featurize(
-            model, loader, loss_fn, step_module=model.core, sketch=spec, verify=False, **kw
-        )
+        return lambda loader=batches: work.featurize(spec, loader, **kw)
+
+    def plain() -> None:
+        work.plain_step(batches)
 
     calls = {"reference": ref, **{label: featurizer(d, kw) for label, (d, kw) in ours.items()}}
     plain()

@@ -28,10 +28,7 @@ def _sections_line(r: dict[str, Any]) -> list[str]:
 
 
 def _overhead_parts(ov: dict[str, Any]) -> list[str]:
-    """The featurisation's time split into what any capture pays and the capture's own work (runs before
-    this split have none)."""
-    if "floor" not in ov:
-        return []
+    """The featurisation's time split into what any capture pays and the capture's own work."""
     floor, no_verify = ov["floor"]["ratio"], ov["default_no_verify"]["ratio"]
     products, wgrads = ov["linear_products"]["ratio"], ov["linear_weight_grads"]["ratio"]
     n = ov["n_batches"]
@@ -54,15 +51,6 @@ def _overhead_parts(ov: dict[str, Any]) -> list[str]:
         f"| the first-batch check | {ov['check_cost_plain_batches'] / n:.2f} | "
         f"{ov['check_cost_plain_batches']:.2f} plain batches spread over the loader's {n} |",
     ]
-
-
-def _check_how(ov: dict[str, Any]) -> str:
-    """How the check's cost was measured (the way changed; older results say the old way)."""
-    if ov.get("check_cost_how") == "one batch":
-        return (f"the first batch featurised with and without it, next to a plain forward+backward of that batch, in "
-                f"{len(ov['check_cost_rounds'])} rounds: the difference in plain batches (median; range)")  # fmt: skip
-    return ("the two rows above, timed in the same rounds: the difference in plain batches (median over rounds; a range "
-            "that spans zero means the machine's noise is larger than the check)")  # fmt: skip
 
 
 def _peer(r: dict[str, Any], key: str) -> dict[str, Any]:
@@ -118,8 +106,10 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         f"{ov['default_spec']} with the first-batch check against autograd vs a plain training step's forward+backward |",
         f"| the same without verification | {r['overhead_ratio_no_verify']:.2f}x{_spread(ov['default_no_verify']['rounds'])} | "
         "verify=False |",
-        f"| the first-batch check's own cost | {_f(ov.get('check_cost_plain_batches'))} plain batches"
-        f"{_spread(ov.get('check_cost_rounds'))} | {_check_how(ov)} |",
+        f"| the first-batch check's own cost | {ov['check_cost_plain_batches']:.2f} plain batches"
+        f"{_spread(ov['check_cost_rounds'])} | the first batch featurised with and without it, next to a plain "
+        f"forward+backward of that batch, in {len(ov['check_cost_rounds'])} rounds: the difference in plain batches "
+        "(median; range) |",
         f"| the same with recomputation | {ov['default_recompute']['ratio']:.2f}x | recompute=True, verify=False |",
         f"| speed-up vs the reference, same method | {_f(r['speedup_vs_reference_same_method'])}x"
         f"{_spread(_peer(r, 'FFT').get('speedup_rounds'))} | {_how(r, 'FFT')}, both per-tensor TensorSketch m=2048 by FFT |",

@@ -38,9 +38,9 @@ OVERHEAD_ROUNDS = 5
 
 def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
     """The default featurisation over the whole loader (verification on its first batch, as users run it)
-    and without verification, timed in the same rounds as a plain forward+backward over the same batches,
-    so that the check's own cost (in plain batches) is a difference within each round; then with
-    recomputation."""
+    and without verification, with the floor and the Linear replays (where the time goes), all timed in the
+    same rounds as a plain forward+backward over the same batches; the check's own cost from one-batch
+    rounds (:func:`check_cost`); then with recomputation."""
     default = lt.SketchSpec()
     n = len(work.batches)
     replay = linear_products(work, default)
@@ -88,7 +88,6 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
         "default_no_verify": no_verify,
         "check_cost_plain_batches": statistics.median(check),
         "check_cost_rounds": check,
-        "check_cost_how": "one batch",
         # where the capture's time goes, in the same rounds (each a ratio to a plain fwd+bwd of the loader)
         "floor": ratios("floor"),
         "linear_products": ratios("products"),
@@ -210,14 +209,27 @@ def linear_products(work: Workload, spec: lt.SketchSpec) -> LinearReplay:
     return LinearReplay(factors, out, len(work.batches))
 
 
+#: The reference's m per body tensor in the peer table (the paper's).
+PEER_M = 2048
+
+
+def peer_dim(exact: lt.Features) -> int:
+    """The reference's total feature dimension D: m for each body tensor."""
+    return PEER_M * len(exact.layout)
+
+
 def peer_specs(exact: lt.Features) -> list[tuple[str, lt.SketchSpec, dict[str, Any]]]:
     """Our rows of the peer table, at the reference's total dimension (m = 2048 for each body tensor):
     (label, spec, featurize keywords)."""
-    total = 2048 * len(exact.layout)
-    same = lt.SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor")
+    total = peer_dim(exact)
+    same = lt.SketchSpec(dim=PEER_M, method="tensorsketch", budget="per_tensor")
     return [
-        ("looptrace: same method (per-tensor TensorSketch m=2048, FFT)", same, {"outer_path": "fft"}),
-        ("looptrace: same method (per-tensor TensorSketch m=2048, materialised)", same, {"outer_path": "materialize"}),
+        (f"looptrace: same method (per-tensor TensorSketch m={PEER_M}, FFT)", same, {"outer_path": "fft"}),
+        (
+            f"looptrace: same method (per-tensor TensorSketch m={PEER_M}, materialised)",
+            same,
+            {"outer_path": "materialize"},
+        ),
         (f"looptrace: default sketch at the same D ({lt.SketchSpec(dim=total)})", lt.SketchSpec(dim=total), {}),
     ]
 
@@ -225,7 +237,7 @@ def peer_specs(exact: lt.Features) -> list[tuple[str, lt.SketchSpec, dict[str, A
 def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The reference implementation and ours at the same total dimension D (TensorSketch, m = 2048 per
     tensor): the same method by FFT, the same method materialised, and our default sketch."""
-    total = 2048 * len(exact.layout)
+    total = peer_dim(exact)
     s_ex, t_ex = lt.sdi(exact, exact), lt.tracin(exact, exact)
     head = (ref or {}).get("head_to_head", {})
     rows = []
@@ -246,7 +258,7 @@ def peer_rows(work: Workload, cfg: BenchConfig, exact: lt.Features, ref: dict[st
         if h is not None:  # the reference's time over ours, round by round
             rows[-1].update(speedup=h["speedup"], speedup_rounds=h["speedup_rounds"])
     if ref is not None:
-        at = next((e for e in ref["errors"] if e["m"] == 2048), None)
+        at = next((e for e in ref["errors"] if e["m"] == PEER_M), None)
         rows.append(
             {"label": "reference implementation (step-decomposed-influence, TensorSketch m=2048, FFT)", "D": at["D"] if at else None,
              "overhead": ref["overhead_m2048"], "featurize_s": ref["featurize_m2048_s"],
