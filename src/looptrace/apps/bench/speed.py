@@ -141,7 +141,10 @@ def floor_step(work: Workload) -> Callable[[], None]:
             finally:
                 handle.remove()
             if not anchor:
-                raise ConfigError("the step module was never called with a tensor input: no floor to measure")
+                raise ConfigError(
+                    "the floor anchors the step module's first tensor argument, and the step module was never called "
+                    "with one: pass the module called once per loop step as the workload's step_module"
+                )
             torch.autograd.grad(losses.sum(), anchor)
 
     return run
@@ -197,7 +200,10 @@ def linear_products(work: Workload, spec: lt.SketchSpec) -> LinearReplay:
         for h in handles:
             h.remove()
     if not calls:
-        raise ConfigError("the body has no nn.Linear layer: nothing to replay")
+        raise ConfigError(
+            "the overhead split replays the body's nn.Linear calls and this body made none: benchmark a workload "
+            "whose loop body has Linear layers (the benchmark model does)"
+        )
     plan = SketchPlan.build(spec, [(n, tuple(p.shape)) for n, p in work.step_module.named_parameters()])
     p0 = next(work.step_module.parameters())
     g = torch.Generator(device="cpu").manual_seed(0)
