@@ -71,3 +71,27 @@ def test_featurize_leaves_grad_and_mode_untouched(model, batches) -> None:
     lt.featurize(model, batches, lm_loss, step_module=model.core, sketch=lt.SketchSpec(dim=64))
     assert model.training
     assert all(p.grad is None for p in model.parameters()), "featurize must not fill .grad"
+
+
+def test_batches_with_different_step_counts_are_zero_padded() -> None:
+    """A loader whose batches run different numbers of loop steps (tau sampled per batch): features have the
+    most steps any batch ran, each batch's rows equal featurising it alone, and the steps it did not run are
+    exactly zero (the assembly writes them; it must not leave them uninitialised)."""
+    model = tiny_model()
+    batches = [(x, y, n) for (x, y), n in zip(tiny_batches(n_batches=3), (2, 4, 3), strict=True)]
+
+    def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+        x, y, loops = batch
+        logits = m(x, n_loops=loops)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        return ce.view(y.shape).mean(1)
+
+    for spec in (lt.SketchSpec.exact(), lt.SketchSpec(dim=64)):
+        got = lt.featurize(model, batches, loss, step_module=model.core, sketch=spec).per_step
+        assert got is not None and got.shape[1] == 4, "features must have as many steps as the longest batch ran"
+        for i, batch in enumerate(batches):
+            alone = lt.featurize(model, [batch], loss, step_module=model.core, sketch=spec).per_step
+            assert alone is not None
+            rows, ran = got[3 * i : 3 * i + 3], batch[2]
+            assert_close(rows[:, :ran], alone, f"batch {i} ({ran} steps) among others vs alone, {spec}")
+            assert torch.count_nonzero(rows[:, ran:]) == 0, f"batch {i} ran {ran} steps: later steps must be 0"

@@ -290,13 +290,16 @@ class _Rows:
             return Features(self.chunks.pop(), spec, layout, losses, checkpoint, settings)
         first = self.chunks[0]
         steps = max(c.shape[1] for c in self.chunks)
-        out = first.new_zeros(self.count, steps, first.shape[2])
+        out = first.new_empty(self.count, steps, first.shape[2])  # every entry is written below
         row = 0
         self.chunks.reverse()
         while self.chunks:  # free each chunk once copied: the peak is the output plus one chunk
             chunk = self.chunks.pop()
-            out[row : row + chunk.shape[0], : chunk.shape[1]] = chunk
-            row += chunk.shape[0]
+            n, ran = chunk.shape[0], chunk.shape[1]
+            out[row : row + n, :ran] = chunk
+            if ran < steps:  # a batch that ran fewer loop steps: zero for the steps it did not run
+                out[row : row + n, ran:] = 0
+            row += n
             del chunk
         return Features(out, spec, layout, losses, checkpoint, settings)
 
