@@ -59,12 +59,13 @@ def _peer(r: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _how(r: dict[str, Any], key: str) -> str:
-    """How a speed-up was measured: head to head in one process, or as a ratio of two overheads."""
+    """How a speed-up was measured: head to head in the reference's process (the only way it is timed), or
+    that it was not, when the reference did not run here."""
     rounds = _peer(r, key).get("speedup_rounds")
     if rounds:
         return (f"head to head: the reference's time / ours in each of {len(rounds)} rounds, both in the reference's "
                 "process on the same model and batches between two plain runs (median)")  # fmt: skip
-    return "reference overhead / ours (each measured in its own process)"
+    return "not measured: the reference did not run here"
 
 
 def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
