@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import looptrace as lt
 from looptrace.apps.bench import run_all
-from looptrace.apps.bench.common import BenchConfig, InactiveSteps, require_active, step_shares, synthetic_workload
+from looptrace.apps.bench.common import (
+    BenchConfig,
+    InactiveSteps,
+    bracketed_rounds,
+    require_active,
+    step_shares,
+    synthetic_workload,
+)
 from looptrace.apps.bench.fidelity import fidelity
 
 TINY = BenchConfig(d_model=16, n_heads=2, loops=4, seq=8, vocab=32, batch=3, n_batches=2, dims=(64, 2048),
@@ -80,3 +88,21 @@ def test_the_overhead_split_measures_what_it_names() -> None:
     replay.products()
     replay.weight_grads()
     assert replay.out.abs().sum() > 0, "the replay sketched nothing"
+
+
+def test_bracketed_rounds_put_every_group_between_two_plain_runs() -> None:
+    """The timing rounds behind the overhead and the head-to-head figures: each group runs between two plain
+    runs and is divided by their mean; with ``alternate`` every other round runs a group in reverse."""
+    order: list[str] = []
+
+    def call(name: str) -> Callable[[], None]:
+        return lambda: order.append(name)
+
+    groups = [{"a": call("a"), "b": call("b")}, {"c": call("c")}]
+    timed = bracketed_rounds(call("plain"), groups, reps=2, alternate=True)
+    assert order == ["plain", "a", "b", "plain", "c", "plain", "plain", "b", "a", "plain", "c", "plain"], order
+    assert [len(p) for p in timed.plain] == [3, 3], "one plain run before the groups and one after each"
+    for i, runs in enumerate(timed.plain):
+        assert timed.base["a"][i] == timed.base["b"][i] == (runs[0] + runs[1]) / 2
+        assert timed.base["c"][i] == (runs[1] + runs[2]) / 2, "the second group shares the plain run between them"
+    assert timed.ratios("c") == [t / b for t, b in zip(timed.times["c"], timed.base["c"], strict=True)]

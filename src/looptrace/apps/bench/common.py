@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,42 @@ def paired_times(
         tf.append(b)
         ratio.append(b / a)
     return statistics.median(tb), statistics.median(tf), statistics.median(ratio), ratio
+
+
+@dataclasses.dataclass
+class Bracketed:
+    """Timing rounds in which every group of calls runs between two plain runs (see :func:`bracketed_rounds`)."""
+
+    times: dict[str, list[float]]  # each call's seconds, round by round
+    base: dict[str, list[float]]  # per call, the mean of the two plain runs around its group, round by round
+    plain: list[list[float]]  # each round's plain runs, in order (one more than there are groups)
+
+    def ratios(self, key: str) -> list[float]:
+        """``key``'s time over its plain baseline, round by round."""
+        return [t / b for t, b in zip(self.times[key], self.base[key], strict=True)]
+
+
+def bracketed_rounds(
+    plain: Callable[[], Any], groups: Sequence[Mapping[str, Callable[[], Any]]], reps: int, alternate: bool = False
+) -> Bracketed:
+    """``reps`` rounds of: plain, then each group's calls followed by plain again. A call is compared with the
+    mean of the plain runs just before and after its group, so a slow spell of the machine that spans it shows
+    on both sides of the ratio. ``alternate``: every other round runs each group's calls in reverse order, so
+    that no call always runs first. Warm every call up before."""
+    times: dict[str, list[float]] = {k: [] for g in groups for k in g}
+    base: dict[str, list[float]] = {k: [] for k in times}
+    plains: list[list[float]] = []
+    for r in range(reps):
+        runs = [median_time(plain, 1, warm=False)]
+        for group in groups:
+            order = list(group)
+            for key in reversed(order) if alternate and r % 2 else order:
+                times[key].append(median_time(group[key], 1, warm=False))
+            runs.append(median_time(plain, 1, warm=False))
+            for key in order:
+                base[key].append((runs[-2] + runs[-1]) / 2)
+        plains.append(runs)
+    return Bracketed(times, base, plains)
 
 
 def _shown(path: Any) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, Workload, loss_fn, median_time, synthetic_workload
+from looptrace.apps.bench.common import BenchConfig, Workload, bracketed_rounds, loss_fn, synthetic_workload
 
 
 def main(argv: list[str]) -> None:
@@ -73,28 +73,25 @@ def head_to_head(cfg: BenchConfig, work: Workload, ref: Any, ours: dict[str, Any
     ref()  # warm-up: the reference's first call over the whole loader is slow (a first round without it was)
     for fn in list(calls.values())[1:]:  # ours on one batch (the first call sets up hooks, plans and tables)
         fn(batches[:1])
-    rounds: list[dict[str, float]] = []
-    for k in range(max(cfg.reps, 3)):
-        t = {"plain_before": median_time(plain, 1, warm=False)}
-        for label in list(calls) if k % 2 == 0 else reversed(list(calls)):
-            t[label] = median_time(calls[label], 1, warm=False)
-        t["plain_after"] = median_time(plain, 1, warm=False)
-        rounds.append(t)
-
-    base = [(r["plain_before"] + r["plain_after"]) / 2 for r in rounds]
-    ref_over = [r["reference"] / b for r, b in zip(rounds, base, strict=True)]
+    timed_rounds = bracketed_rounds(plain, [calls], max(cfg.reps, 3), alternate=True)
+    times, base = timed_rounds.times, timed_rounds.base["reference"]  # one group: one baseline for every call
+    rounds = [
+        {"plain_before": p[0], **{label: times[label][i] for label in calls}, "plain_after": p[1]}
+        for i, p in enumerate(timed_rounds.plain)
+    ]
+    ref_over = timed_rounds.ratios("reference")
     out: dict[str, Any] = {
         "plain_s": statistics.median(base),
-        "featurize_m2048_s": statistics.median([r["reference"] for r in rounds]),
+        "featurize_m2048_s": statistics.median(times["reference"]),
         "overhead_m2048": statistics.median(ref_over),
         "overhead_m2048_rounds": ref_over,
         "head_to_head": {},
     }
     for label in ours:
-        speedups = [r["reference"] / r[label] for r in rounds]
-        over = [r[label] / b for r, b in zip(rounds, base, strict=True)]
+        speedups = [r / o for r, o in zip(times["reference"], times[label], strict=True)]
+        over = timed_rounds.ratios(label)
         out["head_to_head"][label] = {"speedup": statistics.median(speedups), "speedup_rounds": speedups, "overhead": statistics.median(over),
-                                      "overhead_rounds": over, "featurize_s": statistics.median([r[label] for r in rounds])}  # fmt: skip
+                                      "overhead_rounds": over, "featurize_s": statistics.median(times[label])}  # fmt: skip
     out["rounds"] = rounds
     return out
 

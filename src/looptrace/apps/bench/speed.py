@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import looptrace as lt
-from looptrace.apps.bench.common import BenchConfig, Workload, median_time, paired_times, rel, timed
+from looptrace.apps.bench.common import (
+    BenchConfig,
+    Workload,
+    bracketed_rounds,
+    median_time,
+    paired_times,
+    rel,
+    timed,
+)
 from looptrace.errors import ConfigError
 from looptrace.sketch.plan import SketchPlan, Slot
 
@@ -45,7 +53,6 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
     n = len(work.batches)
     replay = linear_products(work, default)
     calls = {
-        "plain": lambda: work.plain_step(work.batches),
         "verify": lambda: work.featurize(default, work.batches, verify="first"),
         "no_verify": lambda: work.featurize(default, work.batches, verify=False),
         "floor": floor_step(work),
@@ -57,25 +64,17 @@ def overhead(work: Workload, cfg: BenchConfig) -> dict[str, Any]:
     work.featurize(default, work.batches[:1], verify="first")
     for key in ("floor", "products", "weight_grads"):
         calls[key]()
-    # each featurisation sits between two plain runs and is divided by their mean: a slow spell of the
-    # machine that spans a call shows on both sides of the ratio (the floor and the two short replays share
-    # one such window)
+    # each featurisation between two plain runs (the floor and the two short replays share one such window)
     groups = (("verify",), ("no_verify",), ("floor", "products", "weight_grads"))
-    times: dict[str, list[float]] = {k: [] for g in groups for k in g}
-    plain: dict[str, list[float]] = {k: [] for k in times}
-    for _ in range(max(cfg.reps, OVERHEAD_ROUNDS)):
-        before = median_time(calls["plain"], 1, warm=False)
-        for group in groups:
-            for key in group:
-                times[key].append(median_time(calls[key], 1, warm=False))
-            after = median_time(calls["plain"], 1, warm=False)
-            for key in group:
-                plain[key].append((before + after) / 2)
-            before = after
+    timed_rounds = bracketed_rounds(
+        lambda: work.plain_step(work.batches),
+        [{k: calls[k] for k in g} for g in groups],
+        max(cfg.reps, OVERHEAD_ROUNDS),
+    )
 
     def ratios(key: str) -> dict[str, Any]:
-        rounds = [t / p for t, p in zip(times[key], plain[key], strict=True)]
-        return {"plain_s": statistics.median(plain[key]), "featurize_s": statistics.median(times[key]),
+        rounds = timed_rounds.ratios(key)
+        return {"plain_s": statistics.median(timed_rounds.base[key]), "featurize_s": statistics.median(timed_rounds.times[key]),
                 "ratio": statistics.median(rounds), "rounds": rounds}  # fmt: skip
 
     verify, no_verify = ratios("verify"), ratios("no_verify")
