@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from looptrace.config import parse_override
-from looptrace.errors import ConfigError, LooptraceError
-from looptrace.io import atomic_write_bytes
+from looptrace.errors import ConfigError, LooptraceError, StorageError
+from looptrace.extras import require
+from looptrace.io import REFUSALS, atomic_write_bytes, machine_error
+
+#: Subcommands that run the applications (case studies, training, benchmarks, the evaluation): they need
+#: the ``studies`` extra (matplotlib, scipy). The rest (featurize, score, topk, inspect) need the library only.
+STUDY_COMMANDS = ("train", "demo", "analyze", "report", "upgrade-run", "bench", "eval")
+
+#: Set to 1 to see the traceback behind a one-line error.
+DEBUG_ENV = "LOOPTRACE_DEBUG"
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +132,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
     """The command's arguments, saved beside its outputs."""
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
 
 
 _ATTR = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -135,6 +143,8 @@ def load_attr(spec: str, what: str) -> Any:
     if not _ATTR.match(spec):
         raise ConfigError(f"{what} must look like 'package.module:function', got {spec!r}")
     mod_name, attr = spec.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # a console script does not look in the working directory
+        sys.path.insert(0, os.getcwd())  # (as `python -m` and uvicorn do, a module beside you is found)
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -252,8 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     sizes = list(dict.fromkeys(size for st in registry.values() for size in st.sizes))
     study_help = "; ".join(f"{n}: {st.summary}" for n, st in registry.items())
     p = argparse.ArgumentParser(
-        prog="looptrace", description="Step-resolved training-data attribution for looped transformers."
+        prog="looptrace",
+        description="Step-resolved training-data attribution for looped transformers.",
+        epilog="featurize, score, topk and inspect need only the library; train, demo, analyze, report, "
+        'upgrade-run, bench and eval need the case-study extra: pip install "looptrace[studies]". '
+        f"Errors are one line; --debug (or {DEBUG_ENV}=1) shows the traceback.",
     )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a case study's preset, recording TracIn checkpoints")
@@ -395,16 +410,59 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what a feature store holds")
     ins.add_argument("--store", required=True)
     ins.set_defaults(func=_cmd_inspect)
+    for sp in sub.choices.values():  # `looptrace featurize ... --debug` works as well as `looptrace --debug featurize`
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return p
 
 
+def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+          line: str | None = None) -> None:  # fmt: skip
+    """Warnings as one line each (the command line's users do not need our source line)."""
+    print(f"looptrace: note: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit status: 0 done; 2 a usage, input or installation error (one line); 1 the
+    machine refused a write (one line naming the path and how to resume). ``--debug`` or ``LOOPTRACE_DEBUG=1``
+    re-raises instead, with the traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except LooptraceError as exc:
-        print(f"looptrace: error: {exc}", file=sys.stderr)
-        return 2
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    import warnings
+
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _note
+        try:
+            if args.command in STUDY_COMMANDS:
+                require("studies", f"looptrace {args.command}")
+            return int(args.func(args))
+        except StorageError as exc:
+            if debug:
+                raise
+            print(f"looptrace: error: {exc}", file=sys.stderr)
+            return 1
+        except LooptraceError as exc:
+            if debug:
+                raise
+            print(f"looptrace: error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            if debug:
+                raise
+            where = getattr(exc, "filename", None)
+            prefix = f"{where}: " if where else ""
+            if isinstance(exc, OSError) and exc.errno not in REFUSALS:  # e.g. a file given that does not exist
+                print(f"looptrace: error: {prefix}{exc.strerror or exc}", file=sys.stderr)
+                return 2
+            reason = machine_error(exc)
+            if reason is None:  # not the machine: a bug, which keeps its traceback
+                raise
+            print(
+                f"looptrace: error: {prefix}{reason}; fix that and rerun the same command (stores and runs "
+                "resume where they stopped)",
+                file=sys.stderr,
+            )
+            return 1
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ __all__ = [
     "LooptraceError",
     "LossError",
     "MemoryBudgetError",
+    "MissingExtraError",
     "SpecMismatchError",
     "StepError",
+    "StorageError",
     "TiedParameterError",
     "UnsupportedLayerError",
     "VerificationError",
@@ -68,3 +70,22 @@ class VerificationError(LooptraceError):
 
 class CorruptFileError(LooptraceError):
     """A file looptrace wrote was found truncated, corrupted, or not in looptrace's format."""
+
+
+class MissingExtraError(LooptraceError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install
+    (``pip install "looptrace[EXTRA]"``)."""
+
+
+class StorageError(LooptraceError, OSError):
+    """The machine refused a write (disk full, permission denied, read-only file system).
+
+    The message names the path, what happened and how to resume; nothing partial is left under the final
+    name, so rerunning the same command after fixing the cause resumes where it stopped."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])

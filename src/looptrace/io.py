@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +20,89 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+#: What to do after a refused write, when the caller has nothing more specific to say.
+RESUME = "fix that and rerun the same command (nothing partial was kept under that name)"
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for this file system",
+    errno.EIO: "input/output error (a failing disk or a network file system that went away)",
+}
+
+
+def machine_error(exc: BaseException) -> str | None:
+    """What the machine refused, if ``exc`` is a refused write (an OSError, or the same error wrapped by
+    safetensors or torch's zip writer); ``None`` for anything else (a bug must keep its traceback)."""
+    code: int | None = None
+    if isinstance(exc, OSError):
+        code = exc.errno
+        if code is None:
+            return str(exc) or type(exc).__name__
+    elif type(exc).__name__ == "SafetensorError" or isinstance(exc, RuntimeError):
+        text = str(exc)
+        found = re.search(r"os error (\d+)", text)
+        if found:
+            code = int(found.group(1))
+        elif isinstance(exc, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text):
+            return "the write failed (is the disk full?)"
+        else:
+            return None
+    if code is None:
+        return None
+    return _REASONS.get(code, os.strerror(code))
+
+
+#: The errno values of a write the machine refused (as opposed to, say, a file that does not exist).
+REFUSALS = frozenset(_REASONS)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], *, partial: Path | None = None, resume: str = RESUME) -> Iterator[None]:
+    """Turn a write the machine refuses (disk full, permission denied, read-only) into a
+    :class:`looptrace.StorageError` that names ``path``, what happened and ``resume``; ``partial`` (the
+    temporary file being written) is removed so that a full disk is not left fuller."""
+    from looptrace.errors import StorageError
+
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        reason = machine_error(exc)
+        if reason is None:
+            raise
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+        raise StorageError(f"cannot write {path}: {reason}; {resume}", str(path)) from exc
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, resume: str = RESUME) -> None:
     tmp = partial_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with writing(path, partial=tmp, resume=resume):
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
-def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+def atomic_write_json(obj: Any, path: Path, *, resume: str = RESUME) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), resume=resume)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, *, resume: str = RESUME) -> None:
     tmp = partial_path(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, partial=tmp, resume=resume):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def make_dirs(path: Path, *, resume: str = RESUME) -> None:
+    """``mkdir -p``, with a refused creation reported like a refused write."""
+    with writing(path, resume=resume):
+        path.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -46,8 +117,13 @@ def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any, *, update: bool =
     from looptrace.errors import ConfigError
 
     tmp = partial_path(path)
+    with writing(path, partial=tmp):
+        if update:
+            shutil.copyfile(path, tmp)
+        else:
+            open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        _reserve(tmp)
     if update:
-        shutil.copyfile(path, tmp)
         arr = open_memmap(tmp, mode="r+")
         if arr.shape != shape:
             have = arr.shape
@@ -55,7 +131,7 @@ def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any, *, update: bool =
             tmp.unlink()
             raise ConfigError(f"{path} holds scores of shape {have}, not {shape}; write to a new file")
     else:
-        arr = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        arr = open_memmap(tmp, mode="r+")
     try:
         yield arr
         arr.flush()
@@ -65,3 +141,14 @@ def atomic_npy(path: Path, shape: tuple[int, ...], dtype: Any, *, update: bool =
         raise
     del arr
     os.replace(tmp, path)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of a (sparse) file now: a full disk then refuses here, with an error, instead
+    of killing the process with SIGBUS when a memory-mapped page is first written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the memory map fails later, less gracefully
+        return
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size:
+            os.posix_fallocate(f.fileno(), 0, size)

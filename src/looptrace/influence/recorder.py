@@ -27,12 +27,17 @@ import torch
 from torch import nn
 
 from looptrace.errors import CheckpointError, ConfigError
-from looptrace.io import atomic_torch_save, atomic_write_json
+from looptrace.io import atomic_torch_save, atomic_write_json, make_dirs
 
 __all__ = ["INDEX", "CheckpointRecorder", "optimizer_lr", "second_moments"]
 
 INDEX = "checkpoints.json"
 FORMAT = "looptrace-checkpoints"
+#: What to do after the machine refused to write a checkpoint.
+RESUME = (
+    "free space (or fix the permissions), then save again: the checkpoints already listed in "
+    f"{INDEX} are complete and intact"
+)
 
 
 Body = nn.Module | Iterable[nn.Module] | str | None
@@ -128,7 +133,7 @@ class CheckpointRecorder:
         self.moments = moments
         self.meta = dict(meta or {})
         self.calls = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.directory, resume=RESUME)
         self._index = self._read_index()
         if self._index:  # resuming: count from the last recorded step
             self.calls = max(int(e["step"]) for e in self._index)
@@ -185,9 +190,11 @@ class CheckpointRecorder:
             if m is not None:
                 record["optimizer_second_moments"] = m
         path = self.directory / f"ckpt_{step:08d}.pt"
-        atomic_torch_save(record, path)
+        atomic_torch_save(record, path, resume=RESUME)
         self._index = [e for e in self._index if int(e["step"]) != step]
         self._index.append({"file": path.name, "step": step, "lr": float(lr), "depth": depth})
         self._index.sort(key=lambda e: int(e["step"]))
-        atomic_write_json({"format": FORMAT, "version": 1, "checkpoints": self._index}, self.directory / INDEX)
+        atomic_write_json(
+            {"format": FORMAT, "version": 1, "checkpoints": self._index}, self.directory / INDEX, resume=RESUME
+        )
         return path

@@ -24,10 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
 from looptrace.errors import LossError
+from looptrace.extras import require
 from looptrace.influence.recorder import Body, CheckpointRecorder, optimizer_lr, params_of
+
+require("hf", "looptrace.integrations.hf")
+from transformers import TrainerCallback  # noqa: E402
 
 __all__ = ["IGNORE", "TracInCallback", "causal_lm_loss", "masked_lm_loss", "sequence_classification_loss"]
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from looptrace.extras import require
+from looptrace.influence.recorder import Body, CheckpointRecorder, optimizer_lr, params_of
+
+require("lightning", "looptrace.integrations.lightning")
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
-
-from looptrace.influence.recorder import Body, CheckpointRecorder, optimizer_lr, params_of
 
 __all__ = ["TracInCallback"]
 

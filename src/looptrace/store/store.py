@@ -29,7 +29,7 @@ import torch
 
 from looptrace.errors import ConfigError, CorruptFileError, SpecMismatchError
 from looptrace.features import layout_fingerprint
-from looptrace.io import atomic_write_bytes
+from looptrace.io import atomic_write_bytes, make_dirs, writing
 from looptrace.sketch.spec import SketchSpec
 from looptrace.store.shards import read_safetensors, sha256_file
 
@@ -37,6 +37,11 @@ FORMAT = "looptrace-feature-store"
 VERSION = 2  # 2: the manifest records the featurisation options (``options``)
 READABLE = (1, 2)
 ROLES = ("train", "query")
+#: What to do after the machine refused a write into a store.
+RESUME = (
+    "free space (or fix the permissions, or pick another --store), then rerun the same command: "
+    "the store resumes and keeps every finished shard"
+)
 
 
 class FeatureStore:
@@ -111,13 +116,14 @@ class FeatureStore:
             merged = dict(have)
             merged["datasets"] = {**have["datasets"], **want["datasets"]}
             if merged != have:
-                atomic_write_bytes(path, json.dumps(merged, indent=1, sort_keys=True).encode())
+                atomic_write_bytes(path, json.dumps(merged, indent=1, sort_keys=True).encode(), resume=RESUME)
             return cls(root, merged)
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, resume=RESUME)
         try:  # exclusive create: when several ranks start at once, one writes and the others re-check
-            fd = os.open(root / "manifest.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with writing(root / "manifest.lock", resume=RESUME):
+                fd = os.open(root / "manifest.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.close(fd)
-            atomic_write_bytes(path, json.dumps(want, indent=1, sort_keys=True).encode())
+            atomic_write_bytes(path, json.dumps(want, indent=1, sort_keys=True).encode(), resume=RESUME)
         except FileExistsError:
             for _ in range(600):
                 if path.exists():
@@ -196,19 +202,19 @@ class FeatureStore:
         expect = (stop - start,)
         if tuple(features.shape[:1]) != expect:
             raise ConfigError(f"shard {start}:{stop} got {features.shape[0]} rows")
-        d = self._dir(ck, role)
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(self._dir(ck, role), resume=RESUME)
         path = self.shard_path(ck, role, start, stop)
         tmp = path.with_name(path.name + ".partial")
         dt = torch.float16 if self.manifest["dtype"] == "float16" else torch.float32
-        save_file(
-            {
-                "features": features.detach().to("cpu", dt).contiguous(),
-                "losses": losses.detach().to("cpu", torch.float32).contiguous(),
-            },
-            str(tmp),
-        )
-        os.replace(tmp, path)
+        with writing(path, partial=tmp, resume=RESUME):
+            save_file(
+                {
+                    "features": features.detach().to("cpu", dt).contiguous(),
+                    "losses": losses.detach().to("cpu", torch.float32).contiguous(),
+                },
+                str(tmp),
+            )
+            os.replace(tmp, path)
         side = {
             "file": path.name,
             "start": start,
@@ -217,7 +223,7 @@ class FeatureStore:
             "sha256": sha256_file(path),
             "spec": self.spec.fingerprint(),
         }
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(side).encode())
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(side).encode(), resume=RESUME)
         return path
 
     def _check(self, path: Path) -> dict[str, Any]:

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
+from looptrace.extras import require
 
-def _save(fig: plt.Figure, path: str | os.PathLike[str]) -> Path:
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported when the first figure is drawn (the command line and
+    the case studies' registrations import this module without the ``studies`` extra)."""
+    require("studies", "drawing figures")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _subplots(*args: Any, **kwargs: Any) -> Any:
+    return _pyplot().subplots(*args, **kwargs)
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -25,7 +40,7 @@ def sdi_and_margin(
 ) -> Path:
     """Summed SDI profile and logit margin per loop iteration, sharing the step axis."""
     steps = np.arange(1, len(profile) + 1)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = _subplots(figsize=(8, 3.6))
     ax.plot(steps, profile, "o-", color="C0", ms=3, label="summed SDI over train set")
     ax.set_xlabel("loop iteration t")
     ax.set_ylabel("summed SDI (eta x loss^2 units)", color="C0")
@@ -39,7 +54,7 @@ def sdi_and_margin(
 
 
 def autocorr_and_cosine(ac: np.ndarray, cos: np.ndarray, period: int, path: str | os.PathLike[str]) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.2))
     axes[0].bar(np.arange(len(ac)), ac, color="C0")
     axes[0].set_xlabel("lag (iterations)")
     axes[0].set_ylabel("autocorrelation of margin")
@@ -53,7 +68,7 @@ def autocorr_and_cosine(ac: np.ndarray, cos: np.ndarray, period: int, path: str 
 
 
 def phase_portrait(z: np.ndarray, labels: np.ndarray, trans: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    fig, axes = _subplots(1, 2, figsize=(9.5, 3.8))
     ax = axes[0]
     ax.plot(z[:, 0], z[:, 1], "-", color="lightgray", lw=1, zorder=1)
     sc = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=22, zorder=2)
@@ -79,7 +94,7 @@ def energy_curves(
     energy: np.ndarray, path: str | os.PathLike[str], title: str, groups: dict[str, np.ndarray] | None = None
 ) -> Path:
     """Median and IQR of per-query SDI energy vs step (log y). ``energy``: [M, tau]."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = _subplots(figsize=(7, 3.6))
     groups = groups or {"all queries": np.arange(len(energy))}
     steps = np.arange(1, energy.shape[1] + 1)
     for k, (name, idx) in enumerate(groups.items()):
@@ -104,7 +119,7 @@ def lines(
     title: str,
     logy: bool = False,
 ) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = _subplots(figsize=(7, 3.6))
     for k, (name, y) in enumerate(ys.items()):
         ax.plot(x, y, "o-", ms=3, color=f"C{k}", label=name)
     if logy:
@@ -121,7 +136,7 @@ def intervals(
     xlabel: str, title: str,
 ) -> Path:  # fmt: skip
     """One horizontal bar per label with its confidence interval."""
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    fig, ax = _subplots(figsize=(8, 0.45 * len(labels) + 1.2))
     y = np.arange(len(labels))
     ax.barh(y, means, color="C0", alpha=0.7)
     ax.errorbar(
@@ -143,7 +158,7 @@ def intervals(
 def loglog(
     x: np.ndarray, ys: dict[str, np.ndarray], path: str | os.PathLike[str], xlabel: str, ylabel: str, title: str
 ) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = _subplots(figsize=(7, 3.6))
     for k, (name, y) in enumerate(ys.items()):
         ax.loglog(x, y, "o-", ms=3, color=f"C{k}", label=name)
     ax.set_xlabel(xlabel)
