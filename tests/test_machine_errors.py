@@ -100,6 +100,8 @@ def test_only_refusals_count_as_machine_errors():
     assert machine_error(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     assert machine_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert machine_error(ValueError("bad")) is None
+    assert machine_error(FileExistsError(errno.EEXIST, "File exists")) is None  # the store's lock: logic, not disk
+    assert machine_error(SafetensorError("IoError ... (os error 2)")) is None
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

@@ -35,13 +35,12 @@ _REASONS = {
 
 
 def machine_error(exc: BaseException) -> str | None:
-    """What the machine refused, if ``exc`` is a refused write (an OSError, or the same error wrapped by
-    safetensors or torch's zip writer); ``None`` for anything else (a bug must keep its traceback)."""
+    """What the machine refused, if ``exc`` is a refused write (an OSError of one of the :data:`REFUSALS` kinds,
+    or the same error wrapped by safetensors or torch's zip writer); ``None`` for anything else (a file that
+    already exists is somebody's logic, and a bug must keep its traceback)."""
     code: int | None = None
     if isinstance(exc, OSError):
         code = exc.errno
-        if code is None:
-            return str(exc) or type(exc).__name__
     elif type(exc).__name__ == "SafetensorError" or isinstance(exc, RuntimeError):
         text = str(exc)
         found = re.search(r"os error (\d+)", text)
@@ -51,9 +50,7 @@ def machine_error(exc: BaseException) -> str | None:
             return "the write failed (is the disk full?)"
         else:
             return None
-    if code is None:
-        return None
-    return _REASONS.get(code, os.strerror(code))
+    return None if code is None else _REASONS.get(code)  # other errors (a file that exists, ...) are not refusals
 
 
 #: The errno values of a write the machine refused (as opposed to, say, a file that does not exist).
