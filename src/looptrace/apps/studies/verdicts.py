@@ -130,6 +130,22 @@ def _shown(directory: Path) -> str:
         return str(directory)
 
 
+def stale(directory: Path, study: str | None = None) -> list[str]:
+    """Rows of the committed ``verdicts.json`` that the rules no longer give on the directory's numbers (each
+    as "KEY: committed -> derived"), and rows present in only one of the two."""
+    try:
+        committed = json.loads((Path(directory) / "verdicts.json").read_text())["rows"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        return [f"verdicts.json: unreadable ({exc})"]
+    derived = json.loads(json.dumps(derive(directory, study)["rows"]))  # as it would be written
+    out = [f"{k}: only in verdicts.json" for k in committed if k not in derived]
+    out += [f"{k}: not in verdicts.json" for k in derived if k not in committed]
+    for k in committed.keys() & derived.keys():
+        if committed[k] != derived[k]:
+            out.append(f"{k}: {committed[k]['text']!r} -> {derived[k]['text']!r}")
+    return sorted(out)
+
+
 def write(directory: Path, study: str | None = None) -> Path:
     out = Path(directory) / "verdicts.json"
     atomic_write_bytes(out, (json.dumps(derive(directory, study), indent=2) + "\n").encode())
