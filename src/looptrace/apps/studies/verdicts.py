@@ -69,6 +69,8 @@ def row(verdict: str, why: str, cites: str, **evidence: Any) -> dict[str, Any]:
     numbers the rule read."""
     if verdict not in VERDICTS:
         raise ConfigError(f"verdict {verdict!r} is not one of {VERDICTS}")
+    if "|" in why or "|" in cites:  # the text goes into a Markdown table cell, where "|" starts a new cell
+        raise ConfigError(f"a verdict's text may not contain '|' (it is shown in a table): {why!r}")
     return {
         "verdict": verdict,
         "why": why,

@@ -120,11 +120,11 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
 
     # --- the final peak at the read-out step (Fig. 1A: "a final peak at step n after which it drops to zero")
     if prof["largest_magnitude_step"] == readout:
-        verdict, why = "reproduced", f"the largest |SDI_t| is at the read-out step {readout}"
+        verdict, why = "reproduced", f"the largest SDI magnitude is at the read-out step {readout}"
     else:
         verdict = "not reproduced"
         why = (
-            f"the largest |SDI_t| is at step {prof['largest_magnitude_step']}; the read-out step {readout} ranks "
+            f"the largest SDI magnitude is at step {prof['largest_magnitude_step']}; the read-out step {readout} ranks "
             f"{_ordinal(prof['readout_magnitude_rank'])} of {prof['steps']} ({prof['readout_over_largest']:.2f} of "
             f"the largest); the last and first quarters of the steps hold {prof['mass_last_quarter']:.0%} and "
             f"{prof['mass_first_quarter']:.0%} of the mass"
@@ -166,11 +166,11 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     inside = align["best_lag_inside_window"]
     if phase == paper["margin_lag_after_sdi"] and inside:
         verdict = "reproduced"
-        why = f"the margin's increase correlates best with |SDI| {best} steps earlier ({align['best_increase_correlation']:.2f})"
+        why = f"the margin's increase correlates best with the SDI magnitude {best} steps earlier ({align['best_increase_correlation']:.2f})"
     else:
         verdict = "not reproduced"
         why = (
-            f"the margin's increase one step after an |SDI| peak correlates {lag1:.2f} with it; within "
+            f"the margin's increase one step after a peak of the SDI magnitude correlates {lag1:.2f} with it; within "
             f"{align['window']} steps either way (the same steps {align['compared_steps'][0]} to "
             f"{align['compared_steps'][1]} for every lag) the best lag is {best} ({align['best_increase_correlation']:.2f})"
             + (f", {phase} in phase" if phase != best else "")
@@ -188,7 +188,7 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     rows["after_readout"] = row(
         "holds by construction" if after == 0 else "not reproduced",
         "the read-out at step n leaves no gradient path from later steps to the loss, so SDI there is exactly zero "
-        f"(largest |SDI| after step {readout}: {after})",
+        f"(largest SDI magnitude after step {readout}: {after})",
         "appendix D.2",
         max_abs=after,
     )  # fmt: skip
@@ -212,12 +212,12 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     at_readout = sum(pv[k]["largest_magnitude_step"] == readout for k in keys)
     rows["investigation"] = row(
         "not reproduced" if at_readout == 0 else ("reproduced" if at_readout == len(keys) else "partly"),
-        f"exact, the default sketch and the paper's protocol give the same largest-|SDI| step"
+        f"exact, the default sketch and the paper's protocol give the same step of largest SDI magnitude"
         f"{'' if len(steps) == 1 else 's'} ({', '.join(str(s) for s in sorted(steps))}) and period"
         f"{'' if len(periods) == 1 else 's'} ({', '.join(str(p) for p in sorted(periods))}): the missing final "
         "peak is not a sketching artefact"
         if len(steps) == 1
-        else f"the largest-|SDI| step differs between exact, sketched and the paper's protocol ({sorted(steps)})",
+        else f"the step of largest SDI magnitude differs between exact, sketched and the paper's protocol ({sorted(steps)})",
         "section 4, Fig. 1A; appendix D.2",
         variants=len(keys), peak_at_readout=at_readout,
     )  # fmt: skip

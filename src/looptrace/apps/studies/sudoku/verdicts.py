@@ -139,8 +139,8 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
 
     # Table 1, lower half: |TracIn| share and SDI late mass of hard vs easy train, on each test bin
     for key, test, what, paper_rows in (
-        ("share_hard_test", "hard", "hard train puzzles hold more of the |TracIn| mass", t1["share_hard_test"]),
-        ("share_easy_test", "easy", "hard train puzzles hold more of the |TracIn| mass", t1["share_easy_test"]),
+        ("share_hard_test", "hard", "hard train puzzles hold more of the absolute TracIn mass", t1["share_hard_test"]),
+        ("share_easy_test", "easy", "hard train puzzles hold more of the absolute TracIn mass", t1["share_easy_test"]),
         ("late_hard_test", "hard", "hard train puzzles put more of their SDI energy late", t1["late_mass_hard_test"]),
         ("late_easy_test", "easy", "hard train puzzles put more of their SDI energy late", t1["late_mass_easy_test"]),
     ):
