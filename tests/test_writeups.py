@@ -161,3 +161,21 @@ def test_verdict_rules_of_a_direction_over_seeds() -> None:
     assert direction(sp([-0.1, -0.2, -0.3], [-0.4, -0.05]), "x")[0] == "not reproduced"
     assert direction(sp([1.1, 1.3, 1.2], [1.05, 1.4]), "x", ref=1.0)[0] == "reproduced"
     assert direction(sp([0.9, 1.3, 1.2], [0.7, 1.6]), "x", ref=1.0)[0] == "not reproduced"
+
+
+def test_the_sudoku_spread_is_derived_from_the_committed_seeds(tmp_path) -> None:
+    """``seeds.json`` and each seed's ``comparison`` are what ``rederive`` computes from the committed
+    per-seed ``results.json`` (no model needed). Catches: a spread edited by hand, or one left behind when
+    the per-seed figures (or the code that derives them) changed."""
+    from looptrace.apps.studies.sudoku.study import rederive
+
+    src = ROOT / "docs" / "results" / "sudoku"
+    copy = tmp_path / "sudoku"
+    shutil.copytree(src, copy)
+    rederive(copy)
+    assert json.loads((copy / "seeds.json").read_text()) == json.loads((src / "seeds.json").read_text()), (
+        "docs/results/sudoku/seeds.json is stale: run `python -m looptrace.apps.studies.sudoku.rederive`"
+    )
+    for run in sorted(src.glob("*/results.json")):
+        got = json.loads((copy / run.parent.name / "results.json").read_text())["comparison"]
+        assert got == json.loads(run.read_text())["comparison"], f"{run}: comparison is stale"
