@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from looptrace.apps.studies.verdicts import Docs, row
+from looptrace.apps.studies.verdicts import Docs, row, span
 
 #: a growth whose step-to-step factors stay within this ratio of each other reads as geometric
 GEOMETRIC_SPREAD = 1.5
 #: a growth factor within this fraction of the inverse contraction factor is "what contraction gives"
 CONTRACTION_MATCH = 0.25
+
+
+def _runs(steps: list[int]) -> str:
+    """[2, 12, 13, 14] -> "2 and 12 to 14" (consecutive steps as ranges)."""
+    groups: list[list[int]] = []
+    for t in steps:
+        if groups and groups[-1][-1] == t - 1:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    text = [str(g[0]) if len(g) == 1 else (f"{g[0]}, {g[1]}" if len(g) == 2 else f"{g[0]} to {g[-1]}") for g in groups]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " and " + text[-1]
 
 
 def rules(docs: Docs) -> dict[str, dict[str, Any]]:
@@ -28,7 +40,7 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     acc, loss_lo, loss_hi = c["accuracy_max"], c["answer_loss_min"], c["answer_loss_max"]
     regime = (
-        f"(this model never answers right: accuracy {acc:.0%} at every r, answer loss {loss_lo:.2f} to {loss_hi:.2f} "
+        f"; this model never answers right (accuracy {acc:.0%} at every r, answer loss {loss_lo:.2f} to {loss_hi:.2f} "
         "over r)"
         if acc == 0
         else ""
@@ -39,7 +51,7 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     rows["last_step"] = row(
         "reproduced" if low >= paper["last_step_fraction_at_least"] else "not reproduced",
         f"the last step holds {low:.2f} or more of the absolute per-step SDI at every r (lowest at "
-        f"r = {c['r_of_last_step_fraction_min']}) {regime}".rstrip(),
+        f"r = {c['r_of_last_step_fraction_min']}){regime}",
         "section 4 (Nanochat)",
         minimum=low,
     )  # fmt: skip
@@ -81,7 +93,12 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
         rows["signed_cumulative"] = row(
             "not reproduced",
             f"exact: {c['negative_steps_r_max']} of {hi} per-step sums are negative at r = {hi}; the signed cumulative "
-            f"share over the last four steps is {last4s} (largest magnitude {c['max_abs_cumulative_share_r_max']:.2f})",
+            f"share over the last four steps is {last4s}"
+            + (
+                f" (largest magnitude {c['max_abs_cumulative_share_r_max']:.2f})"
+                if c["max_abs_cumulative_share_r_max"] > 1
+                else ""
+            ),
             "Fig. 3",
             negative_steps=c["negative_steps_r_max"],
         )  # fmt: skip
@@ -91,8 +108,8 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
         "not in the paper" if exact else "not comparable",
         (
             f"exact: at r = {hi} the summed TracIn is {c['tracin_sum_r_max']:+.2e} while the per-step sums' "
-            f"magnitudes add up to {c['cancellation_r_max']:.1f} times its size: much of the step-resolved influence "
-            "cancels in the sum"
+            f"magnitudes add up to {c['cancellation_r_max']:.2f} times its size: steps of opposite sign cancel "
+            f"{1 - 1 / c['cancellation_r_max']:.0%} of the step-resolved mass in the sum"
         )
         if exact
         else not_exact,
@@ -110,7 +127,7 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     rs = sorted(int(k[len("sketched_r") : -len("_tracin_sum")]) for k in sk)
     why = (
         f"the default sketch (D = {res['compared_sketch']['dim']}) has relative error "
-        f"{c['sketch_rel_error_min']:.2f} to {c['sketch_rel_error_max']:.2f} against the exact SDI at r = "
+        f"{span([c['sketch_rel_error_min'], c['sketch_rel_error_max']], '.2f')} against the exact SDI at r = "
         f"{', '.join(str(r) for r in rs)}"
     )
     if flips:
@@ -152,16 +169,13 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     faster = [i + 2 for i, f in enumerate(factors) if f > (1 + CONTRACTION_MATCH) * inv]
     why = (
         f"the state contracts by a median {c['contraction_median_ratio']:.2f} per step, which would damp an early "
-        f"step's effect by {inv:.2f}x per step; the measured growth factor is within {CONTRACTION_MATCH:.0%} of that "
-        f"at {len(match)} of {len(factors)} steps"
+        f"step's effect by {inv:.2f}x per step; the measured growth into step t is within {CONTRACTION_MATCH:.0%} of "
+        f"that for {len(match)} of {len(factors)} steps" + (f" (t = {_runs(match)})" if match else "")
     )
     if faster:
-        why += (
-            f", and above it at the last {len(faster)} (up to {max(factors):.2f}x): contraction gives the scale of the "
-            "growth, not its rise toward the last step"
-            if faster == list(range(len(factors) + 2 - len(faster), len(factors) + 2))
-            else f", and above it at steps {', '.join(str(t) for t in faster)} (up to {max(factors):.2f}x)"
-        )
+        why += f", and above it into t = {_runs(faster)} (up to {max(factors):.2f}x)"
+        if faster[-1] == len(factors) + 1:
+            why += ": contraction sets the growth's scale, not its rise into the last steps"
     rows["contraction"] = row("not in the paper", why, "section 4 (Nanochat: the loop step counter hypothesis)",
                               matching_steps=len(match), faster_steps=len(faster))  # fmt: skip
 
@@ -170,7 +184,7 @@ def rules(docs: Docs) -> dict[str, dict[str, Any]]:
     less_last = m["last_step_fraction_r_max"] < c["last_step_fraction_r_max"]
     rows["adapter"] = row(
         "not in the paper",
-        f"with the mixing initialisation the state contracts {'more slowly' if slower else 'as fast or faster'} "
+        f"with the mixing initialisation the state contracts {'more slowly' if slower else 'faster'} "
         f"({m['contraction_median_ratio']:.2f} vs {c['contraction_median_ratio']:.2f} per step) and the last step "
         f"holds {'less' if less_last else 'as much or more'} ({m['last_step_fraction_r_max']:.2f} vs "
         f"{c['last_step_fraction_r_max']:.2f} at r = {hi}); the influence still lands in the last steps"
