@@ -7,6 +7,7 @@ The oracle gives every call of the step module its own copy of the body paramete
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from torch import nn
 import looptrace as lt
 from looptrace import batching
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
+
+# The suite never writes route decisions into the user's ~/.cache (tests of the disk cache point it elsewhere).
+os.environ.setdefault("LOOPTRACE_ROUTE_CACHE", "0")
 
 # One tolerance for every exact-vs-oracle comparison in float64.
 ATOL = 1e-10

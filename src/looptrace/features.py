@@ -32,7 +32,9 @@ class Features:
         settings: the featurisation options that change the numbers (horizon ``tau``, ``train_mode``,
             the TensorSketch route ``outer_path``, ...), recorded with every store.
         routes: body layer -> how its per-example gradients were captured (its rule on batch-first
-            rows, the rule on rows regrouped from the data flow, or the per-example step route).
+            rows, the rule on rows regrouped from the data flow, or the per-example step route); and
+            ``"<parameter> (sketch)"`` -> how a TensorSketch block was computed (by FFT from the factors, or by
+            materialising the per-example gradient: the same numbers, the route measured faster here).
     """
 
     per_step: torch.Tensor | None

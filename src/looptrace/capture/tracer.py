@@ -717,7 +717,13 @@ class Tracer:
         slot, out = self._out(param)
         scale = self.scale_of.get(id(param))
         if scale is None:
-            slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), self.outer_path)
+            path = self.outer_path
+            if slot.kind == "ts":  # which way the TensorSketch goes (the same numbers either way), reported
+                path = slot.route(left.shape[0], left.shape[1], out.device, out.dtype, path)
+                self.routes[f"{slot.name} (sketch)"] = f"TensorSketch m={slot.m} by {path}" + (
+                    " (measured faster here)" if self.outer_path == "auto" else " (outer_path)"
+                )
+            slot.add_outer(out, left.to(out.dtype), right.to(out.dtype), path)
             return
         # an elementwise preconditioner breaks the outer-product factorisation: materialise per example
         # (in chunks bounding the transient block), scale, sketch
