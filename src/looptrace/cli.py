@@ -363,10 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dim", type=int, default=4096, help="sketch dimension")
     f.add_argument("--seed", type=int, default=0, help="sketch seed")
     f.add_argument(
-        "--method", default="countsketch", choices=["countsketch", "tensorsketch", "exact"], help="sketch method"
+        "--method",
+        default="auto",
+        choices=["auto", "countsketch", "tensorsketch", "exact"],
+        help="sketch method (default auto: TensorSketch for wide matrices, computed by FFT where that is faster, "
+        "CountSketch for the rest)",
     )
     f.add_argument(
-        "--budget", default="shared", choices=["shared", "per_tensor", "proportional"], help="dimension budget"
+        "--budget",
+        default="auto",
+        choices=["auto", "shared", "per_tensor", "proportional"],
+        help="how --dim is spent across tensors (default auto: one shared space plus a block per wide matrix)",
     )
     f.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="on-disk dtype")
     f.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
