@@ -177,3 +177,27 @@ def test_hopeless_routes_are_not_timed(monkeypatch) -> None:
 
     monkeypatch.setattr(type(slot), "add_outer", boom)
     assert chooser.choose(slot, 8, 512, torch.device("cpu"), torch.float32) == "fft"
+
+
+def test_the_widths_benchmark_runs_and_reports_what_it_measured(tmp_path) -> None:
+    """A tiny run without the reference: every row has its layout, errors, timings and route check, and the
+    Markdown quotes the JSON. Catches: a benchmark that reports figures it did not measure (a wrong key), or one
+    that measures a width with an inactive loop step."""
+    import dataclasses
+
+    from looptrace.apps.bench import widths
+
+    cfg = dataclasses.replace(widths.WidthsConfig(), widths=(64,), gpt_widths=(), loops=3, seq=8, batch=4,
+                              n_batches=2, reps=1, seeds=2, memory=False, peer=False)  # fmt: skip
+    res = widths.run(cfg, tmp_path, venv=None)
+    (row,) = res["rows"]
+    assert row["width"] == 64 and row["D"] == 2048 * row["body_tensors"]
+    assert min(row["step_shares"]) >= cfg.share_floor / cfg.loops
+    assert len(row["sdi_rel_error_default"]["seeds"]) == 2 and "reference" not in row
+    h2h = row["timing"]["head_to_head"]
+    assert set(h2h) == set(widths._ours(row["D"]))
+    fig = res["headline"]["64"]
+    assert fig["overhead_with_check"] == h2h["default, first-batch check"]["overhead"]
+    text = (tmp_path / "widths.md").read_text()
+    assert f"{fig['overhead_with_check']:.2f}x" in text and "not run" in text
+    assert json.loads((tmp_path / "widths.json").read_text())["headline"] == json.loads(json.dumps(res["headline"]))

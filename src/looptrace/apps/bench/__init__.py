@@ -177,8 +177,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options: one definition for ``looptrace bench`` and :func:`main`."""
     p.add_argument(
         "what",
-        choices=["all", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
-        help="all: fidelity/speed/memory/peers; scale: the feature store at N examples; memory: peak memory of each "
+        choices=["all", "widths", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
+        help="all: fidelity/speed/memory/peers; widths: speed, fidelity and memory of the default sketch at widths "
+        "128-768 on a body-dominated looped block, head to head with the reference; scale: the feature store at N examples; memory: peak memory of each "
         "mode (with --paper: the paper's configuration, on the CPU); gpu: the paper's configuration on one GPU "
         "(--dry-run: a tiny model, any device); routes: the cost of each capture route; recorder: the checkpoint "
         "recorder's training overhead; train-time: the parity paper preset's training time from timed steps",
@@ -204,6 +205,13 @@ def run_args(a: argparse.Namespace) -> int:
     out = Path(a.out)
     base = BenchConfig.quick() if a.quick else BenchConfig()
     cfg = dataclasses.replace(base, device=a.device, peer=not a.no_peer)
+    if a.what == "widths":
+        from looptrace.apps.bench import widths
+
+        wcfg = widths.WidthsConfig.quick() if a.quick else widths.WidthsConfig()
+        wres = widths.run(dataclasses.replace(wcfg, peer=not a.no_peer), out)
+        print(json.dumps(wres["headline"], indent=2, default=str))
+        return 0
     if a.what == "scale":
         from looptrace.apps.bench import scale
 

@@ -45,6 +45,8 @@ def _src_path() -> str:
 
 
 MODES = ("plain", "sketched", "sketched-recompute", "exact")
+#: The default sketch with each TensorSketch route forced (the widths benchmark's memory per route).
+ROUTE_MODES = ("sketched-fft", "sketched-materialize")
 
 
 def run_mode(model: Any, batch: Any, mode: str) -> None:
@@ -57,8 +59,10 @@ def run_mode(model: Any, batch: Any, mode: str) -> None:
         featurize(model, batch, lt.SketchSpec(), recompute=True)
     elif mode == "exact":
         featurize(model, batch, lt.SketchSpec.exact())
+    elif mode in ROUTE_MODES:
+        featurize(model, batch, lt.SketchSpec(), outer_path=mode.removeprefix("sketched-"))
     else:
-        raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
+        raise ValueError(f"unknown mode {mode!r}: one of {MODES + ROUTE_MODES}")
 
 
 def memory_cuda(
