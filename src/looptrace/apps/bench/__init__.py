@@ -165,12 +165,41 @@ def headline(r: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "conservation_rel": r["conservation"]["relative"],
         "max_batch_ratio": r["memory"]["max_batch_ratio"],
     }
+    out["sdi_rel_error_m2048_sd"] = at["sdi_rel_error"]["sd"]
+    out["fidelity_seeds"] = r["config"]["seeds"]
+    out["max_batch_ratio_mode"] = _best_mode(r["memory"])
+    out["max_batch_ratio_no_recompute"] = _ratio(r["memory"], "sketched")
+    for name, f in r["fidelity"].items():  # every workload's slope and its worst step, not only the synthetic one's
+        row = next(x for x in f["per_tensor_tensorsketch"] if x["m"] == 2048)
+        worst = max(range(len(row["per_step_sdi_rel_error"])), key=lambda t: row["per_step_sdi_rel_error"][t])
+        out.setdefault("fidelity_by_workload", {})[name] = {
+            "slope": f["slope"], "sdi_rel_error_m2048": row["sdi_rel_error"]["mean"],
+            "sdi_rel_error_m2048_sd": row["sdi_rel_error"]["sd"], "worst_step": worst + 1,
+            "worst_step_sdi_rel_error": row["per_step_sdi_rel_error"][worst],
+        }  # fmt: skip
+    for key in ("FFT", "materialised", "default"):
+        rounds = next((v.get("speedup_rounds") for k, v in table.items() if key in k and "speedup" in v), None)
+        out[f"speedup_rounds_{'fft' if key == 'FFT' else key}"] = len(rounds) if rounds else 0
     paper = paper_memory(out_dir)
     if paper is not None:  # measured separately (bench memory --paper, several minutes)
         out["max_batch_ratio_paper_model"] = paper["max_batch_ratio"]
         out["max_batch_over_plain_paper_model"] = paper["max_batch_over_plain"]
+        out["max_batch_ratio_paper_model_mode"] = _best_mode(paper)
+        out["max_batch_ratio_paper_model_no_recompute"] = _ratio(paper, "sketched")
         out["paper_model_memory_measured"] = paper["machine"]["date"]
     return out
+
+
+def _ratio(mem: dict[str, Any], mode: str) -> float | None:
+    """The largest batch of ``mode`` over the exact mode's (each under the same cap)."""
+    if mode not in mem or "exact" not in mem:
+        return None
+    return int(mem[mode]["max_batch_under_cap"]) / max(int(mem["exact"]["max_batch_under_cap"]), 1)
+
+
+def _best_mode(mem: dict[str, Any]) -> str:
+    caps = {m: int(mem[m]["max_batch_under_cap"]) for m in ("sketched", "sketched-recompute") if m in mem}
+    return max(caps, key=lambda m: (caps[m], m))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
