@@ -50,6 +50,10 @@ CHUNK_BYTES = 64 * 2**20
 #: benchmarks/results/widths.md). A fixed rule of the shapes, so that the layout never depends on the machine.
 WIDE = 1 << 18
 WIDE_SIDE = 256
+#: The largest block ``budget="auto"`` gives one wide matrix (the paper's m): an FFT's cost grows faster than its
+#: length (m log m, and the cache), so a larger block costs more than it buys in accuracy at the default route; a
+#: user who wants larger blocks names them (``budget="per_tensor"``, ``dim`` per tensor).
+AUTO_BLOCK = 2048
 
 
 def fft_size(n: int) -> int:
@@ -362,11 +366,13 @@ class SketchPlan:
 
     @classmethod
     def _auto(cls, spec: SketchSpec, params: Sequence[tuple[str, tuple[int, ...]]]) -> SketchPlan:
-        """``method="auto"``: wide matrices (:func:`is_wide`) get a TensorSketch block each; every other tensor
-        is CountSketched into one shared space (the *pool*). The pool gets a fair share of D: its tensors'
-        share of all entries, at least D / (blocks + 1), never more than its tensors have (then it is kept
-        exactly); the wide matrices split the rest equally, each rounded down to :func:`fft_size`, and what the
-        rounding leaves goes back to the pool. With no wide matrix this is CountSketch with a shared budget."""
+        """``budget="auto"``: wide matrices (:func:`is_wide`) get a block each; every other tensor is hashed into one
+        shared space (the *pool*). The pool gets a fair share of D: its tensors' share of all entries, at least
+        D / (blocks + 1), never more than its tensors have (then they are kept exactly); the wide matrices split
+        the rest equally, each block rounded down to :func:`fft_size` and at most :data:`AUTO_BLOCK`, and what
+        that leaves goes back to the pool, up to its tensors' size. So D is an upper bound: when the pool is kept
+        exactly and the blocks are at their cap, the features have fewer coordinates (``plan.dim``). With no wide
+        matrix this is a shared budget."""
         assert spec.dim is not None
         kind_of = _kind_rule(spec)
         wide = [(n, s) for n, s in params if is_wide(s)]
@@ -383,8 +389,8 @@ class SketchPlan:
                 f"SketchSpec(dim={spec.dim}) leaves less than 2 dimensions for each of the {len(wide)} wide matrices "
                 f"{[n for n, _ in wide][:4]}; raise dim"
             )
-        m_wide = fft_size(m_wide)
-        d_pool = spec.dim - m_wide * len(wide) if pool else 0
+        m_wide = fft_size(min(m_wide, AUTO_BLOCK))
+        d_pool = min(spec.dim - m_wide * len(wide), pool_numel) if pool else 0
         slots: list[Slot] = []
         if pool:
             kind: Kind = "identity" if d_pool >= pool_numel else "cs"
