@@ -257,7 +257,8 @@ class Slot:
     def _add_outer_fft(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         """TS(sum_j u_j (x) v_j) = irfft(sum_j rfft(CS1 u_j) * rfft(CS2 v_j)): the sum over tokens moves inside
         the inverse FFT (it is linear), so one irfft per example; O(L (rows + cols + m log m)) per example."""
-        b, n_tok, _ = left.shape
+        b, n_tok, rows = left.shape
+        cols = right.shape[-1]
         m = self.m
         t = self.tables(left.device, left.dtype)
         freq = m // 2 + 1
@@ -266,13 +267,16 @@ class Slot:
         tok_step = max(1, min(n_tok, FFT_CHUNK_BYTES // max(per_token, 1)))
         acc = torch.zeros(b, freq, dtype=torch.promote_types(left.dtype, torch.complex64), device=left.device)
         h1, h2 = t["h1"], t["h2"]
+        left, right = left * t["s1"], right * t["s2"]  # the signs, once: O(L (rows + cols))
         for j in range(0, n_tok, tok_step):
-            lj, rj = left[:, j : j + tok_step], right[:, j : j + tok_step]
-            c1 = lj.new_zeros(b, lj.shape[1], m).index_add_(2, h1, lj * t["s1"])
-            c2 = rj.new_zeros(b, rj.shape[1], m).index_add_(2, h2, rj * t["s2"])
-            f1 = torch.fft.rfft(c1, dim=-1)
-            f1.mul_(torch.fft.rfft(c2, dim=-1))
-            acc += f1.sum(dim=1)
+            k = min(tok_step, n_tok - j)
+            # 2-D [b * k, rows] rows: index_add_ along the last axis of a 2-D tensor is about 3x faster than of
+            # the 3-D [b, k, rows] view (measured on CPU)
+            lj = left[:, j : j + k].reshape(b * k, rows)
+            rj = right[:, j : j + k].reshape(b * k, cols)
+            f1 = torch.fft.rfft(lj.new_zeros(b * k, m).index_add_(1, h1, lj), dim=-1)
+            f1.mul_(torch.fft.rfft(rj.new_zeros(b * k, m).index_add_(1, h2, rj), dim=-1))
+            acc += f1.view(b, k, freq).sum(dim=1)
         out.add_(torch.fft.irfft(acc, n=m, dim=-1).to(out.dtype))
 
 
