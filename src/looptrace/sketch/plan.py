@@ -35,10 +35,10 @@ import torch
 
 from looptrace.errors import ConfigError
 from looptrace.sketch.hashing import bucket_hash, sign_hash
+from looptrace.sketch.routes import ROUTES, OuterPath
 from looptrace.sketch.spec import SketchSpec
 
 Kind = Literal["identity", "cs", "ts"]
-OuterPath = Literal["auto", "fft", "materialize"]
 
 #: Upper bound on the bytes of one transient per-example gradient block or FFT buffer.
 CHUNK_BYTES = 64 * 2**20
@@ -250,8 +250,6 @@ class Slot:
         route measured faster on this machine for these shapes (:mod:`looptrace.sketch.routes`)."""
         if path != "auto":
             return path
-        from looptrace.sketch.routes import ROUTES
-
         return ROUTES.choose(self, b, n_tok, device, dtype)
 
     def _add_outer_fft(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

@@ -28,14 +28,29 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from looptrace.sketch.plan import Slot
-
 Route = Literal["fft", "materialize"]
+OuterPath = Literal["auto", "fft", "materialize"]
+
+
+class Slot(Protocol):
+    """What the chooser needs of a TensorSketch slot (:class:`looptrace.sketch.plan.Slot`)."""
+
+    m: int
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def cols(self) -> int: ...
+
+    def add_outer(
+        self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, path: OuterPath = "auto"
+    ) -> None: ...
+
 
 #: A route whose first estimate is this many times the other's is chosen against without being timed.
 SKIP_RATIO = 8.0
