@@ -12,19 +12,22 @@ Batches are dicts as the ``DataCollator`` s make them (``input_ids``, ``attentio
 ...). The loss helpers call the model without ``labels`` (so it does not average over the batch) and
 return one loss per example: the mean cross-entropy over the example's labelled tokens. Padding never
 counts: label ``-100`` (the Hugging Face convention) and, for causal LMs without labels, positions
-where ``attention_mask`` is 0.
+where ``attention_mask`` is 0. Models that take ``use_cache`` are called with ``use_cache=False`` (unless
+the batch says otherwise): a key/value cache is state, which the per-example re-runs would write into.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looptrace.capture.discover import modules_at
 from looptrace.errors import LossError
 from looptrace.extras import require
 from looptrace.influence.recorder import Body, CheckpointRecorder, optimizer_lr, params_of
@@ -37,16 +40,19 @@ __all__ = ["IGNORE", "TracInCallback", "causal_lm_loss", "masked_lm_loss", "sequ
 IGNORE = -100
 
 
-def _inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+def _inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise LossError(
             f"Hugging Face loss helpers take dict batches (input_ids, labels, ...), got {type(batch).__name__}"
         )
-    return {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" not in inputs and "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False  # a key/value cache is state: the per-example re-runs would write into it
+    return inputs
 
 
 def _logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    out = model(**_inputs(batch))
+    out = model(**_inputs(batch, model))
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -91,22 +97,49 @@ class TracInCallback(TrainerCallback):  # type: ignore[misc]
     """Records TracIn checkpoints from a ``transformers.Trainer`` every ``every`` optimizer steps.
 
     eta_k is the learning rate the step used (read right after ``optimizer.step()``, before the
-    scheduler moves it); the optimizer's second moments of ``body`` (a module or its dotted path, e.g.
-    ``"albert.encoder.albert_layer_groups.0"``) are saved with the weights. The directory reads back
-    with :func:`looptrace.load_checkpoints` or ``looptrace featurize --checkpoint-dir``.
+    scheduler moves it); the optimizer's second moments of ``body`` are saved with the weights. ``body``
+    takes the forms ``featurize`` and the command line take: a module, a list of modules, or attribute
+    paths: ``"albert.encoder.albert_layer_groups.0"``, a range of a ModuleList
+    (``"model.layers.2:4"``), several separated by commas (``"model.layers.2:4,model.message_input"``),
+    or a list of such paths. The directory reads back with :func:`looptrace.load_checkpoints` or
+    ``looptrace featurize --checkpoint-dir``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], every: int = 100, *, body: Body = None) -> None:
-        self.recorder = CheckpointRecorder(directory, every=every, body=body)
+    def __init__(
+        self, directory: str | os.PathLike[str], every: int = 100, *, body: Body | Sequence[str | nn.Module] = None
+    ) -> None:
+        self.recorder = CheckpointRecorder(directory, every=every, body=None)
         self.every = every
-        self.body = body
+        self._spec = body
+        self.body: Body = None
+        self._resolved = body is None
         self._lr: float | None = None
+
+    def _body(self, model: nn.Module) -> Body:
+        """``body`` as modules of ``model`` (paths are resolved on the first call, when the model is known)."""
+        if not self._resolved:
+            spec = self._spec
+            if isinstance(spec, str):
+                found = modules_at(model, spec)
+                self.body = found if isinstance(found, nn.Module) else list(found)
+            elif isinstance(spec, nn.Module):
+                self.body = spec
+            else:
+                mods: list[nn.Module] = []
+                for item in spec or []:
+                    got = modules_at(model, item) if isinstance(item, str) else item
+                    mods.extend([got] if isinstance(got, nn.Module) else got)
+                self.body = mods
+            self.recorder.body = self.body
+            self._resolved = True
+        return self.body
 
     def on_optimizer_step(
         self, args: Any, state: Any, control: Any, optimizer: Any = None, model: Any = None, **kw: Any
     ) -> None:
         if optimizer is not None:
-            names = params_of(self.body, model) if (self.body is not None and model is not None) else None
+            body = self._body(model) if model is not None else None
+            names = params_of(body, model) if (body is not None and model is not None) else None
             self._lr = optimizer_lr(optimizer, names)
 
     def on_step_end(
@@ -115,4 +148,5 @@ class TracInCallback(TrainerCallback):  # type: ignore[misc]
         step = int(state.global_step)
         if model is None or step % self.every:
             return
+        self._body(model)
         self.recorder.save(model, optimizer, step=step, lr=self._lr, trainer="transformers")
