@@ -73,7 +73,9 @@ INKLING_TYPES = ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid", "hybrid
 
 def inkling_config(**overrides: Any) -> Any:
     """A tiny Inkling-2-Loop: six decoder layers (sliding and full attention alternating, so the loop holds
-    one of each), layers 2 and 3 looped three times, four experts (two per token), short convolutions."""
+    one of each), layers 2 and 3 looped three times, four experts (two per token), short convolutions. Every
+    layer closes a residual block, so a pass leaves block states behind and ``message_input`` attends over
+    more than one (with one, its softmax is constant and its query gets no gradient)."""
     from transformers.models.inkling2_loop.configuration_inkling2_loop import Inkling2LoopTextConfig
 
     cfg = dict(
@@ -81,7 +83,7 @@ def inkling_config(**overrides: Any) -> Any:
         num_key_value_heads=1, head_dim=8, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=8,
         sliding_window_size=4, d_rel=4, rel_extent=8, log_scaling_n_floor=4, layer_types=INKLING_TYPES,
         max_position_embeddings=64, conv_kernel_size=3, moe_intermediate_size=8, n_routed_experts=4,
-        num_experts_per_tok=2, n_layers_per_attn_res_block=2, loop_layer_index_start=INKLING_LOOP[0],
+        num_experts_per_tok=2, n_layers_per_attn_res_block=1, loop_layer_index_start=INKLING_LOOP[0],
         loop_layer_index_end=INKLING_LOOP[1], loop_num_passes=3, loop_gate_rank=4, pad_token_id=0,
         bos_token_id=2, eos_token_id=1,
     )  # fmt: skip

@@ -181,3 +181,27 @@ def test_albert_layer_groups_each_loop_on_their_own() -> None:
         want = oracle_per_pass(model, [group], [], batches, hf.masked_lm_loss)
         assert feats.per_step is not None and feats.per_step.shape[1] == 3
         assert_close(feats.per_step, want, f"ALBERT layer group {g} per application vs the oracle")
+
+
+@pytest.mark.parametrize("body", ["blocks.0:2,messenger", ["blocks.0:2", "messenger"], "mixed"])
+def test_tracin_callback_takes_the_step_module_forms(tmp_path, body: Any) -> None:
+    """body= as a range with a path, a list of paths, or paths and modules mixed: the recorded second moments
+    are exactly those modules' parameters. Catches a form resolved to the wrong modules (or not at all)."""
+    from types import SimpleNamespace
+
+    from tests.loop_fixtures import RangeLoop, range_batches, range_loss
+
+    model = RangeLoop()
+    if body == "mixed":
+        body = ["blocks.0:2", model.messenger]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    callback = hf.TracInCallback(tmp_path, every=1, body=body)
+    opt.zero_grad()
+    range_loss(model, range_batches(1)[0]).mean().backward()
+    opt.step()
+    state = SimpleNamespace(global_step=1)
+    callback.on_optimizer_step(None, state, None, optimizer=opt, model=model)
+    callback.on_step_end(None, state, None, model=model, optimizer=opt)
+    saved = lt.load_checkpoints(tmp_path)[0].load_full()
+    want = {n for n, _ in model.named_parameters() if n.startswith(("blocks.", "messenger."))}
+    assert saved.lr == 1e-2 and set(saved.second_moments["exp_avg_sq"]) == want

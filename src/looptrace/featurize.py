@@ -310,13 +310,20 @@ class _Rows:
 
 @contextlib.contextmanager
 def _featurizing(model: nn.Module, tracer: Tracer, params: list[BodyParam], train_mode: bool) -> Iterator[None]:
-    """Hooks installed, body parameters requiring grad and the requested mode; all restored afterwards."""
+    """Hooks installed, body parameters requiring grad, the requested mode and no Hugging Face key/value cache
+    (``config.use_cache``); all restored afterwards."""
     was_training = model.training
     flags = [(bp.param, bp.param.requires_grad) for bp in params]
+    # a Hugging Face key/value cache is state: the per-example re-runs of the capture would write into it
+    configs = {
+        id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False) is True
+    }
     try:
         model.train(train_mode)
         for p, _ in flags:
             p.requires_grad_(True)
+        for c in configs.values():
+            c.use_cache = False
         tracer.install()
         yield
     finally:
@@ -324,6 +331,8 @@ def _featurizing(model: nn.Module, tracer: Tracer, params: list[BodyParam], trai
         model.train(was_training)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for c in configs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager

@@ -12,13 +12,11 @@ Batches are dicts as the ``DataCollator`` s make them (``input_ids``, ``attentio
 ...). The loss helpers call the model without ``labels`` (so it does not average over the batch) and
 return one loss per example: the mean cross-entropy over the example's labelled tokens. Padding never
 counts: label ``-100`` (the Hugging Face convention) and, for causal LMs without labels, positions
-where ``attention_mask`` is 0. Models that take ``use_cache`` are called with ``use_cache=False`` (unless
-the batch says otherwise): a key/value cache is state, which the per-example re-runs would write into.
+where ``attention_mask`` is 0.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,19 +38,16 @@ __all__ = ["IGNORE", "TracInCallback", "causal_lm_loss", "masked_lm_loss", "sequ
 IGNORE = -100
 
 
-def _inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+def _inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise LossError(
             f"Hugging Face loss helpers take dict batches (input_ids, labels, ...), got {type(batch).__name__}"
         )
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if "use_cache" not in inputs and "use_cache" in inspect.signature(model.forward).parameters:
-        inputs["use_cache"] = False  # a key/value cache is state: the per-example re-runs would write into it
-    return inputs
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def _logits(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    out = model(**_inputs(batch, model))
+    out = model(**_inputs(batch))
     return out.logits if hasattr(out, "logits") else out[0]
 
 
