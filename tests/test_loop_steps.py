@@ -238,3 +238,40 @@ def test_row_tracker_follows_the_operations_of_hf_models() -> None:
     feats = assert_exact_matches_oracle(model, model.core, batches(), loss_fn, "tracked operations")
     for name in ("core.fc", "core.out"):
         assert feats.routes[name] == "Linear (rows from the data flow)", feats.routes
+
+
+class RelBias(nn.Module):
+    """A learned bias over a [T, T] table of relative distances, which does not depend on the batch."""
+
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.t = t
+        self.proj = nn.Parameter(torch.randn(2 * t - 1))
+
+    def forward(self, h: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        bias = self.proj[dist + self.t - 1]  # [T, T]
+        return h + torch.tanh(bias @ h)  # [B, T, D]
+
+
+class RelBody(nn.Module):
+    def __init__(self, t: int) -> None:
+        super().__init__()
+        self.rel = RelBias(t)
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(h.shape[1])
+        return torch.tanh(self.fc(self.rel(h + e, pos[:, None] - pos[None, :])))
+
+
+def test_an_argument_that_does_not_depend_on_the_batch_is_not_split_when_its_size_is_the_batch_s() -> None:
+    """Batch size = sequence length: the [T, T] distance table passed to a layer on the exact fallback has the
+    batch size as its leading size, but is made from constants alone, so each example's re-run gets it whole.
+    Catches splitting it by example (drop the unbatch in Tracer._capture): a crash or wrong features."""
+    t = 4
+    model = Looped(RelBody(t))
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randint(0, 7, (t, t), generator=g), torch.randint(0, 5, (t,), generator=g)) for _ in range(2)]
+    assert data[0][0].shape[0] == data[0][0].shape[1] == t, "the coincidence this test is about"
+    feats = assert_exact_matches_oracle(model, model.core, data, loss_fn, "distance table with B == T")
+    assert feats.routes["core.rel"] == "exact fallback", feats.routes

@@ -106,20 +106,23 @@ class RowTracker(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        # bookkeeping must never break the model's forward; a tensor left unknown goes the step route
-        with contextlib.suppress(Exception):
-            self._propagate(getattr(func, "__name__", ""), args, kwargs, out)
-        # a tensor produced here with no map has rows of unknown examples, unless only free tensors made it
-        free = getattr(func, "__name__", "") in _CONSTRUCTORS or all(
+        name = getattr(func, "__name__", "")
+        # made from free tensors alone (or a constructor): free, whatever the shapes; otherwise the rows move with
+        # the operation, and a tensor left with no map has rows of unknown examples
+        free = name in _CONSTRUCTORS or all(
             self.free(a) for a in _flatten(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)
         )
-        written = getattr(func, "__name__", "").endswith("_") or getattr(func, "__name__", "") == "__setitem__"
+        if not free:
+            # bookkeeping must never break the model's forward; a tensor left unknown goes the step route
+            with contextlib.suppress(Exception):
+                self._propagate(name, args, kwargs, out)
+        written = name.endswith("_") or name == "__setitem__"
         for o in _flatten(out):
             if not isinstance(o, torch.Tensor) or o.dim() == 0:
                 continue
-            if o not in self.maps:
-                self.maps[o] = _FREE if free else _UNKNOWN
-            elif written and not free and self.maps[o] is _FREE:  # batch data written into a free tensor
+            if free:
+                self.maps[o] = _FREE
+            elif o not in self.maps or (written and self.maps[o] is _FREE):  # (batch data written into a free one)
                 self.maps[o] = _UNKNOWN
         return out
 

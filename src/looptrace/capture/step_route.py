@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from looptrace import batching
-from looptrace.capture.rules import vmap_refused
+from looptrace.capture.rules import unbatch, vmap_refused
 
 __all__ = ["step_vjp"]
 
@@ -28,12 +28,15 @@ def step_vjp(
     grad: torch.Tensor,
     index: int,
     batch_size: int,
+    unbatched: frozenset[int] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """Per-example ``d <grad_b, step(inputs_b)> / d params`` ``{name: [B, *shape]}``.
 
     Each example's step is re-run as a batch of one (examples must not interact). ``torch.func.vmap``
     does all examples at once; a body it cannot batch (data-dependent shapes, such as routing tokens
-    with ``nonzero``) is run one example at a time instead, with the same result."""
+    with ``nonzero``) is run one example at a time instead, with the same result. An input is split by
+    example when its leading size is the batch size, except at the leaf positions ``unbatched`` (inputs
+    that do not depend on the batch, see :func:`looptrace.capture.rules.leaves`)."""
     args, kwargs = inputs
     detached = {n: p.detach() for n, p in params.items()}
 
@@ -46,8 +49,11 @@ def step_vjp(
         pullback = torch.func.vjp(f, p)[1]
         return pullback(g)[0]
 
-    dims_a = batching.map_tensors(args, lambda t: 0 if t.dim() > 0 and t.shape[0] == batch_size else None)
-    dims_k = batching.map_tensors(kwargs, lambda t: 0 if t.dim() > 0 and t.shape[0] == batch_size else None)
+    dims_a, dims_k = unbatch(
+        batching.map_tensors(inputs, lambda t: 0 if t.dim() > 0 and t.shape[0] == batch_size else None),
+        inputs,
+        unbatched,
+    )
     a_in = _with_dims(args, dims_a)
     k_in = _with_dims(kwargs, dims_k)
     try:

@@ -48,10 +48,13 @@ from looptrace.capture.rows import RowTracker, group_rows
 from looptrace.capture.rules import (
     FALLBACK,
     Rule,
+    Saved,
     fallback_capture,
     find_rule,
+    leaves,
     make_fallback_contribute,
     regroup_saved,
+    unbatch,
 )
 from looptrace.capture.step_route import step_vjp
 from looptrace.capture.steps import StepClock
@@ -151,6 +154,7 @@ class _Frame:
     module: nn.Module
     step: int
     inputs: tuple[Any, Any] | None
+    unbatched: frozenset[int] = frozenset()
     route_now: bool = False
     captured: bool = False
 
@@ -211,6 +215,8 @@ class Tracer:
         self.routes: dict[str, str] = {t.name: t.rule.name for t in self._targets}
         self._uses_pending = True  # the first complete forward records where each parameter is read
         self._tracker: RowTracker | None = None
+        # call -> leaf positions of its arguments that do not depend on the batch (see _batch_free)
+        self._unbatched: dict[str, set[int]] = {}
         self._frames: list[_Frame] = []  # step-unit calls in progress, outermost first
         self._reporting: Target | None = None  # the layer whose rule is sending contributions now
         # recomputation: calls inside a checkpointed unit call ("region") are keyed by (region, call number);
@@ -345,13 +351,14 @@ class Tracer:
             return None
         if self.clock.is_step_module(module):
             self.clock.enter(module)
-        inputs = None
+        inputs, free = None, frozenset[int]()
         if id(module) in self._routed_units:  # what the step route re-runs per example, as autograd keeps them
             inputs = (
                 batching.map_tensors(args, torch.Tensor.detach),
                 batching.map_tensors(kwargs, torch.Tensor.detach),
             )
-        self._frames.append(_Frame(module, self.clock.current, inputs))
+            free = self._batch_free(f"step unit {self._module_names.get(id(module))}", (args, kwargs))
+        self._frames.append(_Frame(module, self.clock.current, inputs, free))
         if self._input_anchors and torch.is_grad_enabled():
             return self._anchor_inputs(args), self._anchor_inputs(kwargs)
         return None
@@ -440,7 +447,8 @@ class Tracer:
                         "of the step module's inputs and outputs to take the per-example step route"
                     )
                 new = o + self.anchor(o.dtype, o.device)
-                new.register_hook(partial(self._on_step_grad, unit=module, step=step, inputs=inputs, index=i))
+                hook = partial(self._on_step_grad, unit=module, step=step, inputs=inputs, index=i, free=frame.unbatched)
+                new.register_hook(hook)
                 outs[i] = new
         return outs[0] if isinstance(output, torch.Tensor) else type(output)(outs)
 
@@ -471,7 +479,8 @@ class Tracer:
     def forward_pass(self) -> Iterator[None]:
         """The model's forward pass for one batch (with the row tracker when a layer needs it). The first
         complete one also records where each body parameter is read, and asks for the covers that needs."""
-        self._tracker = RowTracker(self.batch_size) if self.track_rows else None
+        # the row tracker also runs on the first complete forward, to learn which call arguments are batch-free
+        self._tracker = RowTracker(self.batch_size) if self.track_rows or self._uses_pending else None
         uses = ParamUses(self._params, self._body_modules) if self._uses_pending else None
         try:
             with contextlib.ExitStack() as modes:
@@ -642,7 +651,7 @@ class Tracer:
             self._recomputed[key] = [None, len(live)]
             saved = None
         else:
-            saved = rule.capture(module, args, kwargs, output)
+            saved = self._capture(target, args, kwargs, output)
         replaced = False
         for i in live:
             hook = partial(self._on_grad, target=target, saved=saved, step=step, index=i, rows=rows)
@@ -669,7 +678,8 @@ class Tracer:
         row tracker knows it; otherwise a :class:`Reroute` to the route that can handle the layer."""
         batch_dims = [rule.batch_dim(module, i) for i in indices]
         sizes = {int(o.shape[d]) if o.dim() > d else -1 for o, d in zip(outs, batch_dims, strict=True)}
-        if self._tracker is None:
+        tracker = self._tracker if self.track_rows else None  # (it may run on the first forward for _batch_free)
+        if tracker is None:
             if sizes == {self.batch_size}:
                 return None  # the batch is the batch axis (checked against autograd on the first batch)
             if any(d != 0 for d in batch_dims):
@@ -681,7 +691,7 @@ class Tracer:
             raise Reroute(module, name, "step")
         # with the tracker on, its map decides even when the row count happens to equal the batch size
         # (an expert that received exactly B tokens)
-        maps = [self._tracker.rows(o) for o in outs]
+        maps = [tracker.rows(o) for o in outs]
         rows = maps[0]
         if rows is None or any(m is None or not torch.equal(m, rows) for m in maps[1:]):
             raise Reroute(module, name, "step")
@@ -690,6 +700,33 @@ class Tracer:
         if not self.routes[name].endswith("(rows from the data flow)"):
             self.routes[name] = f"{self.routes[name]} (rows from the data flow)"
         return rows
+
+    def _capture(self, target: Target, args: Any, kwargs: Any, output: Any) -> Any:
+        """What the layer's rule saves; for the exact fallback, its batch-free arguments are marked unbatched."""
+        saved = target.rule.capture(target.module, args, kwargs, output)
+        if isinstance(saved, Saved):
+            saved.in_dims = unbatch(saved.in_dims, (args, kwargs), self._batch_free(target.name, (args, kwargs)))
+        return saved
+
+    def _batch_free(self, key: str, tree: Any) -> frozenset[int]:
+        """Leaf positions of a call's ``(args, kwargs)`` that do not depend on the batch, although their leading
+        size may equal it: made under the row tracker from parameters and constants alone, more than one row,
+        rows that differ (a ``[T, T]`` relative-distance table when ``T == B``). The per-example re-runs pass
+        them whole instead of splitting them by example. Learned on a forward with the tracker (the first, and
+        every one on the rows route), kept for the call's later forwards."""
+        if self._tracker is not None:
+            tracker = self._tracker
+            found = {
+                i
+                for i, t in enumerate(leaves(tree))
+                if isinstance(t, torch.Tensor)
+                and t.dim() > 0
+                and t.shape[0] > 1
+                and tracker.free(t)
+                and not bool((t == t[:1]).all())
+            }
+            self._unbatched.setdefault(key, set()).update(found)
+        return frozenset(self._unbatched.get(key, ()))
 
     def _on_recompute(self, module: nn.Module, args: Any, kwargs: Any, output: Any, target: Target) -> None:
         """A call of a checkpointed unit, re-run by backward: capture its inputs, and contribute the deltas
@@ -707,7 +744,7 @@ class Tracer:
         slot = self._recomputed.get(key)
         if slot is None:
             return  # a call the forward did not capture (no gradient then)
-        slot[0] = target.rule.capture(module, args, kwargs, output)
+        slot[0] = self._capture(target, args, kwargs, output)
         # deltas that arrived before the recomputation are delivered once it is over (torch.func, which the
         # exact fallback uses, refuses to run inside checkpointing's saved-tensor hooks)
         self._ready.extend((key, grad, deliver) for grad, deliver in self._waiting.pop(key, []))
@@ -798,7 +835,14 @@ class Tracer:
             self._reporting = None
 
     def _on_step_grad(
-        self, grad: torch.Tensor, *, unit: nn.Module, step: int, inputs: tuple[Any, Any], index: int
+        self,
+        grad: torch.Tensor,
+        *,
+        unit: nn.Module,
+        step: int,
+        inputs: tuple[Any, Any],
+        index: int,
+        free: frozenset[int],
     ) -> None:
         """The step route: per-example gradients of the step-routed layers' parameters inside ``unit``, from
         the call's inputs and the cotangent of its output ``index``."""
@@ -810,7 +854,7 @@ class Tracer:
         self._suspended += 1
         try:
             with torch.no_grad():
-                grads = step_vjp(unit, named, inputs, grad, index, self.batch_size)
+                grads = step_vjp(unit, named, inputs, grad, index, self.batch_size, free)
             for n, g in grads.items():
                 self.dense(named[n], g.reshape(self.batch_size, -1))
         finally:
