@@ -315,9 +315,11 @@ def _featurizing(model: nn.Module, tracer: Tracer, params: list[BodyParam], trai
     was_training = model.training
     flags = [(bp.param, bp.param.requires_grad) for bp in params]
     # a Hugging Face key/value cache is state: the per-example re-runs of the capture would write into it
-    configs = {
-        id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False) is True
-    }
+    configs: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            configs[id(config)] = config
     try:
         model.train(train_mode)
         for p, _ in flags:
