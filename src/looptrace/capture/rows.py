@@ -126,6 +126,20 @@ class RowTracker(TorchFunctionMode):
                 self.maps[o] = _UNKNOWN
         return out
 
+    def batch_free(self, tensors: list[Any]) -> set[int]:
+        """Positions of the ``tensors`` that do not depend on the batch although their leading size may be the
+        batch size: free, more than one row, rows that differ (a ``[T, T]`` distance table; an expanded constant,
+        whose rows are all alike, can be split by example like any batch tensor)."""
+        return {
+            i
+            for i, t in enumerate(tensors)
+            if isinstance(t, torch.Tensor)
+            and t.dim() > 0
+            and t.shape[0] > 1
+            and self.free(t)
+            and not bool((t == t[:1]).all())
+        }
+
     def free(self, t: torch.Tensor) -> bool:
         """Whether ``t`` does not depend on the batch (a parameter, or made from such tensors alone)."""
         return isinstance(t, torch.nn.Parameter) or self.maps.get(t) is _FREE

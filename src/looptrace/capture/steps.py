@@ -23,7 +23,7 @@ from torch import nn
 
 from looptrace.errors import ConfigError, StepError
 
-__all__ = ["StepClock", "step_sequence"]
+__all__ = ["StepClock", "step_sequence", "units_in_passes"]
 
 
 def step_sequence(step_module: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
@@ -186,3 +186,20 @@ class StepClock:
                 "stack such as HRM-Text's H module) out of body=, and featurize them separately if needed"
             )
         return self.completed
+
+
+def units_in_passes(roots: list[nn.Module], step_modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The body roots called inside a pass besides the step modules (Inkling-2-Loop's ``message_input``):
+    roots outside every step module that hold none (a container such as a ModuleList of the looped layers is
+    never called) and lie inside no other such root."""
+    if not step_modules:
+        return []
+    inside = {id(m) for s in step_modules for m in s.modules()}
+    out: list[nn.Module] = []
+    for r in roots:
+        if id(r) in inside or any(id(m) in inside for m in r.modules()):
+            continue
+        if any(r is not o and any(m is r for m in o.modules()) for o in roots) or any(o is r for o in out):
+            continue
+        out.append(r)
+    return out

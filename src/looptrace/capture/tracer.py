@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from looptrace import batching
+from looptrace.capture.recompute import Recompute
 from looptrace.capture.rows import RowTracker, group_rows
 from looptrace.capture.rules import (
     FALLBACK,
@@ -57,7 +58,7 @@ from looptrace.capture.rules import (
     unbatch,
 )
 from looptrace.capture.step_route import step_vjp
-from looptrace.capture.steps import StepClock
+from looptrace.capture.steps import StepClock, units_in_passes
 from looptrace.capture.uses import Cover, ParamUses, plan_covers
 from looptrace.errors import StepError, TiedParameterError, UnsupportedLayerError
 from looptrace.sketch.plan import CHUNK_BYTES, OuterPath, SketchPlan, Slot
@@ -197,7 +198,7 @@ class Tracer:
                 self.scale_of[id(bp.param)] = scale[bp.name].to(bp.param.device)
         self._module_names = {id(m): n for n, m in model.named_modules()}
         self.clock = StepClock(step_modules, self._module_names)
-        self.units = list(step_modules) + _units_in_passes(roots, step_modules)
+        self.units = list(step_modules) + units_in_passes(roots, step_modules)
         self._unit_of: dict[int, nn.Module] = {}
         for u in self.units:
             for m in u.modules():
@@ -219,20 +220,10 @@ class Tracer:
         self._unbatched: dict[str, set[int]] = {}
         self._frames: list[_Frame] = []  # step-unit calls in progress, outermost first
         self._reporting: Target | None = None  # the layer whose rule is sending contributions now
-        # recomputation: calls inside a checkpointed unit call ("region") are keyed by (region, call number);
-        # their inputs are captured when backward recomputes the region, their deltas when backward reaches them
-        self._region: list[int] | None = None  # [region, calls so far] inside a checkpointed unit call
-        self._regions = 0
-        self._recomputed: dict[tuple[int, int], list[Any]] = {}  # key -> [saved, deltas still to come]
-        self._waiting: dict[tuple[int, int], list[tuple[torch.Tensor, Any]]] = {}
-        # region -> what re-runs it (the call, its inputs, the RNG and autocast state of the forward), for regions
-        # whose deltas all arrive without autograd ever unpacking their saved tensors (see _rerun_waiting)
-        self._reruns: dict[int, tuple[Any, Any, Any, Any]] = {}
-        self._ready: list[tuple[tuple[int, int], torch.Tensor, Any]] = []
+        self._recompute = Recompute()  # the checkpointed unit calls ("regions") of a batch
         # per-batch state
         self.phase = "idle"
         self.max_step = 0
-        self.recompute_fired = False
         self.anchors: dict[torch.dtype, torch.Tensor] = {}
         # anchors on the step units' inputs (not with recomputation: their forward hooks run in backward)
         self._input_anchors = bool(step_modules) and not recompute
@@ -286,7 +277,8 @@ class Tracer:
         self._hook()
         if self.recompute:
             for unit in self.units:
-                unit.forward = self._checkpointed(unit)  # type: ignore[method-assign]
+                checkpointed = self._recompute.checkpointed(unit, partial(self._starts_region, unit))
+                unit.forward = checkpointed  # type: ignore[method-assign]
         _ACTIVE.append(self)
 
     def _hook(self) -> None:
@@ -312,38 +304,10 @@ class Tracer:
         if self in _ACTIVE:
             _ACTIVE.remove(self)
 
-    def _checkpointed(self, unit: nn.Module) -> Any:
-        """``unit``'s forward under non-reentrant activation checkpointing: the forward keeps only the call's
-        inputs; backward re-runs the call, and the capture takes the layers' inputs then."""
-        original = unit.forward
-        tracer = self
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            frame = tracer._frames[-1] if tracer._frames else None
-            if (
-                tracer.phase != "forward"
-                or tracer._suspended
-                or frame is None
-                or frame.module is not unit
-                or tracer._region is not None  # a unit called inside a checkpointed one is re-run with it
-            ):
-                return original(*args, **kwargs)
-            rid = tracer._regions
-            tracer._regions += 1
-
-            def region(*a: Any, **k: Any) -> Any:
-                outer, tracer._region = tracer._region, [rid, 0]
-                try:
-                    return original(*a, **k)
-                finally:
-                    tracer._region = outer
-
-            tracer._reruns[rid] = (region, args, kwargs, _forward_state(args, kwargs))
-            # the whole call is re-run (no early stop), so every layer's forward hook sees its inputs again
-            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
-                return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, **kwargs)
-
-        return forward
+    def _starts_region(self, unit: nn.Module) -> bool:
+        """Whether a call of ``unit`` now is a step unit's call of the forward pass (checkpointed then)."""
+        frame = self._frames[-1] if self._frames else None
+        return self.phase == "forward" and not self._suspended and frame is not None and frame.module is unit
 
     # ------------------------------------------------------------------ steps
     def _unit_pre(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
@@ -466,10 +430,9 @@ class Tracer:
         """Begin one batch's forward pass: steps are counted from 1 again."""
         self.clock.reset()
         self._frames.clear()
-        self._regions = 0
+        self._recompute.start_batch()
         self.phase = "forward"
         self.max_step = 0
-        self.recompute_fired = False
         self.anchors = {}
         self._reach.clear()
         self.feats = None
@@ -577,9 +540,9 @@ class Tracer:
         try:
             if inputs:
                 grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=keep_graph)
-            self.flush()
-            self._rerun_waiting()
-            if self.recompute_fired:
+            self._recompute.flush()
+            self._recompute.rerun_waiting()
+            if self._recompute.fired:
                 raise StepError(
                     "reentrant activation checkpointing recomputes the body inside backward, where its "
                     "steps cannot be told apart; use torch.utils.checkpoint(..., use_reentrant=False)"
@@ -594,10 +557,7 @@ class Tracer:
         self.anchors = {}
         self._reach.clear()
         self._frames.clear()
-        self._recomputed.clear()
-        self._waiting.clear()
-        self._ready.clear()
-        self._reruns.clear()
+        self._recompute.end_batch()
 
     def anchor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         a = self.anchors.get(dtype)
@@ -612,10 +572,11 @@ class Tracer:
             return None
         rule, name = target.rule, target.name
         if self.phase == "backward":
-            if self._region is not None:  # our recomputation of a step: the inputs the capture needs
-                self._on_recompute(module, args, kwargs, output, target)
+            if self._recompute.region is not None:  # our recomputation of a region: the inputs the capture needs
+                if _live(output) and target.name not in self.step_routed:
+                    self._recompute.recomputed_call(partial(self._capture, target, args, kwargs, output))
             else:  # someone else's activation-checkpoint recomputation: the forward already captured this call
-                self._guard_recompute(output)
+                self._recompute.guard(output)
             return None
         if self.phase != "forward":
             return None
@@ -645,10 +606,8 @@ class Tracer:
             return None
         rows = self._rows_of(module, rule, name, [outs[i] for i in live], live)
         key = None
-        if self._region is not None:  # checkpointed: the inputs are taken when backward recomputes the call
-            key = (self._region[0], self._region[1])
-            self._region[1] += 1
-            self._recomputed[key] = [None, len(live)]
+        if self._recompute.region is not None:  # checkpointed: the inputs are taken when backward recomputes it
+            key = self._recompute.expect(len(live))
             saved = None
         else:
             saved = self._capture(target, args, kwargs, output)
@@ -715,98 +674,13 @@ class Tracer:
         them whole instead of splitting them by example. Learned on a forward with the tracker (the first, and
         every one on the rows route), kept for the call's later forwards."""
         if self._tracker is not None:
-            tracker = self._tracker
-            found = {
-                i
-                for i, t in enumerate(leaves(tree))
-                if isinstance(t, torch.Tensor)
-                and t.dim() > 0
-                and t.shape[0] > 1
-                and tracker.free(t)
-                and not bool((t == t[:1]).all())
-            }
+            found = self._tracker.batch_free(leaves(tree))
             self._unbatched.setdefault(key, set()).update(found)
         return frozenset(self._unbatched.get(key, ()))
 
-    def _on_recompute(self, module: nn.Module, args: Any, kwargs: Any, output: Any, target: Target) -> None:
-        """A call of a checkpointed unit, re-run by backward: capture its inputs, and contribute the deltas
-        that already arrived (the call's last layers get theirs before backward recomputes it)."""
-        outs = (
-            [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else []
-        )
-        if not any(isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point() for o in outs):
-            return
-        if target.name in self.step_routed:
-            return
-        assert self._region is not None
-        key = (self._region[0], self._region[1])
-        self._region[1] += 1
-        slot = self._recomputed.get(key)
-        if slot is None:
-            return  # a call the forward did not capture (no gradient then)
-        slot[0] = self._capture(target, args, kwargs, output)
-        # deltas that arrived before the recomputation are delivered once it is over (torch.func, which the
-        # exact fallback uses, refuses to run inside checkpointing's saved-tensor hooks)
-        self._ready.extend((key, grad, deliver) for grad, deliver in self._waiting.pop(key, []))
-
-    def _rerun_waiting(self) -> None:
-        """Re-run the checkpointed calls whose deltas are still waiting for their inputs, and deliver them.
-
-        Autograd recomputes a checkpointed call only when it unpacks one of the call's saved tensors. When
-        every captured output of a call lies at its boundary (a single layer is the whole body, e.g. a
-        GRUCell) and nothing behind the call is asked for, backward takes the deltas at those outputs and
-        never enters the call: its inputs are then never captured. Those calls are re-run here, with the
-        forward's RNG and autocast state, in the backward phase, so the forward hooks capture the inputs."""
-        if not self._waiting:
-            return
-        for rid in sorted({key[0] for key in self._waiting}):
-            region, args, kwargs, state = self._reruns[rid]
-            with _replay_state(state), torch.enable_grad():
-                region(*args, **kwargs)
-            self.flush()
-        if self._waiting:
-            raise StepError(
-                f"deltas of checkpointed calls {sorted(self._waiting)} (region, call) found no inputs: the step did "
-                "not make the same calls when re-run; recompute=True needs a deterministic step"
-            )
-
-    def flush(self) -> None:
-        """Deliver the deltas whose inputs a recomputation has just captured."""
-        while self._ready:
-            key, grad, deliver = self._ready.pop()
-            self._deliver(key, grad, deliver)
-
     def _on_region_grad(self, grad: torch.Tensor, *, key: tuple[int, int], deliver: Any) -> None:
-        if self.phase != "backward":
-            return
-        self.flush()
-        slot = self._recomputed.get(key)
-        if slot is None or slot[0] is None:
-            self._waiting.setdefault(key, []).append((grad, deliver))
-        else:
-            self._deliver(key, grad, deliver)
-
-    def _deliver(self, key: tuple[int, int], grad: torch.Tensor, deliver: Any) -> None:
-        slot = self._recomputed[key]
-        deliver(grad, saved=slot[0])
-        slot[1] -= 1
-        if slot[1] <= 0:  # every delta of this call is in: free its inputs
-            del self._recomputed[key]
-
-    def _guard_recompute(self, output: Any) -> None:
-        outs = (
-            [output]
-            if isinstance(output, torch.Tensor)
-            else [o for o in output if isinstance(o, torch.Tensor)]
-            if isinstance(output, tuple | list)
-            else []
-        )
-        for o in outs:
-            if o.requires_grad:
-                o.register_hook(self._recompute_fired)
-
-    def _recompute_fired(self, grad: torch.Tensor) -> None:
-        self.recompute_fired = True
+        if self.phase == "backward":
+            self._recompute.on_grad(grad, key=key, deliver=deliver)
 
     def _on_grad(
         self,
@@ -820,7 +694,7 @@ class Tracer:
     ) -> None:
         if self.phase != "backward" or self.feats is None:
             return
-        self.flush()
+        self._recompute.flush()
         if rows is not None:  # regroup the rows per example: [N, ...] -> [B, L, ...] (zero-padded)
             grad = group_rows(grad, rows, self.batch_size)
             saved = regroup_saved(saved, lambda t: group_rows(t, rows, self.batch_size), int(rows.shape[0]))
@@ -919,21 +793,10 @@ class Tracer:
         slot.add_rows(out, idx, values)
 
 
-def _units_in_passes(roots: list[nn.Module], step_modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """The body roots called inside a pass besides the step modules (Inkling-2-Loop's ``message_input``):
-    roots outside every step module that hold none (a container such as a ModuleList of the looped layers is
-    never called) and lie inside no other such root."""
-    if not step_modules:
-        return []
-    inside = {id(m) for s in step_modules for m in s.modules()}
-    out: list[nn.Module] = []
-    for r in roots:
-        if id(r) in inside or any(id(m) in inside for m in r.modules()):
-            continue
-        if any(r is not o and any(m is r for m in o.modules()) for o in roots) or any(o is r for o in out):
-            continue
-        out.append(r)
-    return out
+def _live(output: Any) -> bool:
+    """Whether a layer's output (a tensor or a tuple of them) carries gradient."""
+    outs = [output] if isinstance(output, torch.Tensor) else list(output) if isinstance(output, tuple | list) else []
+    return any(isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point() for o in outs)
 
 
 def _unique(modules: Iterator[nn.Module]) -> list[nn.Module]:
@@ -949,22 +812,3 @@ def _unique(modules: Iterator[nn.Module]) -> list[nn.Module]:
 def _fixed(params: dict[str, nn.Parameter], module: nn.Module) -> dict[str, nn.Parameter]:
     """A cover's parameters, whatever module asks (the rule's ``handles``)."""
     return params
-
-
-def _forward_state(args: Any, kwargs: Any) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]], Any]:
-    """The RNG states (CPU, and each CUDA device the inputs are on) and the autocast setting of a forward call."""
-    devices = sorted({t.device.index or 0 for t in batching.tensors((args, kwargs)) if t.device.type == "cuda"})
-    cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices]
-    dev = "cuda" if devices else "cpu"
-    return torch.get_rng_state(), cuda, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-
-
-@contextlib.contextmanager
-def _replay_state(state: tuple[torch.Tensor, list[tuple[int, torch.Tensor]], Any]) -> Iterator[None]:
-    cpu, cuda, (dev, enabled, dtype) = state
-    with torch.random.fork_rng(devices=[d for d, _ in cuda]):
-        torch.set_rng_state(cpu)
-        for d, st in cuda:
-            torch.cuda.set_rng_state(st, d)
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            yield
