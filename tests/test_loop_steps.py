@@ -254,22 +254,31 @@ class RelBias(nn.Module):
 
 
 class RelBody(nn.Module):
-    def __init__(self, t: int) -> None:
+    """The table is made in the forward (``arange``), or read from a buffer registered on the model."""
+
+    def __init__(self, t: int, source: str) -> None:
         super().__init__()
         self.rel = RelBias(t)
         self.fc = nn.Linear(D, D)
+        self.source = source
+        pos = torch.arange(t)
+        self.register_buffer("table", pos[:, None] - pos[None, :])
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(h.shape[1])
-        return torch.tanh(self.fc(self.rel(h + e, pos[:, None] - pos[None, :])))
+        t = h.shape[1]
+        pos = torch.arange(t)
+        dist = pos[:, None] - pos[None, :] if self.source == "arange" else self.table[:t, :t]
+        return torch.tanh(self.fc(self.rel(h + e, dist)))
 
 
-def test_an_argument_that_does_not_depend_on_the_batch_is_not_split_when_its_size_is_the_batch_s() -> None:
+@pytest.mark.parametrize("source", ["arange", "buffer"])
+def test_an_argument_that_does_not_depend_on_the_batch_is_not_split_when_its_size_is_the_batch_s(source: str) -> None:
     """Batch size = sequence length: the [T, T] distance table passed to a layer on the exact fallback has the
-    batch size as its leading size, but is made from constants alone, so each example's re-run gets it whole.
-    Catches splitting it by example (drop the unbatch in Tracer._capture): a crash or wrong features."""
+    batch size as its leading size, but is made from constants (or a buffer) alone, so each example's re-run gets
+    it whole. Catches splitting it by example (drop the unbatch in Tracer._capture, or the buffers' mark_free in
+    Tracer.forward_pass): a crash or wrong features."""
     t = 4
-    model = Looped(RelBody(t))
+    model = Looped(RelBody(t, source))
     g = torch.Generator().manual_seed(5)
     data = [(torch.randint(0, 7, (t, t), generator=g), torch.randint(0, 5, (t,), generator=g)) for _ in range(2)]
     assert data[0][0].shape[0] == data[0][0].shape[1] == t, "the coincidence this test is about"

@@ -16,8 +16,8 @@ its leading-axis rows to example indices, and propagates it through the operatio
   the output inherits the map of its operands (which must agree).
 
 A tensor never seen produced (a step input) with ``B`` leading rows is taken to be batch first.
-Tensors that do not depend on the batch (parameters, constants made under the tracker, anything
-computed from those alone: a learned query expanded over the batch) are *free*: they never vote on an
+Tensors that do not depend on the batch (parameters, the model's buffers, constants made under the
+tracker, anything computed from those alone: a learned query expanded over the batch) are *free*: they never vote on an
 output's rows, so a weight whose leading size happens to equal ``B`` cannot spoil a map, and a free
 tensor with ``B`` leading rows counts as batch first. An operation that moves the leading axis (transpose, permute) or reduces / mixes along it
 yields no map; a layer whose rows have no map is handled by the step-level route instead. Whatever
@@ -139,6 +139,12 @@ class RowTracker(TorchFunctionMode):
             and self.free(t)
             and not bool((t == t[:1]).all())
         }
+
+    def mark_free(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Declare ``tensors`` (a model's buffers) batch-independent, as parameters are."""
+        for t in tensors:
+            if t.dim() > 0:
+                self.maps[t] = _FREE
 
     def free(self, t: torch.Tensor) -> bool:
         """Whether ``t`` does not depend on the batch (a parameter, or made from such tensors alone)."""

@@ -444,6 +444,8 @@ class Tracer:
         complete one also records where each body parameter is read, and asks for the covers that needs."""
         # the row tracker also runs on the first complete forward, to learn which call arguments are batch-free
         self._tracker = RowTracker(self.batch_size) if self.track_rows or self._uses_pending else None
+        if self._tracker is not None:
+            self._tracker.mark_free(self.model.buffers())  # like parameters, buffers do not depend on the batch
         uses = ParamUses(self._params, self._body_modules) if self._uses_pending else None
         try:
             with contextlib.ExitStack() as modes:
