@@ -8,6 +8,12 @@ checkpoints (``pip install "looptrace[hf]"``).
     step = lt.find_step_module(model, batch)               # -> model.albert.encoder.albert_layer_groups[0]
     feats = lt.featurize(model, loader, hf.masked_lm_loss, step_module=step, sketch=lt.SketchSpec(dim=2048))
 
+    # Inkling-2-Loop: a step is a pass over the looped layers, with the message module called inside it
+    layers = list(model.model.layers[config.loop_layer_index_start : config.loop_layer_index_end])
+    feats = lt.featurize(model, loader, hf.causal_lm_loss, step_module=layers,
+                         body=[*layers, model.model.message_input])
+    # HRM-Text: step_module=model.model.L_module (one step per L cycle), then model.model.H_module
+
 Batches are dicts as the ``DataCollator`` s make them (``input_ids``, ``attention_mask``, ``labels``,
 ...). The loss helpers call the model without ``labels`` (so it does not average over the batch) and
 return one loss per example: the mean cross-entropy over the example's labelled tokens. Padding never
