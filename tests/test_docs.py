@@ -16,6 +16,8 @@ DOCS = ROOT / "docs"
 EXECUTED = [
     "index.md",
     "guide/huggingface.md",
+    "guide/inkling.md",
+    "guide/hrm-text.md",
     "guide/training-loop.md",
     "guide/recurrent-depth.md",
     "guide/evaluation.md",
@@ -28,7 +30,7 @@ def python_blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", EXECUTED)
 def test_every_code_block_runs(page: str, tmp_path, monkeypatch) -> None:
-    if page == "guide/huggingface.md":
+    if page in ("guide/huggingface.md", "guide/inkling.md", "guide/hrm-text.md"):
         pytest.importorskip("transformers")
     blocks = python_blocks(DOCS / page)
     assert blocks, f"{page} has no python code block"

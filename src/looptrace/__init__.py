@@ -6,7 +6,7 @@ feats = lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=spec
 scores = lt.sdi(train_feats, query_feats)          # [N, M, tau]
 """
 
-from looptrace.capture.discover import find_step_module
+from looptrace.capture.discover import find_loop, find_step_module
 from looptrace.capture.rules import Rule, register_rule
 from looptrace.capture.tracer import loop_step
 from looptrace.errors import (
@@ -60,6 +60,7 @@ __all__ = [
     "adam_preconditioner",
     "attribute",
     "featurize",
+    "find_loop",
     "find_step_module",
     "load_checkpoints",
     "loop_step",

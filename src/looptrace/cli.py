@@ -157,7 +157,7 @@ def load_attr(spec: str, what: str) -> Any:
 
 
 def _setup_from_args(args: argparse.Namespace) -> Any:
-    """(model, step_module, loss_fn, datasets, checkpoints) from a recorded run or user factories."""
+    """(model, (step_module, body), loss_fn, datasets, checkpoints) from a recorded run or user factories."""
     from looptrace.influence.checkpoints import Checkpoint, load_checkpoints
 
     roles = [r for r in args.roles.split(",") if r]
@@ -168,20 +168,23 @@ def _setup_from_args(args: argparse.Namespace) -> Any:
         run = open_run(args.run)
         sets = get_study(run.study).influence_sets(run, args.n_train, args.n_query, args.loops)
         model = run.load_model()
-        return model, model.core, sets.loss_fn, {r: sets.datasets[r] for r in roles}, run.checkpoints()
+        return model, (model.core, None), sets.loss_fn, {r: sets.datasets[r] for r in roles}, run.checkpoints()
     if not (args.model and args.loss and args.dataset and (args.checkpoint or args.checkpoint_dir)):
         raise ConfigError("pass --run DIR, or all of --model, --loss, --dataset and --checkpoint (or --checkpoint-dir)")
     model = load_attr(args.model, "--model")()
     loss_fn = load_attr(args.loss, "--loss")
     make_ds = load_attr(args.dataset, "--dataset")
-    step_module = model.get_submodule(args.step_module) if args.step_module else None
-    if step_module is None:
+    if not args.step_module:
         raise ConfigError("--step-module is required with --model (the attribute path of the loop body, e.g. core)")
+    from looptrace.capture.discover import modules_at
+
+    step_module = modules_at(model, args.step_module)
+    body = modules_at(model, args.body) if args.body else None
     cks = load_checkpoints(args.checkpoint_dir) if args.checkpoint_dir else []
     for c in args.checkpoint or []:
         path, _, lr = c.partition("@")
         cks.append(Checkpoint(path, lr=float(lr) if lr else None))
-    return model, step_module, loss_fn, {r: make_ds(r) for r in roles}, cks
+    return model, (step_module, body), loss_fn, {r: make_ds(r) for r in roles}, cks
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -194,7 +197,7 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     if dist and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
-        model, step_module, loss_fn, datasets, cks = _setup_from_args(args)
+        model, (step_module, body), loss_fn, datasets, cks = _setup_from_args(args)
         model.to(args.device)
         options: dict[str, Any] = {}
         if args.adam:
@@ -207,9 +210,9 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
             else SketchSpec(dim=args.dim, seed=args.seed, method=args.method, budget=args.budget)
         )
         store = featurize_to_store(
-            model, cks, datasets, loss_fn, args.store, step_module=step_module, sketch=spec, batch_size=args.batch_size,
-            shard_size=args.shard_size, dtype=args.dtype, progress=not args.quiet, verify=args.verify,
-            recompute=args.recompute, tau=args.tau, **options,
+            model, cks, datasets, loss_fn, args.store, step_module=step_module, body=body, sketch=spec,
+            batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, progress=not args.quiet,
+            verify=args.verify, recompute=args.recompute, tau=args.tau, **options,
         )  # fmt: skip
         if dist:
             torch.distributed.barrier()
@@ -345,7 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="package.module:factory returning the model (instead of --run)")
     f.add_argument("--loss", help="package.module:loss_fn, (model, batch) -> Tensor[B]")
     f.add_argument("--dataset", help="package.module:fn, role ('train'|'query') -> torch Dataset")
-    f.add_argument("--step-module", help="attribute path of the loop body module, e.g. core")
+    f.add_argument(
+        "--step-module",
+        help="attribute path of the module one loop pass calls, e.g. core; or of the modules one pass calls in "
+        "order: a range of a ModuleList (model.layers.2:4) or paths separated by commas",
+    )
+    f.add_argument(
+        "--body",
+        help="the modules whose parameters are attributed (default: the step modules), in the same forms, e.g. "
+        "model.layers.2:4,model.message_input",
+    )
     f.add_argument(
         "--checkpoint",
         action="append",

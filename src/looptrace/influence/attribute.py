@@ -47,7 +47,7 @@ def attribute(
     query_loader: Iterable[Any],
     loss_fn: LossFn,
     *,
-    step_module: nn.Module | None = None,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     decomposition: Decomposition = "test",
@@ -128,6 +128,8 @@ def attribute(
 
 
 def _body_names(
-    model: nn.Module, step_module: nn.Module | None, body: nn.Module | Sequence[nn.Module] | None
+    model: nn.Module,
+    step_module: nn.Module | Sequence[nn.Module] | None,
+    body: nn.Module | Sequence[nn.Module] | None,
 ) -> list[str]:
     return [bp.name for bp in body_parameters(model, resolve_body(model, step_module, body))]

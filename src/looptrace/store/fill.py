@@ -31,7 +31,7 @@ def featurize_to_store(
     loss_fn: LossFn,
     store_dir: str | os.PathLike[str],
     *,
-    step_module: nn.Module | None = None,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     batch_size: int = 64,
