@@ -30,7 +30,7 @@ from looptrace.featurize import adam_preconditioner, featurize
 from looptrace.influence.attribute import Attribution, attribute
 from looptrace.influence.checkpoints import Checkpoint, LoadedCheckpoint, load_checkpoints
 from looptrace.influence.recorder import CheckpointRecorder
-from looptrace.influence.scores import sdi, self_influence, step_matrix, stream_sdi, tracin
+from looptrace.influence.scores import sdi, sdi_positions, self_influence, step_matrix, stream_sdi, tracin
 from looptrace.sketch.spec import SketchSpec
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "loop_step",
     "register_rule",
     "sdi",
+    "sdi_positions",
     "self_influence",
     "step_matrix",
     "stream_sdi",

@@ -51,6 +51,7 @@ def featurize(
     max_memory: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
+    positions: bool = False,
 ) -> Features:
     """Per-example, per-loop-step features of the body gradient.
 
@@ -94,6 +95,14 @@ def featurize(
             (default: half of physical memory).
         progress: show a progress bar.
         checkpoint: an identifier stored with the features (see :func:`looptrace.attribute`).
+        positions: per-position features instead of per-step ones: ``Features.positions`` ``[N, L, D]``, row
+            ``[i, p]`` the part of example i's body gradient that comes through its sequence position p (for a
+            linear map, the term delta_p a_p^T of every loop step, summed over steps; likewise norms, biases and
+            embeddings), L the longest sequence (zeros past an example's end and where a position gets no
+            gradient). Summed over positions it is ``total`` (sketches are linear). The token axis of every body
+            layer must be the sequence; a layer with no per-position form (the exact per-example fallback, the
+            step route, routed rows) raises :class:`UnsupportedLayerError`. A position's term still carries the
+            whole sequence's information (through attention), as in Grosse et al. (2023), section 3.3.
 
     Returns:
         :class:`Features` with rows in loader order; ``settings`` records the options that change
@@ -115,16 +124,18 @@ def featurize(
     scale = _check_precondition(precondition, params)
     tracer = Tracer(
         model, roots, plan, params, step_sequence(step_module), fallback=fallback, outer_path=outer_path,
-        recompute=recompute, scale=scale,
+        recompute=recompute, scale=scale, positions=positions,
     )  # fmt: skip
     if autocast is not None and (not isinstance(autocast, torch.dtype) or autocast.is_complex):
         raise ConfigError(f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}")
     run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget, autocast, scale)
-    rows = _Rows(per_step)
+    rows = _Rows(per_step or positions)
     with _featurizing(model, tracer, params, train_mode), _progress_bar(progress, n_total) as bar:
         for index, batch in enumerate(_checked_batches(loader, params[0].param.device)):
             check = verify is True or (verify == "first" and index == 0)
             for feats, losses in run.with_retries(batch, index, check, rows.count):
+                if positions and index == 0:
+                    budget.check(int(feats.shape[1]))  # [B, L, D]: the positions take the place of the steps
                 rows.add(feats, losses)
                 bar(int(losses.shape[0]))
     if progress:
@@ -135,6 +146,9 @@ def featurize(
     }  # fmt: skip
     features = rows.features(spec, plan.describe(), checkpoint, settings)
     features.routes = dict(tracer.routes)
+    if positions:  # the assembled [N, L, D] rows are positions, not steps
+        features.positions, features.per_step = features.per_step, None
+        settings["positions"] = True
     return features
 
 

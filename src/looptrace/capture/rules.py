@@ -6,7 +6,14 @@ a :class:`Sink` as one of
 
 * ``outer(param, left [B, L, rows], right [B, L, cols])``: grad = sum_j left_j (x) right_j,
 * ``dense(param, g [B, numel])``: the per-example gradient itself,
+* ``dense_tokens(param, g [B, L, numel])``: grad = sum_j g_j, one term per token (per-position attribution
+  keeps the terms apart; otherwise they are summed),
 * ``rows(param, idx [B, L], values [B, L, cols])``: grad = sum_j e_{idx_j} (x) values_j.
+
+``L`` is the token axis: in ``outer``, ``dense_tokens`` and ``rows`` token j of an example is its sequence
+position j (every non-batch, non-feature axis of a ``[B, T, d]`` activation, see :func:`tokens`), which is
+what per-position attribution (``featurize(positions=True)``) reads. ``dense`` has no per-token form: a layer
+that sends it cannot be attributed per position.
 
 A new layer type is one :func:`register_rule` call. Modules with parameters and no rule fall back to
 an exact per-example vector-Jacobian product through ``torch.func`` (:data:`FALLBACK`).
@@ -33,6 +40,8 @@ class Sink(Protocol):
     def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None: ...
 
     def dense(self, param: torch.Tensor, g: torch.Tensor) -> None: ...
+
+    def dense_tokens(self, param: torch.Tensor, g: torch.Tensor) -> None: ...
 
     def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None: ...
 
@@ -117,7 +126,7 @@ def _linear_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, s
     assert isinstance(module, nn.Linear)
     sink.outer(module.weight, d, tokens(x).to(d.dtype))
     if module.bias is not None:
-        sink.dense(module.bias, d.sum(1))
+        sink.dense_tokens(module.bias, d)
 
 
 register_rule(
@@ -131,7 +140,7 @@ def _conv1d_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, s
     d = tokens(delta)
     sink.outer(module.weight, tokens(x).to(d.dtype), d)  # type: ignore[arg-type]
     if getattr(module, "bias", None) is not None:
-        sink.dense(module.bias, d.sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.bias, d)  # type: ignore[arg-type]
 
 
 _CONV1D = Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _conv1d_contribute, "Conv1D")
@@ -202,9 +211,9 @@ def _norm_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, sin
     width = int(affine.numel())
     d = delta.reshape(b, -1, width)
     if getattr(module, "weight", None) is not None:
-        sink.dense(module.weight, (d * xhat.reshape(b, -1, width).to(d.dtype)).sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.weight, d * xhat.reshape(b, -1, width).to(d.dtype))  # type: ignore[arg-type]
     if getattr(module, "bias", None) is not None:
-        sink.dense(module.bias, d.sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.bias, d)  # type: ignore[arg-type]
 
 
 register_rule(

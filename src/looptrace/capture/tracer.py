@@ -180,12 +180,15 @@ class Tracer:
         outer_path: OuterPath = "auto",
         recompute: bool = False,
         scale: dict[str, torch.Tensor] | None = None,
+        positions: bool = False,
     ) -> None:
         if recompute and not step_modules:
             raise StepError(
                 "recompute=True re-runs each loop step inside backward and needs the step module: pass step_module="
             )
         self.recompute = recompute
+        # per position: features [B, L, D], every token's term summed over the loop steps (see _target)
+        self.positions = positions
         self.model = model
         self.plan = plan
         self.outer_path = outer_path
@@ -229,6 +232,7 @@ class Tracer:
         self._input_anchors = bool(step_modules) and not recompute
         self._reach: dict[int, tuple[bool, Any]] = {}  # id(autograd node) -> (downstream of an anchor, node)
         self.feats: torch.Tensor | None = None
+        self._feats_dtype, self._feats_device = torch.float32, torch.device("cpu")
         self.batch_size = 0
         self._cur_step = 0
         self._suspended = 0
@@ -534,7 +538,11 @@ class Tracer:
         the summed loss w.r.t. ``also`` (for verification; empty to skip it)."""
         b = int(losses.shape[0])
         self.batch_size = b
-        self.feats = torch.zeros(b, self.max_step, self.plan.dim, dtype=dtype, device=losses.device)
+        self._feats_dtype, self._feats_device = dtype, losses.device
+        # per position, the token axis is learned from the first contribution (_position_feats)
+        self.feats = (
+            None if self.positions else torch.zeros(b, self.max_step, self.plan.dim, dtype=dtype, device=losses.device)
+        )
         self.phase = "backward"
         anchors = list(self.anchors.values())
         inputs = anchors + also
@@ -549,6 +557,8 @@ class Tracer:
                     "reentrant activation checkpointing recomputes the body inside backward, where its "
                     "steps cannot be told apart; use torch.utils.checkpoint(..., use_reentrant=False)"
                 )
+            if self.feats is None:  # per position, and no layer sent anything (every step without gradient)
+                self.feats = torch.zeros(b, 1, self.plan.dim, dtype=dtype, device=losses.device)
             return self.feats, grads[len(anchors) :]
         finally:
             self.phase = "idle"
@@ -694,9 +704,11 @@ class Tracer:
         index: int,
         rows: torch.Tensor | None,
     ) -> None:
-        if self.phase != "backward" or self.feats is None:
+        if self.phase != "backward":
             return
         self._recompute.flush()
+        if rows is not None and self.positions:
+            _plain_fold(rows, self.batch_size, target.name)
         if rows is not None:  # regroup the rows per example: [N, ...] -> [B, L, ...] (zero-padded)
             grad = group_rows(grad, rows, self.batch_size)
             saved = regroup_saved(saved, lambda t: group_rows(t, rows, self.batch_size), int(rows.shape[0]))
@@ -722,7 +734,7 @@ class Tracer:
     ) -> None:
         """The step route: per-example gradients of the step-routed layers' parameters inside ``unit``, from
         the call's inputs and the cotangent of its output ``index``."""
-        if self.phase != "backward" or self.feats is None:
+        if self.phase != "backward":
             return
         routed = {pid for t in self._targets if t.name in self.step_routed and t.unit is unit for pid in t.params}
         named = {n: p for n, p in unit.named_parameters() if id(p) in routed}
@@ -737,9 +749,10 @@ class Tracer:
             self._suspended -= 1
 
     # ------------------------------------------------------------------ Sink protocol
-    def _out(self, param: torch.Tensor) -> tuple[Slot, torch.Tensor] | None:
-        """Where ``param``'s contribution at the current step goes; ``None`` when the reporting layer's rule
-        sends a parameter that an enclosing module covers instead (counted there, not twice)."""
+    def _sink_out(self, param: torch.Tensor, n_tok: int | None = None) -> tuple[Slot, torch.Tensor] | None:
+        """Where ``param``'s contribution at the current step goes: ``[B, m]`` features of this step, or per position
+        ``[B * L, m]`` (row ``b * L + j``: example b's token j, summed over steps); ``None`` when the reporting
+        layer's rule sends a parameter that an enclosing module covers instead (counted there, not twice)."""
         if self._reporting is not None and id(param) not in self._reporting.params:
             return None
         slot = self.slot_of.get(id(param))
@@ -747,14 +760,38 @@ class Tracer:
             raise UnsupportedLayerError(
                 "a layer rule sent a gradient for a parameter outside the body; this is a bug in the rule"
             )
-        assert self.feats is not None
-        return slot, self.feats[:, self._cur_step - 1, slot.offset : slot.offset + slot.m]
+        if not self.positions:
+            assert self.feats is not None
+            return slot, self.feats[:, self._cur_step - 1, slot.offset : slot.offset + slot.m]
+        if n_tok is None:
+            who = self._reporting.name if self._reporting is not None else "a step-routed layer"
+            raise UnsupportedLayerError(
+                f"per-position attribution: {who} ({self.name_of.get(id(param), '?')}) sends each example's gradient "
+                "whole (the exact per-example fallback or the step route), with no term per position; give its layer "
+                "type a rule (looptrace.register_rule) or featurise without positions"
+            )
+        return slot, self._position_feats(n_tok)[:, :, slot.offset : slot.offset + slot.m].flatten(0, 1)
+
+    def _position_feats(self, n_tok: int) -> torch.Tensor:
+        if self.feats is None:
+            self.feats = torch.zeros(
+                self.batch_size, n_tok, self.plan.dim, dtype=self._feats_dtype, device=self._feats_device
+            )
+        elif self.feats.shape[1] != n_tok:
+            who = self._reporting.name if self._reporting is not None else "a layer"
+            raise UnsupportedLayerError(
+                f"per-position attribution: {who} sees {n_tok} tokens per example where other body layers see "
+                f"{self.feats.shape[1]}; every body layer's token axis must be the sequence (a [B, T, d] activation)"
+            )
+        return self.feats
 
     def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-        where = self._out(param)
+        where = self._sink_out(param, left.shape[1])
         if where is None:
             return
         slot, out = where
+        if self.positions:  # one row per (example, position): [B * L, 1, .]
+            left, right = left.reshape(-1, 1, left.shape[-1]), right.reshape(-1, 1, right.shape[-1])
         scale = self.scale_of.get(id(param))
         if scale is None:
             path = self.outer_path
@@ -775,7 +812,7 @@ class Tracer:
             slot.add_dense(out[i : i + chunk], g.reshape(g.shape[0], -1) * flat)
 
     def dense(self, param: torch.Tensor, g: torch.Tensor) -> None:
-        where = self._out(param)
+        where = self._sink_out(param)
         if where is None:
             return
         slot, out = where
@@ -783,16 +820,46 @@ class Tracer:
         g = g.to(out.dtype)
         slot.add_dense(out, g if scale is None else g * scale.reshape(1, -1).to(out.dtype))
 
-    def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-        where = self._out(param)
+    def dense_tokens(self, param: torch.Tensor, g: torch.Tensor) -> None:
+        if not self.positions:
+            self.dense(param, g.sum(1))
+            return
+        where = self._sink_out(param, g.shape[1])
         if where is None:
             return
         slot, out = where
+        scale = self.scale_of.get(id(param))
+        g = g.reshape(-1, g.shape[-1]).to(out.dtype)
+        slot.add_dense(out, g if scale is None else g * scale.reshape(1, -1).to(out.dtype))
+
+    def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+        where = self._sink_out(param, idx.shape[1])
+        if where is None:
+            return
+        slot, out = where
+        if self.positions:
+            idx, values = idx.reshape(-1, 1), values.reshape(-1, 1, values.shape[-1])
         scale = self.scale_of.get(id(param))
         values = values.to(out.dtype)
         if scale is not None:  # row r of the gradient is scaled by row r of the preconditioner
             values = values * scale.reshape(scale.shape[0], -1).to(out.dtype)[idx]
         slot.add_rows(out, idx, values)
+
+
+def _plain_fold(rows: torch.Tensor, batch_size: int, name: str) -> None:
+    """Per position, rows from the data flow must be a plain fold of the tokens into the batch axis (row ``b * T
+    + j`` is example b's token j), so that an example's rows, in order, are its positions."""
+    n = int(rows.shape[0])
+    if batch_size and n % batch_size == 0:
+        t = n // batch_size
+        want = torch.arange(batch_size, device=rows.device).repeat_interleave(t)
+        if torch.equal(rows.to(want.device), want):
+            return
+    raise UnsupportedLayerError(
+        f"per-position attribution: {name}'s rows are reordered (gathered, routed or scattered) on their way from "
+        "the examples, so their positions are not known; only a plain fold of the tokens into the batch axis "
+        "([B, T, d] -> [B * T, d]) maps back to positions"
+    )
 
 
 def _live(output: Any) -> bool:

@@ -14,7 +14,7 @@ from looptrace.capture.tracer import body_parameters
 from looptrace.errors import CheckpointError, ConfigError
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
-from looptrace.influence.scores import Decomposition, sdi, self_influence, step_matrix, tracin
+from looptrace.influence.scores import Decomposition, sdi, sdi_positions, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
 
 
@@ -28,6 +28,11 @@ class Attribution:
         self_influence: ``[N]`` sum_k eta_k |g_k(z)|^2 of each training example.
         step_matrix: ``[N, M, tau, tau]`` when ``decomposition="matrix"``, else ``None``.
         etas, checkpoints: the weights used and the checkpoint names, in order.
+        sdi_positions: ``[N, M, tau, L]`` with ``train_positions=True``: the part of ``sdi[i, j, t]`` that comes
+            through training example i's position p (summed over the example's loop steps); ``sum(-1)`` is
+            ``sdi`` (which is then defined as that sum). L is the longest training sequence; zeros past an
+            example's end.
+        tracin_positions: ``[N, M, L]``, ``sdi_positions.sum(2)``, with ``train_positions=True``.
     """
 
     sdi: torch.Tensor
@@ -38,6 +43,11 @@ class Attribution:
     etas: list[float]
     checkpoints: list[str]
     step_matrix: torch.Tensor | None = None
+    sdi_positions: torch.Tensor | None = None
+
+    @property
+    def tracin_positions(self) -> torch.Tensor | None:
+        return None if self.sdi_positions is None else self.sdi_positions.sum(2)
 
 
 def attribute(
@@ -52,6 +62,7 @@ def attribute(
     sketch: SketchSpec | None = None,
     decomposition: Decomposition = "test",
     precondition: Literal["adam"] | None = None,
+    train_positions: bool = False,
     **featurize_kwargs: Any,
 ) -> Attribution:
     """TracIn and SDI of every train example on every query example, over ``checkpoints``.
@@ -61,6 +72,8 @@ def attribute(
     ``"train"`` (which train-time step did the influencing) or ``"matrix"`` (both: tau x tau).
     ``verify="first"`` (the default) checks the first batch of the first checkpoint's train and query
     featurisations against autograd; the other checkpoints run the same capture on the same model.
+    ``train_positions=True`` also decomposes the training side by sequence position (``sdi_positions``, see
+    :class:`Attribution` and ``featurize(positions=True)``).
     ``precondition="adam"``: each checkpoint's inner products use Adam's diagonal geometry
     ``g^T P_k g'`` with ``P_k = 1 / (sqrt(v_hat_k) + eps)`` from the second moments recorded with it
     (:class:`looptrace.CheckpointRecorder`); conservation still holds.
@@ -76,12 +89,18 @@ def attribute(
         raise ConfigError(f"precondition must be None or 'adam', got {precondition!r}")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
+    if train_positions and decomposition != "test":
+        raise ConfigError(
+            "train_positions=True decomposes the training side by position, summed over its loop steps, against "
+            f"the query's steps: it goes with decomposition='test', not {decomposition!r}"
+        )
     spec = sketch if sketch is not None else SketchSpec()
     original = copy.deepcopy(model.state_dict())
     total_sdi: torch.Tensor | None = None
     total_tracin: torch.Tensor | None = None
     total_self: torch.Tensor | None = None
     total_matrix: torch.Tensor | None = None
+    total_positions: torch.Tensor | None = None
     etas: list[float] = []
     names: list[str] = []
     kw = dict(step_module=step_module, body=body, sketch=spec, **featurize_kwargs)
@@ -99,7 +118,10 @@ def attribute(
                 kw["precondition"] = adam_preconditioner(
                     full.second_moments, names=_body_names(model, step_module, body)
                 )
-            train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
+            train = featurize(
+                model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name,
+                positions=train_positions, **kw,
+            )  # fmt: skip
             query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
             if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
                 kw["verify"] = False
@@ -107,6 +129,14 @@ def attribute(
                 mat = eta * step_matrix(train, query)
                 total_matrix = mat if total_matrix is None else total_matrix + mat
                 s = mat.sum(2)
+            elif train_positions:
+                pos = eta * sdi_positions(train, query)
+                if total_positions is not None and pos.shape[-1] != total_positions.shape[-1]:  # pad to the longest
+                    width = max(pos.shape[-1], total_positions.shape[-1])
+                    pos = torch.nn.functional.pad(pos, (0, width - pos.shape[-1]))
+                    total_positions = torch.nn.functional.pad(total_positions, (0, width - total_positions.shape[-1]))
+                total_positions = pos if total_positions is None else total_positions + pos
+                s = pos.sum(-1)
             else:
                 s = eta * sdi(train, query, side=decomposition)
             if total_sdi is not None and s.shape[-1] != total_sdi.shape[-1]:
@@ -124,7 +154,11 @@ def attribute(
     finally:
         model.load_state_dict(original)
     assert total_sdi is not None and total_tracin is not None and total_self is not None
-    return Attribution(total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix)
+    if total_positions is not None:  # sdi is the sum over positions, exactly
+        total_sdi = total_positions.sum(-1)
+    return Attribution(
+        total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions
+    )
 
 
 def _body_names(
