@@ -7,6 +7,7 @@ is used to compute it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +233,46 @@ def test_a_body_that_folds_tokens_into_the_batch_axis() -> None:
     model.core = routed
     with pytest.raises(lt.UnsupportedLayerError, match="reordered"):
         lt.featurize(model, batches, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(), positions=True)
+
+
+def test_a_store_keeps_positions_ragged_and_scores_them(tmp_path) -> None:
+    """``featurize --positions``: per-position rows stored ragged (real positions only, optional spans), checksummed
+    with the shard, read back per example; their scores equal ``lt.attribute(train_positions=True)``'s and sum to
+    the example's SDI. Catches: padding stored, offsets off by one, spans that do not sum their positions, a store
+    reopened with another span, per-position scores not weighted by eta."""
+    from looptrace.cli import main
+    from looptrace.store import FeatureStore, featurize_to_store, position_matrix, position_scores, topk
+
+    model = _model(True)
+    lengths = [5, 3, 4, 2]
+    xs = _batch(4, 8, lengths)
+    train = torch.utils.data.TensorDataset(*xs)
+    query = torch.utils.data.TensorDataset(*_batch(2, 9))
+    cks = [lt.Checkpoint(model.state_dict(), lr=0.5), lt.Checkpoint(model.state_dict(), lr=0.25)]
+    spec = lt.SketchSpec.exact()
+    store = featurize_to_store(model, cks, {"train": train, "query": query}, loss_fn, tmp_path / "s",
+                               step_module=model.core, sketch=spec, batch_size=2, shard_size=3, positions=1)  # fmt: skip
+    res = lt.attribute(model, cks, [xs], [_batch(2, 9)], loss_fn, step_module=model.core, sketch=spec,
+                       train_positions=True)  # fmt: skip
+    for i, n in enumerate(lengths):
+        rows = store.read_positions(0, "train", i)
+        assert rows.shape[0] == n, f"example {i}: {rows.shape[0]} stored positions, its length is {n}"
+        mat = position_matrix(store, i, 1)
+        torch.testing.assert_close(torch.from_numpy(mat), res.sdi_positions[i, 1, :, :n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.from_numpy(position_scores(store, i, 1, step=2)),
+                                   res.sdi_positions[i, 1, 1, :n], rtol=1e-5, atol=1e-7)  # fmt: skip
+    spans = featurize_to_store(model, cks, {"train": train, "query": query}, loss_fn, tmp_path / "k2",
+                               step_module=model.core, sketch=spec, batch_size=2, shard_size=3, positions=2)  # fmt: skip
+    full = store.read_positions(0, "train", 0)
+    two = spans.read_positions(0, "train", 0)
+    assert two.shape[0] == 3 and np.allclose(two[0], full[0] + full[1]) and np.allclose(two[2], full[4])
+    with pytest.raises(lt.SpecMismatchError, match="options"):
+        featurize_to_store(model, cks, {"train": train}, loss_fn, tmp_path / "s", step_module=model.core,
+                           sketch=spec, batch_size=2, shard_size=3, positions=2)  # fmt: skip
+    top = topk(FeatureStore.open(tmp_path / "s"), k=2, positions=True)
+    assert top.proponent_positions is not None
+    best = int(top.proponents[0, 0])
+    assert np.isclose(sum(top.proponent_positions[0][0]), top.proponent_scores[0, 0])
+    assert len(top.proponent_positions[0][0]) == lengths[best]
+    assert main(["topk", "--store", str(tmp_path / "s"), "--k", "1", "--positions", "--out",
+                 str(tmp_path / "t.json")]) == 0  # fmt: skip

@@ -204,6 +204,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
             options["precondition"] = "adam"
         if args.autocast:
             options["autocast"] = getattr(torch, args.autocast)
+        if args.positions is not None:
+            options["positions"] = args.positions
         spec = (
             SketchSpec.exact()
             if args.method == "exact"
@@ -239,7 +241,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_topk(args: argparse.Namespace) -> int:
     from looptrace.store import FeatureStore, topk
 
-    res = topk(FeatureStore.open(args.store), k=args.k, step=args.step, index=args.index)
+    res = topk(FeatureStore.open(args.store), k=args.k, step=args.step, index=args.index, positions=args.positions)
     payload = {"config": _args_dict(args), **res.to_dict()}
     text = json.dumps(payload, indent=1, default=str)
     if args.out:
@@ -407,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--adam", action="store_true", help="Adam-preconditioned inner product (needs recorded second moments)"
     )
+    f.add_argument(
+        "--positions",
+        nargs="?",
+        type=int,
+        const=1,
+        default=None,
+        metavar="K",
+        help="also store every training example's per-position features (token x step attribution), ragged: its "
+        "real positions only, summed over spans of K positions (default 1: every position)",
+    )
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_featurize)
 
@@ -424,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--index", default="flat", choices=["flat", "ivf", "hnsw", "brute"], help="flat = exact inner product"
     )
     top.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    top.add_argument(
+        "--positions",
+        action="store_true",
+        help="also each example's per-position scores (a store featurised with --positions)",
+    )
     top.set_defaults(func=_cmd_topk)
 
     ins = sub.add_parser("inspect", help="what a feature store holds")

@@ -92,9 +92,49 @@ class TopK:
     opponents: np.ndarray  # [M, k] train indices, smallest (most negative) first
     opponent_scores: np.ndarray
     step: int | None  # None: TracIn; t: test-side SDI at step t (1-based)
+    # with positions: per query, the per-position scores of each proponent / opponent (ragged lists)
+    proponent_positions: list[list[list[float]]] | None = None
+    opponent_positions: list[list[list[float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: v for k, v in out.items() if v is not None or k == "step"}
+
+
+def position_matrix(store: FeatureStore, train: int, query: int) -> np.ndarray:
+    """``[tau, r]``: sum_k eta_k of training example ``train``'s per-position rows against query ``query``'s
+    per-step features (its steps x positions matrix for that query); summed over positions it is the example's
+    SDI profile for the query, over steps and positions its TracIn."""
+    out: np.ndarray | None = None
+    for k, eta in enumerate(_etas(store)):
+        rows = np.asarray(store.read_positions(k, "train", train), dtype=np.float64)  # [r, D]
+        q = _query_row(store, k, query)  # [tau, D]
+        block = eta * q @ rows.T
+        if out is None:
+            out = block
+        else:  # checkpoints featurised on the same data have the same rows; a longer horizon pads with zeros
+            width = max(out.shape[0], block.shape[0])
+            out = np.pad(out, ((0, width - out.shape[0]), (0, 0))) + np.pad(
+                block, ((0, width - block.shape[0]), (0, 0))
+            )
+    assert out is not None
+    return out
+
+
+def position_scores(store: FeatureStore, train: int, query: int, step: int | None = None) -> np.ndarray:
+    """``[r]``: the part of TracIn (``step=None``) or of SDI at ``step`` (1-based) of training example ``train`` on
+    query ``query`` that comes through each of its positions (spans of the store's ``positions`` size)."""
+    mat = position_matrix(store, train, query)
+    if step is None:
+        return mat.sum(0)
+    if not 1 <= step <= mat.shape[0]:
+        raise ConfigError(f"step must be in 1..{mat.shape[0]}, got {step}")
+    return mat[step - 1]
+
+
+def _query_row(store: FeatureStore, ck: int, index: int) -> np.ndarray:
+    start, stop = next((a, b) for a, b in store.shard_ranges("query") if a <= index < b)
+    return np.asarray(store.read_shard(ck, "query", start, stop)[index - start], dtype=np.float64)
 
 
 def stacked(store: FeatureStore, role: str, step: int | None = None) -> np.ndarray:
@@ -148,12 +188,18 @@ def _faiss_index(x: np.ndarray, index: Index, seed: int = 0) -> Any:
 
 
 def topk(
-    store: FeatureStore, k: int = 10, step: int | None = None, index: Index = "flat", candidates: int | None = None
+    store: FeatureStore,
+    k: int = 10,
+    step: int | None = None,
+    index: Index = "flat",
+    candidates: int | None = None,
+    positions: bool = False,
 ) -> TopK:
     """Proponents and opponents of every query (TracIn, or SDI at ``step``), exactly re-scored.
 
     ``candidates`` (default 4k for approximate indices, k for exact) are retrieved, re-scored in
-    float64 from the stored features, and the best k kept.
+    float64 from the stored features, and the best k kept. ``positions``: also each retrieved example's
+    per-position scores (:func:`position_scores`; the store must hold per-position features).
     """
     if k < 1:
         raise ConfigError("k must be >= 1")
@@ -186,4 +232,11 @@ def topk(
 
     p_idx, p_s = rescore(pro, 1.0)
     o_idx, o_s = rescore(opp, -1.0)
-    return TopK(p_idx, p_s, o_idx, o_s, step)
+    res = TopK(p_idx, p_s, o_idx, o_s, step)
+    if positions:
+
+        def per_position(idx: np.ndarray) -> list[list[list[float]]]:
+            return [[position_scores(store, int(i), j, step).tolist() for i in row] for j, row in enumerate(idx)]
+
+        res.proponent_positions, res.opponent_positions = per_position(p_idx), per_position(o_idx)
+    return res

@@ -14,7 +14,7 @@ from looptrace.errors import CorruptFileError
 
 __all__ = ["dataset_fingerprint", "read_safetensors", "sha256_file"]
 
-_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
+_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "BF16": None}
 
 
 def sha256_file(path: Path) -> str:
