@@ -31,7 +31,7 @@ from looptrace.apps.bench.common import (
     parity_workload,
     synthetic_workload,
 )
-from looptrace.apps.bench.extras import precision, recorder_overhead, routes
+from looptrace.apps.bench.extras import positions_cost, precision, recorder_overhead, routes
 from looptrace.apps.bench.fidelity import conservation, fidelity
 from looptrace.apps.bench.memory import measure_memory, memory_paper_model, paper_memory
 from looptrace.apps.bench.reference import reference
@@ -100,6 +100,8 @@ def run_all(
     results["precision"] = precision(work, cfg, exact)
     section("routes")
     results["routes"] = routes(cfg)
+    section("positions")
+    results["positions"] = positions_cost(work, cfg)
     section("recorder")
     results["recorder"] = recorder_overhead(cfg)
     section("")

@@ -238,6 +238,17 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         lines.append(
             f"* every {row['every']} steps: +{row['overhead']:.1%} training time ({row['per_checkpoint_s']:.3f} s per checkpoint)"
         )
+    if "positions" in r:
+        po = r["positions"]
+        lines += ["", f"## Token x step attribution (one batch of {po['examples']}; `featurize(positions=True)`)", "",
+                  "| D | positions | time / per-example featurisation (rounds) | memory per example | disk per example: "
+                  "every position | spans of 8 |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in po["rows"]:
+            lines.append(
+                f"| {row['dim']} | {row['positions']} | {row['time_over_per_example']:.2f}x{_spread(row['rounds'])} | "
+                f"{row['memory_bytes_per_example'] / 2**10:.0f} KiB (vs {row['memory_bytes_per_example_without'] / 2**10:.0f} "
+                f"KiB) | {row['disk_bytes_per_example_span1'] / 2**10:.0f} KiB | {row['disk_bytes_per_example_span8'] / 2**10:.0f} KiB |"
+            )
     pa = r["project_after"]
     lines += [
         "",
