@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import looptrace as lt
-from looptrace.curvature import Curvature, fit_curvature, preconditioned_features, sketch_flat
+from looptrace.curvature import Curvature, fit_curvature, sketch_flat
 from looptrace.sketch.plan import SketchPlan
 from tests.conftest import assert_close, lm_loss, oracle_per_step, tiny_batches, tiny_model
 
@@ -58,7 +58,10 @@ def _factors(model: nn.Module, batches: list[Any], loss_fn: Any) -> dict[str, tu
     n_ex = 0
     for batch in batches:
         calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: calls.append((n, a[0], o))) for n, m in linears.items()]
+        hooks = [
+            m.register_forward_hook(lambda mod, a, o, n=n, calls=calls: calls.append((n, a[0], o)))
+            for n, m in linears.items()
+        ]
         try:
             losses = loss_fn(model, batch)
         finally:
@@ -95,7 +98,7 @@ def dense_fisher_inverse(model: nn.Module, batches: list[Any], fisher_loss: Any,
         cols = [[w0 + i * d_in + j for j in range(d_in)] for i in range(d_out)]
         if lin.bias is not None:
             b0 = index[f"{name}.bias"][0]
-            cols = [row + [b0 + i] for i, row in enumerate(cols)]
+            cols = [[*row, b0 + i] for i, row in enumerate(cols)]
             covered.add(f"{name}.bias")
         covered.add(f"{name}.weight")
         idx = torch.tensor(cols).reshape(-1)  # row-major vec of G = [W | b]: vec(g a^T) = g (x) a
@@ -188,8 +191,11 @@ def test_truncated_steps_get_no_preconditioned_influence() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    [lt.SketchSpec(dim=64, seed=3), lt.SketchSpec(dim=64, seed=1, method="tensorsketch", budget="per_tensor"),
-     lt.SketchSpec(dim=900, seed=2, budget="proportional")],  # fmt: skip
+    [
+        lt.SketchSpec(dim=64, seed=3),
+        lt.SketchSpec(dim=64, seed=1, method="tensorsketch", budget="per_tensor"),
+        lt.SketchSpec(dim=900, seed=2, budget="proportional"),
+    ],
     ids=["countsketch-shared", "tensorsketch-per-tensor", "proportional"],
 )
 def test_sketch_flat_equals_featurized_sketch(spec: lt.SketchSpec) -> None:
@@ -246,8 +252,12 @@ def test_sketched_preconditioned_scores_are_unbiased() -> None:
     y = y.reshape(-1, y.shape[-1])
     exact = g @ y.T
     m, seeds = 32, 300
-    est = torch.stack([sketch_flat(plan, g) @ sketch_flat(plan, y).T
-                       for plan in (SketchPlan.build(lt.SketchSpec(dim=m, seed=s), names) for s in range(seeds))])
+    est = torch.stack(
+        [
+            sketch_flat(plan, g) @ sketch_flat(plan, y).T
+            for plan in (SketchPlan.build(lt.SketchSpec(dim=m, seed=s), names) for s in range(seeds))
+        ]
+    )
     bound = (2 / m + 2 / m**2) * g.norm(dim=1)[:, None] ** 2 * y.norm(dim=1)[None, :] ** 2
     z = (est.mean(0) - exact).abs() / (bound / seeds).sqrt()
     assert float(z.max()) < 5, f"sketched preconditioned scores are biased: max z = {float(z.max()):.2f}"
@@ -272,21 +282,28 @@ def test_factors_round_trip_and_refuse_damage(tmp_path) -> None:
 
 
 def test_true_fisher_fit_is_reproducible_and_keeps_the_callers_rng() -> None:
-    """Sampling targets draws from torch's generator, seeded per batch by the fit (forked): two fits agree
-    exactly, and the caller's random state is what it was. Catches unseeded sampling."""
+    """Sampling targets draws from torch's generator, seeded per batch by the fit (forked): two fits under
+    different caller seeds agree exactly, another ``seed=`` differs, and the caller's random state is what it
+    was. Catches unseeded sampling (the draws would follow the caller's state)."""
     from looptrace.curvature import sampled_cross_entropy
 
     def sampled(model: nn.Module, batch: Any) -> torch.Tensor:
         return sampled_cross_entropy(model(batch[0])).mean(1)
 
     model, train = tiny_model(), tiny_batches(2)
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    fits = [fit_curvature(model, train, lm_loss, step_module=model.core, fisher_loss=sampled) for _ in range(2)]
-    assert torch.equal(torch.get_rng_state(), state), "the fit changed the caller's random state"
+    fits = []
+    for caller_seed in (123, 456):
+        torch.manual_seed(caller_seed)
+        state = torch.get_rng_state()
+        fits.append(fit_curvature(model, train, lm_loss, step_module=model.core, fisher_loss=sampled))
+        assert torch.equal(torch.get_rng_state(), state), "the fit changed the caller's random state"
     assert fits[0].fisher == "true"
     x = torch.randn(2, fits[0].dim, dtype=torch.float64)
-    assert torch.equal(fits[0].precondition(x, "ekfac"), fits[1].precondition(x, "ekfac"))
+    assert torch.equal(fits[0].precondition(x, "ekfac"), fits[1].precondition(x, "ekfac")), (
+        "the fit's target draws depend on the caller's random state: is the generator seeded per batch?"
+    )
+    other = fit_curvature(model, train, lm_loss, step_module=model.core, fisher_loss=sampled, seed=1)
+    assert not torch.equal(other.precondition(x, "ekfac"), fits[0].precondition(x, "ekfac")), "seed= is unused"
     emp = fit_curvature(model, train, lm_loss, step_module=model.core)
     assert emp.fisher == "empirical"
     assert not torch.allclose(emp.precondition(x, "kfac"), fits[0].precondition(x, "kfac")), (

@@ -111,9 +111,7 @@ class KroneckerBlock:
         if kind == "kfac":
             return self.eig_s[:, None] * self.eig_a[None, :]
         if self.ekfac is None:
-            raise ConfigError(
-                f"block {self.module!r} has no EK-FAC eigenvalues; fit with kinds including 'ekfac'"
-            )
+            raise ConfigError(f"block {self.module!r} has no EK-FAC eigenvalues; fit with kinds including 'ekfac'")
         return self.ekfac
 
     def rotate(self, g: torch.Tensor) -> torch.Tensor:

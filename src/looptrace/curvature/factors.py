@@ -86,7 +86,7 @@ class Curvature:
         dev = flat.device
         for blk in self.kronecker:
             w0, wn = off[blk.weight]
-            d_out, d_in1 = blk.shape
+            d_out = blk.shape[0]
             parts = [flat[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out)]
             if blk.bias is not None:
                 b0, bn = off[blk.bias]
@@ -122,7 +122,9 @@ class Curvature:
             "format": FORMAT,
             "version": VERSION,
             "params": [[n, list(s)] for n, s in self.params],
-            "kronecker": [{"module": b.module, "weight": b.weight, "bias": b.bias, "rows": b.rows} for b in self.kronecker],
+            "kronecker": [
+                {"module": b.module, "weight": b.weight, "bias": b.bias, "rows": b.rows} for b in self.kronecker
+            ],
             "diagonal": [d.name for d in self.diagonal],
             "fisher": self.fisher,
             "n": self.n,

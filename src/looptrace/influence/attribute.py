@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
+from looptrace.curvature.factors import Curvature
 from looptrace.curvature.fit import Fisher, fit_curvature
 from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import CheckpointError, ConfigError
@@ -19,7 +20,6 @@ from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.influence.scores import Decomposition, sdi, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
-
 
 Precondition = Literal["adam", "kfac", "ekfac", "gauss-newton"]
 #: The accepted values of ``attribute(precondition=...)``.
@@ -136,11 +136,13 @@ def attribute(
                 curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
                                      fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
                 query = preconditioned_features(
-                    model, query_loader, loss_fn, lambda g, c=curv: c.precondition(g, precondition, damping),
+                    model, query_loader, loss_fn, _preconditioner(curv, precondition, damping),
                     per_step=decomposition != "train", checkpoint=name, **kw,
                 )  # fmt: skip
             else:
-                query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
+                query = featurize(
+                    model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw
+                )
             if precondition == "gauss-newton":
                 query = _gauss_newton_query(train, query, damping)
             if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
@@ -167,6 +169,11 @@ def attribute(
         model.load_state_dict(original)
     assert total_sdi is not None and total_tracin is not None and total_self is not None
     return Attribution(total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix)
+
+
+def _preconditioner(curv: Curvature, kind: str, damping: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Flat gradients ``[R, P]`` -> ``(F + lambda I)^-1`` of them, F the fitted K-FAC or EK-FAC."""
+    return lambda g: curv.precondition(g, kind, damping)  # type: ignore[arg-type]
 
 
 def _gauss_newton_query(train: Features, query: Features, damping: float | None) -> Features:
