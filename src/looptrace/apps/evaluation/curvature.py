@@ -186,7 +186,9 @@ def run_kronfluence(python: str, task: EvalTask, ckpt_dir: Path, work: Path) -> 
            "--out", str(out), "--task", json.dumps(dataclasses.asdict(task))]  # fmt: skip
     subprocess.run(cmd, check=True, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     meta = json.loads((out / "scores.json").read_text())
-    return {name: np.load(out / f) for name, f in meta["files"].items()}
+    scores = {name: np.load(out / f) for name, f in meta["files"].items()}
+    (work / "finding.json").write_text(json.dumps(meta["tied_body_finding"]))
+    return scores
 
 
 def compare(task: EvalTask, cfg: CurvatureEvalConfig, kronfluence_python: str | None = None) -> dict[str, Any]:
@@ -199,9 +201,11 @@ def compare(task: EvalTask, cfg: CurvatureEvalConfig, kronfluence_python: str | 
         scores = estimator_scores(task, ckpt_dir, cfg)
         t_scores = time.perf_counter() - t1
         peer_note = "not run (no --kronfluence-python)"
+        finding = None
         if kronfluence_python:
             scores.update(run_kronfluence(kronfluence_python, task, ckpt_dir, Path(tmp)))
             peer_note = "kronfluence 1.0.1 in its own environment (looptrace.apps.evaluation.kronfluence_probe)"
+            finding = json.loads((Path(tmp) / "finding.json").read_text())
     t2 = time.perf_counter()
     masks, outcomes = subsets(task, cfg)
     t_retrain = time.perf_counter() - t2
@@ -219,8 +223,56 @@ def compare(task: EvalTask, cfg: CurvatureEvalConfig, kronfluence_python: str | 
         },
         "seconds": {"scores": t_scores, "retraining": t_retrain, "total": time.perf_counter() - t0},
         "summary": summarise(table),
+        "kronfluence_tied_body_finding": finding,
         "lds": table,
     }
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across runs (task seeds): each estimator's mean LDS per run and its spread, and the verdicts, each a
+    field computed from the numbers (every run must satisfy it)."""
+    names = list(results[0]["lds"])
+    per_run = {n: [r["lds"][n]["mean"] for r in results if n in r["lds"]] for n in names}
+    table = {n: {"runs": v, "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+             for n, v in per_run.items()}  # fmt: skip
+    curv = [n for n in names if _is_curvature(n)]
+    best = max(curv, key=lambda n: table[n]["mean"])
+    tracin = table["TracIn | all checkpoints | as trained"]
+    peer = table.get("kronfluence EK-FAC (all Linear modules, final weights)")
+    defaults = {k: table[v] for k, v in _DEFAULTS.items() if v in table}
+    return {
+        "runs": len(results),
+        "task_seeds": [r["task"]["seed"] for r in results],
+        "subsets_per_run": results[0]["config"]["subsets"],
+        "machine": results[0]["machine"],
+        "best_curvature": {"name": best, **table[best]},
+        "tracin": tracin,
+        "kronfluence_ekfac": peer,
+        "attribute_defaults": defaults,
+        "best_beats_tracin_every_run": all(a >= b for a, b in zip(table[best]["runs"], tracin["runs"], strict=True)),
+        "best_beats_kronfluence_ekfac_every_run": None if peer is None
+        else all(a >= b for a, b in zip(table[best]["runs"], peer["runs"], strict=True)),
+        "defaults_beat_tracin_every_run": all(all(a >= b for a, b in zip(d["runs"], tracin["runs"], strict=True))
+                                              for d in defaults.values()),
+        "defaults_beat_kronfluence_ekfac_every_run": None if peer is None
+        else all(all(a >= b for a, b in zip(d["runs"], peer["runs"], strict=True)) for d in defaults.values()),
+        "held_out_selection_beats_tracin_every_run": all(r["summary"]["held_out_beats_tracin"] for r in results),
+        "held_out_selection_beats_kronfluence_ekfac_every_run": all(
+            r["summary"].get("held_out_beats_kronfluence_ekfac", False) for r in results
+        ),
+        "tied_body_finding": next(
+            (r["kronfluence_tied_body_finding"] for r in results if r.get("kronfluence_tied_body_finding")), None
+        ),
+        "lds": table,
+    }  # fmt: skip
+
+
+#: What ``lt.attribute(..., precondition=kind)`` computes with its defaults (damping=None, no fisher_loss).
+_DEFAULTS = {
+    "kfac": "kfac | all checkpoints | as trained | empirical Fisher | damping 0.1x",
+    "ekfac": "ekfac | all checkpoints | as trained | empirical Fisher | damping 0.1x",
+    "gauss-newton": "gauss-newton | all checkpoints | as trained | damping 0.1x",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kronfluence-python", default=None, help="python of a venv with kronfluence installed")
     p.add_argument("--smoke", action="store_true", help="tiny sizes")
     p.add_argument("--task", default="{}", help="EvalTask overrides as JSON, e.g. '{\"seed\": 1}'")
+    p.add_argument("--aggregate", nargs="*", default=None, help="results.json files to aggregate into OUT/summary.json")
     args = p.parse_args(argv)
+    if args.aggregate:
+        summary = aggregate([json.loads(Path(f).read_text()) for f in args.aggregate])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(summary, Path(args.out) / "summary.json")
+        print(json.dumps({k: v for k, v in summary.items() if k != "lds"}, indent=2))
+        return 0
     torch.set_num_threads(1)
     cfg = CurvatureEvalConfig.smoke() if args.smoke else CurvatureEvalConfig()
     task = EvalTask(**json.loads(args.task))
