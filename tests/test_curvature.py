@@ -335,3 +335,65 @@ def test_damping_float_is_lambda_for_every_block() -> None:
     lam = 1e12
     assert_close(curv.precondition(x, "ekfac", damping=lam) * lam, x, "huge damping", rtol=1e-6, atol=1e-9)
     assert math.isclose(float(curv.dense("kfac", damping=lam).trace()) * lam, curv.dim, rel_tol=1e-6)
+
+
+class _TransposedCore(nn.Module):
+    """A loop step whose Linear sees rows [L, B, d] (sequence first): not batch-first."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.fc(self.norm(h + e).transpose(0, 1))).transpose(0, 1)
+
+
+class _SeqFirstLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 6)
+        self.core = _TransposedCore(6)
+        self.head = nn.Linear(6, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        h = torch.zeros_like(e)
+        for _ in range(3):
+            h = self.core(h, e)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("length", [5, 3], ids=["L-differs-from-B", "L-equals-B"])
+def test_ekfac_rows_that_are_not_batch_first_take_the_exact_route(length: int) -> None:
+    """EK-FAC groups a Linear's rows by example assuming the batch is their first axis; rows [L, B, d] must
+    be caught: by shape when L != B (then fitted from exact per-example gradients), and when L == B by the
+    first-batch check of the exact route against autograd, which refuses the body as featurize does. The
+    batch-first tiny model keeps the fast route."""
+    model = _SeqFirstLoop().double()
+    batches = [(torch.randint(0, 7, (3, length)), torch.randint(0, 7, (3, length))) for _ in range(2)]
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return (
+            nn.functional.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten(), reduction="none")
+            .view(batch[1].shape)
+            .mean(1)
+        )
+
+    if length == 3:
+        with pytest.raises(lt.VerificationError, match="batch not on the first axis"):
+            fit_curvature(model, batches, loss, step_module=model.core, kinds=("ekfac",))
+        return
+    curv = fit_curvature(model, batches, loss, step_module=model.core, kinds=("ekfac",))
+    assert curv.ekfac_route == "exact"
+    tied = oracle_per_step(model, model.core, batches, loss).sum(1)
+    blk = curv.kronecker[0]
+    off = curv.offsets
+    w0, wn = off[blk.weight]
+    b0, bn = off[blk.bias]  # type: ignore[index]
+    g = torch.cat([tied[:, w0 : w0 + wn].reshape(-1, 6, 6), tied[:, b0 : b0 + bn].reshape(-1, 6, 1)], 2)
+    assert_close(blk.ekfac, blk.rotate(g).square().mean(0), "EK-FAC eigenvalues of sequence-first rows")
+    model2, train = tiny_model(), tiny_batches(2)
+    fast = fit_curvature(model2, train, lm_loss, step_module=model2.core, kinds=("ekfac",))
+    assert fast.ekfac_route == "rows"

@@ -42,6 +42,8 @@ class Curvature:
         n: examples the factors were fitted on.
         kinds: which of ``"kfac"``, ``"ekfac"`` can be applied.
         checkpoint: the checkpoint's name, or ``None``.
+        ekfac_route: how the EK-FAC eigenvalues were fitted: ``"rows"`` (rows rotated per example in the
+            hooks) or ``"exact"`` (exact per-example tied gradients, for rows that are not batch-first).
     """
 
     params: list[tuple[str, tuple[int, ...]]]
@@ -51,6 +53,7 @@ class Curvature:
     n: int
     kinds: tuple[str, ...]
     checkpoint: str | None = None
+    ekfac_route: str | None = None
 
     @property
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -130,6 +133,7 @@ class Curvature:
             "n": self.n,
             "kinds": list(self.kinds),
             "checkpoint": self.checkpoint,
+            "ekfac_route": self.ekfac_route,
         }
 
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
@@ -171,7 +175,9 @@ class Curvature:
                                        int(b["rows"]), **fields))  # fmt: skip
         diag = [DiagonalBlock(name, t[f"diag{i}"]) for i, name in enumerate(side["diagonal"])]
         params = [(n, tuple(s)) for n, s in side["params"]]
-        return cls(params, kron, diag, side["fisher"], int(side["n"]), tuple(side["kinds"]), side["checkpoint"]), side
+        curv = cls(params, kron, diag, side["fisher"], int(side["n"]), tuple(side["kinds"]), side["checkpoint"],
+                   side.get("ekfac_route"))  # fmt: skip
+        return curv, side
 
 
 def sha256_file(path: Path) -> str:

@@ -94,14 +94,15 @@ class _RowStats:
     rows: int = 0
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).double()
-        g2 = g.reshape(-1, g.shape[-1]).double()
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
         live = g2.ne(0).any(1)  # rows with no backprop signal contribute nothing to the tied gradient
-        x2, g2 = x2[live], g2[live]
+        if not bool(live.all()):
+            x2, g2 = x2[live], g2[live]
         if self.bias:
             x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
-        self.a += x2.T @ x2
-        self.s += g2.T @ g2
+        self.a += (x2.T @ x2).double()  # a sum over one call's rows in the model's dtype, accumulated in float64
+        self.s += (g2.T @ g2).double()
         self.rows += int(x2.shape[0])
 
 
@@ -143,12 +144,38 @@ def _fitting(model: nn.Module, params: list[BodyParam], train_mode: bool) -> Ite
             p.requires_grad_(flag)
 
 
+def _linear_rows(
+    model: nn.Module, batch: Any, loss: _Seeded, linears: list[tuple[str, nn.Linear]]
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """One forward and backward of the fitting loss: per call of a body Linear that received gradient, its
+    index, input rows ``x`` and output gradient ``g``. Autograd is asked for the calls' outputs only (not the
+    weights: no weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped."""
+    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def hook(i: int, args: Any, kwargs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            calls.append((i, (args[0] if args else kwargs["input"]).detach(), output))
+
+    handles = [mod.register_forward_hook(lambda m, a, k, o, i=i: hook(i, a, k, o), with_kwargs=True)
+               for i, (_, mod) in enumerate(linears)]  # fmt: skip
+    try:
+        with torch.enable_grad():
+            losses = validate_losses(loss(model, batch), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        return losses.detach(), []
+    grads = torch.autograd.grad(losses.sum(), [c[2] for c in calls], allow_unused=True)
+    rows = [(i, x, g) for (i, x, _), g in zip(calls, grads, strict=True) if g is not None]
+    return losses.detach(), rows
+
+
 def _kronecker_pass(
     model: nn.Module,
     loader: Iterable[Any],
     loss: _Seeded,
     linears: list[tuple[str, nn.Linear]],
-    params: list[BodyParam],
     device: torch.device,
 ) -> tuple[list[_RowStats], int]:
     """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear."""
@@ -159,28 +186,13 @@ def _kronecker_pass(
         stats.append(_RowStats(z(d_in, d_in, dtype=torch.float64, device=device),
                                z(mod.out_features, mod.out_features, dtype=torch.float64, device=device),
                                mod.bias is not None))  # fmt: skip
-
-    def hook(mod: nn.Module, args: Any, kwargs: Any, output: Any, st: _RowStats) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        x = (args[0] if args else kwargs["input"]).detach()
-        output.register_hook(lambda g: st.add(x, g.detach()))
-
-    handles = [
-        mod.register_forward_hook(lambda m, a, k, o, st=st: hook(m, a, k, o, st), with_kwargs=True)
-        for (_, mod), st in zip(linears, stats, strict=True)
-    ]
     n = 0
-    try:
-        for index, batch in enumerate(loader):
-            loss.index = index
-            with torch.enable_grad():
-                losses = validate_losses(loss(model, batch), batch)
-                torch.autograd.grad(losses.sum(), [bp.param for bp in params], allow_unused=True)
-            n += int(losses.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
+    for index, batch in enumerate(loader):
+        loss.index = index
+        losses, rows = _linear_rows(model, batch, loss, linears)
+        for i, x, g in rows:
+            stats[i].add(x, g)
+        n += int(losses.shape[0])
     return stats, n
 
 
@@ -197,6 +209,7 @@ def fit_curvature(
     seed: int = 0,
     train_mode: bool = False,
     checkpoint: str | None = None,
+    verify: bool | str = "first",
     **featurize_kwargs: Any,
 ) -> Curvature:
     """K-FAC / EK-FAC factors of the body at the model's current weights, fitted on ``loader``.
@@ -209,6 +222,8 @@ def fit_curvature(
         fisher, fisher_loss: see :func:`resolve_fisher`.
         seed: seeds the target sampling of a true Fisher.
         train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
+        verify: check the exact per-example gradients of pass 2 against autograd (as :func:`looptrace.featurize`):
+            ``"first"`` batch, ``True`` every batch, ``False`` never. Catches rows that are not batch-first.
         featurize_kwargs: passed to the pass-2 featurisation (``tau``, ``recompute``, ``fallback``, ...).
 
     Returns:
@@ -230,7 +245,7 @@ def fit_curvature(
     names = {id(bp.param): bp.name for bp in params}
     seeded = _Seeded(fit_loss, seed, device)
     with _fitting(model, params, train_mode):
-        stats, n = _kronecker_pass(model, loader, seeded, linears, params, device)
+        stats, n = _kronecker_pass(model, loader, seeded, linears, device)
     if n == 0:
         raise ConfigError("the fitting loader yielded no examples")
     kron = []
@@ -247,7 +262,8 @@ def fit_curvature(
             for name, shape in layout if name not in in_kron]  # fmt: skip
     curv = Curvature(layout, kron, diag, which, n, kind_set, checkpoint)
     if "ekfac" in kind_set or diag:
-        _eigen_pass(model, loader, seeded, curv, step_module, body, train_mode, "ekfac" in kind_set, featurize_kwargs)
+        _eigen_pass(model, loader, seeded, curv, linears, roots, params, step_module, train_mode, "ekfac" in kind_set,
+                    verify, loss_fn, featurize_kwargs)  # fmt: skip
     return curv
 
 
@@ -256,37 +272,144 @@ def _eigen_pass(
     loader: Iterable[Any],
     loss: _Seeded,
     curv: Curvature,
+    linears: list[tuple[str, nn.Linear]],
+    roots: list[nn.Module],
+    params: list[BodyParam],
     step_module: nn.Module | None,
-    body: nn.Module | Sequence[nn.Module] | None,
     train_mode: bool,
     ekfac: bool,
+    verify: bool | str,
+    check_loss: LossFn,
     featurize_kwargs: dict[str, Any],
 ) -> None:
-    """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block and E_n[g_n^2] for the diagonal ones, from
-    the exact per-example tied gradients G_n (a one-batch exact featurisation at a time)."""
-    off = curv.offsets
+    """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block and E_n[g_n^2] for the diagonal ones, from the
+    per-example tied gradients G_n.
+
+    Kronecker blocks: hooks on the Linear layers group each call's rows by example (the batch is the rows'
+    first axis), rotate them into the eigenbasis and add ``(Q_S^T g)(Q_A^T a)^T`` over the calls, so the tied
+    gradient is never formed in the parameter basis. The first batch is checked against the exact
+    per-example tied gradients (:func:`looptrace.featurize`, exact spec, itself checked against autograd when
+    ``verify`` asks, with ``check_loss``: the data's targets, since a sampled loss draws other targets for the
+    examples run alone); a body whose rows are not batch-first, or that fails the check, takes that exact route
+    for every batch. Diagonal blocks: the exact
+    per-example gradients of just the modules that own them."""
     if ekfac:
         for blk in curv.kronecker:
             blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
     kw = {k: v for k, v in featurize_kwargs.items() if k not in ("sketch", "per_step", "verify", "checkpoint")}
+    kw.update(step_module=step_module, train_mode=train_mode)
+    owners = _diagonal_owners(roots, params, {d.name for d in curv.diagonal})
+    hooks_ok = True
     for index, batch in enumerate(loader):
         loss.index = index
-        g = featurize(model, [batch], loss, step_module=step_module, body=body, sketch=SketchSpec.exact(),
-                      per_step=False, verify=False, train_mode=train_mode, **kw).total.double()  # fmt: skip
-        for blk in curv.kronecker if ekfac else []:
-            assert blk.ekfac is not None
-            d_out = blk.shape[0]
-            w0, wn = off[blk.weight]
-            parts = [g[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out)]
-            if blk.bias is not None:
-                b0, bn = off[blk.bias]
-                parts.append(g[:, b0 : b0 + bn].reshape(-1, d_out, 1))
-            blk.ekfac += blk.rotate(torch.cat(parts, dim=2).to(blk.ekfac.device)).square().sum(0)
+        check = verify is True or (verify == "first" and index == 0)
+        if not ekfac and not (curv.diagonal and check):
+            break
+        if ekfac:
+            got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode) if hooks_ok else None
+            if got is None or index == 0:
+                if check:
+                    featurize(model, [batch], check_loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
+                              verify=True, **kw)  # fmt: skip
+                exact = _rotated_exact(model, batch, loss, curv, roots, {**kw, "verify": False})
+                tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
+                if got is not None and not all(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+                                               for a, b in zip(got, exact, strict=True)):  # fmt: skip
+                    got = None
+                if got is None:
+                    hooks_ok = False
+                    got = exact
+            for blk, add in zip(curv.kronecker, got, strict=True):
+                assert blk.ekfac is not None
+                blk.ekfac += add
+        if curv.diagonal and check and not ekfac:
+            featurize(model, [batch], check_loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
+                      verify=True, **kw)  # fmt: skip
+    if curv.diagonal:  # one featurisation of the (few) diagonal parameters over the whole loader
+        f = featurize(model, _indexed(loader, loss), loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
+                      verify=False, **kw)  # fmt: skip
+        at = {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
+        g = f.total.double()
         for dia in curv.diagonal:
-            s0, sn = off[dia.name]
+            s0, sn = at[dia.name]
             dia.diag += g[:, s0 : s0 + sn].square().sum(0).reshape(dia.diag.shape).to(dia.diag.device)
     for blk in curv.kronecker if ekfac else []:
         assert blk.ekfac is not None
         blk.ekfac /= curv.n
+    if ekfac and curv.kronecker:
+        curv.ekfac_route = "rows" if hooks_ok else "exact"
     for dia in curv.diagonal:
         dia.diag /= curv.n
+
+
+def _indexed(loader: Iterable[Any], loss: _Seeded) -> Iterator[Any]:
+    """The loader's batches, telling the seeded loss which batch it is on (the same draws as pass 1)."""
+    for index, batch in enumerate(loader):
+        loss.index = index
+        yield batch
+
+
+def _diagonal_owners(roots: list[nn.Module], params: list[BodyParam], names: set[str]) -> list[nn.Module]:
+    """The modules that directly own the diagonal blocks' parameters (a smaller body for their gradients)."""
+    wanted = {id(bp.param) for bp in params if bp.name in names}
+    out: list[nn.Module] = []
+    for root in roots:
+        for mod in root.modules():
+            if any(id(p) in wanted for p in mod.parameters(recurse=False)) and all(mod is not o for o in out):
+                out.append(mod)
+    return out
+
+
+def _rotated_exact(
+    model: nn.Module, batch: Any, loss: _Seeded, curv: Curvature, roots: list[nn.Module], kw: dict[str, Any]
+) -> list[torch.Tensor]:
+    """Per Kronecker block, sum_n (Q_S^T G_n Q_A)^2 over the batch, from exact per-example tied gradients."""
+    f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False, **kw)
+    g = f.total.double()
+    off = curv.offsets
+    out = []
+    for blk in curv.kronecker:
+        d_out = blk.shape[0]
+        w0, wn = off[blk.weight]
+        parts = [g[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out)]
+        if blk.bias is not None:
+            b0, bn = off[blk.bias]
+            parts.append(g[:, b0 : b0 + bn].reshape(-1, d_out, 1))
+        out.append(blk.rotate(torch.cat(parts, dim=2).to(blk.a_cov.device)).square().sum(0))
+    return out
+
+
+def _rotated_by_hooks(
+    model: nn.Module,
+    batch: Any,
+    loss: _Seeded,
+    curv: Curvature,
+    linears: list[tuple[str, nn.Linear]],
+    params: list[BodyParam],
+    train_mode: bool,
+) -> list[torch.Tensor] | None:
+    """As :func:`_rotated_exact`, from rows rotated before the outer product: ``Q_S^T G_n Q_A =
+    sum_r (Q_S^T g_r)(Q_A^T a_r)^T`` over example n's rows in every call. ``None`` if some call's rows are not
+    batch-first."""
+    from looptrace import batching
+
+    size = batching.leading_size(batch)
+    with _fitting(model, params, train_mode):
+        _, rows = _linear_rows(model, batch, loss, linears)
+    acc: list[torch.Tensor | None] = [None] * len(linears)
+    for i, x, g in rows:
+        blk = curv.kronecker[i]
+        assert blk.q_a is not None and blk.q_s is not None
+        if size is None or x.dim() < 2 or x.shape[0] != size or g.shape[0] != size:
+            return None
+        xa = x.reshape(size, -1, x.shape[-1])
+        if blk.bias is not None:
+            xa = torch.cat([xa, xa.new_ones(*xa.shape[:2], 1)], dim=2)
+        q_s, q_a = blk.q_s.to(x.dtype), blk.q_a.to(x.dtype)  # the model's precision; accumulated in float64
+        rotated = ((g.reshape(size, -1, g.shape[-1]) @ q_s).transpose(1, 2) @ (xa @ q_a)).double()
+        prev = acc[i]
+        acc[i] = rotated if prev is None else prev + rotated  # summed over calls (steps) before squaring
+    return [
+        torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device) if a is None else a.square().sum(0)
+        for blk, a in zip(curv.kronecker, acc, strict=True)
+    ]

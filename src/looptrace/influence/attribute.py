@@ -132,7 +132,7 @@ def attribute(
                 )
             train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
             if precondition in ("kfac", "ekfac"):
-                fit_kw = {k: v for k, v in kw.items() if k not in ("sketch", "verify")}
+                fit_kw = {k: v for k, v in kw.items() if k != "sketch"}
                 curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
                                      fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
                 query = preconditioned_features(
