@@ -264,7 +264,13 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
             (r["kronfluence_tied_body_finding"] for r in results if r.get("kronfluence_tied_body_finding")), None
         ),
         "lds": table,
+        "table": {label(n): v for n, v in table.items()},  # the same, named without "|" (for write-up placeholders)
     }  # fmt: skip
+
+
+def label(name: str) -> str:
+    """An estimator's name with ", " for " | " (write-up placeholders cannot hold "|")."""
+    return name.replace(" | ", ", ")
 
 
 #: What ``lt.attribute(..., precondition=kind)`` computes with its defaults (damping=None, no fisher_loss).
