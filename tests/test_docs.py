@@ -19,6 +19,7 @@ EXECUTED = [
     "guide/training-loop.md",
     "guide/recurrent-depth.md",
     "guide/evaluation.md",
+    "guide/which-estimator.md",
 ]
 
 

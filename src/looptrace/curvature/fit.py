@@ -215,11 +215,16 @@ def fit_curvature(
     """K-FAC / EK-FAC factors of the body at the model's current weights, fitted on ``loader``.
 
     Args:
-        model, loader, loss_fn, step_module, body: as for :func:`looptrace.featurize` (``loss_fn`` gives the
-            empirical Fisher).
+        model: the looped model, at the weights to fit the curvature of.
+        loader: the fitting (training) set, in batches.
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses on the data's targets (the empirical
+            Fisher's).
+        step_module: as for :func:`looptrace.featurize`.
+        body: as for :func:`looptrace.featurize`.
         kinds: ``"kfac"`` and/or ``"ekfac"``; EK-FAC needs the second pass, K-FAC only when the body has
             parameters outside Linear layers (their diagonal blocks).
-        fisher, fisher_loss: see :func:`resolve_fisher`.
+        fisher: ``"true"``, ``"empirical"`` or ``None`` (see :func:`resolve_fisher`).
+        fisher_loss: the per-example loss on targets sampled from the model (true Fisher).
         seed: seeds the target sampling of a true Fisher.
         train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
         verify: check the exact per-example gradients of pass 2 against autograd (as :func:`looptrace.featurize`):
