@@ -66,29 +66,29 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
     }
 
 
+def _row(model: torch.nn.Module, core: torch.nn.Module, lfn: Any, tr: list[Any], qu: list[Any], repeats: int) -> dict:
+    kw: dict[str, Any] = dict(step_module=core, verify=False)
+    n_query = sum(len(b[0]) for b in qu)
+    curv = fit_curvature(model, tr, lfn, **kw)
+    row = {
+        "featurize": _timed(lambda: lt.featurize(model, tr, lfn, per_step=False, **kw), repeats),
+        "fit_kfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("kfac",), **kw), repeats),
+        "fit_ekfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("ekfac",), **kw), repeats),
+        "query_plain_per_example": _timed(lambda: lt.featurize(model, qu, lfn, **kw), repeats) / n_query,
+        "query_ekfac_per_example": _timed(
+            lambda: preconditioned_features(model, qu, lfn, lambda g: curv.precondition(g, "ekfac"), **kw), repeats
+        )
+        / n_query,
+        "body_parameters": curv.dim,
+    }
+    row["fit_kfac_over_featurize"] = row["fit_kfac"] / row["featurize"]
+    row["fit_ekfac_over_featurize"] = row["fit_ekfac"] / row["featurize"]
+    row["query_ekfac_over_plain"] = row["query_ekfac_per_example"] / row["query_plain_per_example"]
+    return row
+
+
 def measure(repeats: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, (model, core, lfn, tr, qu) in _models().items():
-        kw: dict[str, Any] = dict(step_module=core, verify=False)
-        n_query = sum(len(b[0]) for b in qu)
-        curv = fit_curvature(model, tr, lfn, **kw)
-        row = {
-            "featurize": _timed(lambda: lt.featurize(model, tr, lfn, per_step=False, **kw), repeats),
-            "fit_kfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("kfac",), **kw), repeats),
-            "fit_ekfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("ekfac",), **kw), repeats),
-            "query_plain_per_example": _timed(lambda: lt.featurize(model, qu, lfn, **kw), repeats) / n_query,
-            "query_ekfac_per_example": _timed(
-                lambda: preconditioned_features(model, qu, lfn, lambda g: curv.precondition(g, "ekfac"), **kw),
-                repeats,
-            )
-            / n_query,
-            "body_parameters": curv.dim,
-        }
-        row["fit_kfac_over_featurize"] = row["fit_kfac"] / row["featurize"]
-        row["fit_ekfac_over_featurize"] = row["fit_ekfac"] / row["featurize"]
-        row["query_ekfac_over_plain"] = row["query_ekfac_per_example"] / row["query_plain_per_example"]
-        out[name] = row
-    return out
+    return {name: _row(*setup, repeats) for name, setup in _models().items()}
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ def main() -> None:
             "threads": 1,
             "torch": torch.__version__,
             "platform": platform.platform(),
-        },  # fmt: skip
+        },
         "repeats": args.repeats,
         "seconds": rows,
         "worst_fit_over_featurize": worst,

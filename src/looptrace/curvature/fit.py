@@ -411,10 +411,12 @@ def _rotated_by_hooks(
         if blk.bias is not None:
             xa = torch.cat([xa, xa.new_ones(*xa.shape[:2], 1)], dim=2)
         q_s, q_a = blk.q_s.to(x.dtype), blk.q_a.to(x.dtype)  # the model's precision; accumulated in float64
-        rotated = ((g.reshape(size, -1, g.shape[-1]) @ q_s).transpose(1, 2) @ (xa @ q_a)).double()
+        rotated = (g.reshape(size, -1, g.shape[-1]) @ q_s).transpose(1, 2) @ (xa @ q_a)
         prev = acc[i]
         acc[i] = rotated if prev is None else prev + rotated  # summed over calls (steps) before squaring
     return [
-        torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device) if a is None else a.square().sum(0)
+        torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
+        if a is None
+        else a.double().square().sum(0)
         for blk, a in zip(curv.kronecker, acc, strict=True)
     ]

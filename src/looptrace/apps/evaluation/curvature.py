@@ -233,8 +233,10 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     field computed from the numbers (every run must satisfy it)."""
     names = list(results[0]["lds"])
     per_run = {n: [r["lds"][n]["mean"] for r in results if n in r["lds"]] for n in names}
-    table = {n: {"runs": v, "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-             for n, v in per_run.items()}  # fmt: skip
+    table: dict[str, dict[str, Any]] = {
+        n: {"runs": v, "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+        for n, v in per_run.items()
+    }
     curv = [n for n in names if _is_curvature(n)]
     best = max(curv, key=lambda n: table[n]["mean"])
     tracin = table["TracIn | all checkpoints | as trained"]
