@@ -1,6 +1,7 @@
 """What fitting K-FAC / EK-FAC costs next to one featurisation pass of the training set (issue #24, item 4).
 
-Times (median of ``--repeats``) on two looped models, one CPU thread:
+Times (medians over ``--repeats`` rounds; ratios are medians of per-round ratios) on two looped models,
+one CPU thread:
 
 * ``featurize``: one default featurisation pass of the training set (``SketchSpec()``, totals only), what
   every store and ``lt.attribute`` pay per checkpoint anyway;
@@ -9,13 +10,16 @@ Times (median of ``--repeats``) on two looped models, one CPU thread:
 * ``query_plain`` / ``query_ekfac``: the query side, plain per-step features vs EK-FAC-preconditioned ones
   (exact per-step gradients, preconditioned, sketched), per query example.
 
-Run: ``PYTHONPATH=src python benchmarks/curvature_cost.py --out benchmarks/results/curvature-cost.json``.
+Run: ``PYTHONPATH=src python benchmarks/curvature_cost.py --out benchmarks/results/curvature-cost.json``. The
+machine's load average is recorded: on a shared machine the ratios, which time both sides under the same
+load, are more meaningful than the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -67,24 +71,40 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
 
 
 def _row(model: torch.nn.Module, core: torch.nn.Module, lfn: Any, tr: list[Any], qu: list[Any], repeats: int) -> dict:
+    """Medians over rounds; each round times every operation once, in turn, so that a change of load on a
+    shared machine hits all of them alike."""
     kw: dict[str, Any] = dict(step_module=core, verify=False)
     n_query = sum(len(b[0]) for b in qu)
     curv = fit_curvature(model, tr, lfn, **kw)
-    row = {
-        "featurize": _timed(lambda: lt.featurize(model, tr, lfn, per_step=False, **kw), repeats),
-        "fit_kfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("kfac",), **kw), repeats),
-        "fit_ekfac": _timed(lambda: fit_curvature(model, tr, lfn, kinds=("ekfac",), **kw), repeats),
-        "query_plain_per_example": _timed(lambda: lt.featurize(model, qu, lfn, **kw), repeats) / n_query,
-        "query_ekfac_per_example": _timed(
-            lambda: preconditioned_features(model, qu, lfn, lambda g: curv.precondition(g, "ekfac"), **kw), repeats
-        )
-        / n_query,
-        "body_parameters": curv.dim,
+    ops: dict[str, Callable[[], Any]] = {
+        "featurize": lambda: lt.featurize(model, tr, lfn, per_step=False, **kw),
+        "fit_kfac": lambda: fit_curvature(model, tr, lfn, kinds=("kfac",), **kw),
+        "fit_ekfac": lambda: fit_curvature(model, tr, lfn, kinds=("ekfac",), **kw),
+        "query_plain": lambda: lt.featurize(model, qu, lfn, **kw),
+        "query_ekfac": lambda: preconditioned_features(model, qu, lfn, lambda g: curv.precondition(g, "ekfac"), **kw),
     }
-    row["fit_kfac_over_featurize"] = row["fit_kfac"] / row["featurize"]
-    row["fit_ekfac_over_featurize"] = row["fit_ekfac"] / row["featurize"]
-    row["query_ekfac_over_plain"] = row["query_ekfac_per_example"] / row["query_plain_per_example"]
-    return row
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            times[name].append(_timed(fn, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "featurize": med["featurize"],
+        "fit_kfac": med["fit_kfac"],
+        "fit_ekfac": med["fit_ekfac"],
+        "query_plain_per_example": med["query_plain"] / n_query,
+        "query_ekfac_per_example": med["query_ekfac"] / n_query,
+        "body_parameters": curv.dim,
+        "fit_kfac_over_featurize": statistics.median(
+            a / b for a, b in zip(times["fit_kfac"], times["featurize"], strict=True)
+        ),
+        "fit_ekfac_over_featurize": statistics.median(
+            a / b for a, b in zip(times["fit_ekfac"], times["featurize"], strict=True)
+        ),
+        "query_ekfac_over_plain": statistics.median(
+            a / b for a, b in zip(times["query_ekfac"], times["query_plain"], strict=True)
+        ),
+    }
 
 
 def measure(repeats: int) -> dict[str, Any]:
@@ -99,15 +119,17 @@ def main() -> None:
     torch.set_num_threads(1)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())  # fmt: skip
+    load_before = os.getloadavg()
     rows = measure(args.repeats)
     worst = max(max(r["fit_kfac_over_featurize"], r["fit_ekfac_over_featurize"]) for r in rows.values())
     res = {
         "machine": {
             "cpu": cpu,
-            "cores": __import__("os").cpu_count(),
+            "cores": os.cpu_count(),
             "threads": 1,
             "torch": torch.__version__,
             "platform": platform.platform(),
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         },
         "repeats": args.repeats,
         "seconds": rows,

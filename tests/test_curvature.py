@@ -397,3 +397,24 @@ def test_ekfac_rows_that_are_not_batch_first_take_the_exact_route(length: int) -
     model2, train = tiny_model(), tiny_batches(2)
     fast = fit_curvature(model2, train, lm_loss, step_module=model2.core, kinds=("ekfac",))
     assert fast.ekfac_route == "rows"
+
+
+@pytest.mark.parametrize("n, d", [(10, 4), (3, 20)], ids=["N>=D-cholesky", "N<D-woodbury"])
+def test_gauss_newton_solve_equals_the_explicit_inverse(n: int, d: int) -> None:
+    """Both routes of the Gauss-Newton solve equal (Phi^T Phi / N + lambda I)^-1 x, with the default lambda
+    0.1 x the mean nonzero eigenvalue. Catches a Woodbury term with the wrong N, or the default damping
+    averaged over all D eigenvalues."""
+    from looptrace.curvature import gauss_newton
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, d, generator=g, dtype=torch.float64)
+    gram = phi.T @ phi / n
+    lam = 0.1 * float(torch.linalg.eigvalsh(gram).clamp_min(0).sum()) / min(n, d)
+    want = torch.linalg.solve(gram + lam * torch.eye(d, dtype=torch.float64), x.reshape(-1, d).T).T.reshape(x.shape)
+    assert_close(gauss_newton(phi, x), want, f"Gauss-Newton solve (N={n}, D={d})")
+    assert_close(
+        gauss_newton(phi, x, damping=0.5),
+        torch.linalg.solve(gram + 0.5 * torch.eye(d, dtype=torch.float64), x.reshape(-1, d).T).T.reshape(x.shape),
+        "explicit damping",
+    )

@@ -1,15 +1,19 @@
 """Fitting K-FAC / EK-FAC factors of a looped body on a training set: two passes.
 
 Pass 1 (forward + backward of the fitting loss, no per-example work): a forward hook on every body
-``nn.Linear`` keeps each call's input rows ``a`` and hooks the call's output, whose gradient is the rows'
-backprop signals ``g``; every call is one loop step (or one of several uses within a step), so the rows
+``nn.Linear`` keeps each call's input rows ``a`` and its output; autograd is asked for the outputs'
+gradients, the rows' backprop signals ``g`` (not for the weights'); every call is one loop step (or one of several uses within a step), so the rows
 of every step and every token are pooled into ``A`` and ``S`` (:mod:`looptrace.curvature.blocks`). A row
 whose signal is exactly zero (a step cut by truncated BPTT, a step after an example's read-out) adds
 nothing to the tied gradient and is left out of ``A``.
 
-Pass 2 (EK-FAC, and the diagonal blocks): the exact per-example *tied* gradients (summed over steps,
-:func:`looptrace.featurize` with the exact spec, batch by batch), rotated into each Linear's Kronecker
-eigenbasis and squared; the other body parameters' squared gradients.
+Pass 2 (EK-FAC, and the diagonal blocks): the per-example *tied* gradients (summed over steps) in each
+Linear's Kronecker eigenbasis, squared and averaged. The same hooks rotate each call's rows into the
+eigenbasis and sum ``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed
+in the parameter basis; the first batch is checked against the exact per-example tied gradients
+(:func:`looptrace.featurize` with the exact spec), and rows that are not batch-first take that exact route.
+The other body parameters' squared gradients come from one exact featurisation of just the modules that
+own them.
 
 The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
 user's loss with targets *sampled from the model* (for a softmax output, :func:`sampled_cross_entropy`).
