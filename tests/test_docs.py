@@ -21,6 +21,7 @@ EXECUTED = [
     "guide/training-loop.md",
     "guide/recurrent-depth.md",
     "guide/evaluation.md",
+    "guide/which-estimator.md",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``looptrace`` command: train, demo, analyze, report, bench, featurize, score, topk, inspect."""
+"""The ``looptrace`` command: train, demo, analyze, report, bench, featurize, fit-curvature, score, topk, inspect."""
 
 from __future__ import annotations
 
@@ -229,10 +229,58 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_setup(store: str, roles: str) -> Any:
+    """(model, step_module, loss_fn, datasets, checkpoints) rebuilt from the store's ``featurize_args.json``."""
+    path = Path(store, "featurize_args.json")
+    if not path.exists():
+        raise ConfigError(f"{store} has no featurize_args.json; fill it with `looptrace featurize` first")
+    saved = json.loads(path.read_text())
+    return _setup_from_args(argparse.Namespace(**{**saved, "roles": roles}))
+
+
+def _cmd_fit_curvature(args: argparse.Namespace) -> int:
+    from looptrace.store.curvature import fit_curvature_to_store
+
+    model, step_module, loss_fn, datasets, cks = _store_setup(args.store, "train")
+    model.to(args.device)
+    fisher_loss = load_attr(args.fisher_loss, "--fisher-loss") if args.fisher_loss else None
+    paths = fit_curvature_to_store(
+        model, cks, datasets["train"], loss_fn, args.store, step_module=step_module, batch_size=args.batch_size,
+        fisher=args.fisher, fisher_loss=fisher_loss, seed=args.seed,
+    )  # fmt: skip
+    atomic_write_bytes(
+        Path(args.store, "curvature", "fit_curvature_args.json"), json.dumps(_args_dict(args), indent=2).encode()
+    )
+    print(f"wrote {len(paths)} factor file(s) under {Path(args.store, 'curvature')}")
+    return 0
+
+
+def _score_preconditioned(args: argparse.Namespace) -> Path:
+    from looptrace.store import FeatureStore, score_to_disk
+    from looptrace.store.curvature import preconditioned_queries
+
+    store = FeatureStore.open(args.store)
+    if args.precondition == "gauss-newton":
+        queries = preconditioned_queries(store, "gauss-newton", args.damping)
+    else:
+        model, step_module, loss_fn, datasets, cks = _store_setup(args.store, "query")
+        model.to(args.device)
+        queries = preconditioned_queries(
+            store, args.precondition, args.damping, model=model, checkpoints=cks, dataset=datasets["query"],
+            loss_fn=loss_fn, step_module=step_module, batch_size=args.batch_size,
+        )  # fmt: skip
+    return score_to_disk(store, args.out, kind=args.kind, queries=queries)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from looptrace.store import FeatureStore, score_to_disk
 
-    out = score_to_disk(FeatureStore.open(args.store), args.out, kind=args.kind)
+    if args.damping is not None and args.precondition is None:
+        raise ConfigError("--damping needs --precondition kfac, ekfac or gauss-newton")
+    if args.precondition is not None:
+        out = _score_preconditioned(args)
+    else:
+        out = score_to_disk(FeatureStore.open(args.store), args.out, kind=args.kind)
     atomic_write_bytes(Path(str(out) + ".json"), json.dumps(_args_dict(args), indent=2, default=str).encode())
     print(f"wrote {out}")
     return 0
@@ -426,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--store", required=True)
     sc.add_argument("--out", required=True, help="output .npy")
     sc.add_argument("--kind", default="sdi", choices=["sdi", "tracin"])
+    _add_curvature_arguments(sub, sc)
     sc.set_defaults(func=_cmd_score)
 
     top = sub.add_parser("topk", help="top-k proponents and opponents per query (FAISS, exactly re-scored)")
@@ -449,6 +498,40 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in sub.choices.values():  # `looptrace featurize ... --debug` works as well as `looptrace --debug featurize`
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return p
+
+
+def _add_curvature_arguments(sub: Any, score: argparse.ArgumentParser) -> None:
+    """``looptrace fit-curvature`` and the preconditioning options of ``looptrace score``."""
+    score.add_argument(
+        "--precondition", default=None, choices=["kfac", "ekfac", "gauss-newton"],
+        help="precondition the query side: kfac / ekfac need `looptrace fit-curvature` first (and recompute the "
+        "queries' gradients with the store's model); gauss-newton uses the stored training features",
+    )  # fmt: skip
+    score.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="lambda for every block (default: 0.1 x each block's mean eigenvalue)",
+    )
+    score.add_argument("--batch-size", type=int, default=64, help="query batch size (with --precondition)")
+    score.add_argument("--device", default="cpu", help="where the model runs (with --precondition kfac/ekfac)")
+    fc = sub.add_parser(
+        "fit-curvature",
+        help="fit K-FAC / EK-FAC factors of every checkpoint of a store on its training set (written beside it)",
+    )
+    fc.add_argument("--store", required=True, help="a store filled by `looptrace featurize` (its setup is reused)")
+    fc.add_argument(
+        "--fisher", default=None, choices=["true", "empirical"],
+        help="true: targets sampled by --fisher-loss (the default when it is given); empirical: the data's targets",
+    )  # fmt: skip
+    fc.add_argument(
+        "--fisher-loss", default=None,
+        help="package.module:fn, (model, batch) -> per-example loss on targets sampled from the model",
+    )  # fmt: skip
+    fc.add_argument("--seed", type=int, default=0, help="seed of the target sampling (true Fisher)")
+    fc.add_argument("--batch-size", type=int, default=64)
+    fc.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    fc.set_defaults(func=_cmd_fit_curvature)
 
 
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,

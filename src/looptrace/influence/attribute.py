@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
+from looptrace.curvature.factors import Curvature
+from looptrace.curvature.fit import Fisher, fit_curvature
+from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import CheckpointError, ConfigError
+from looptrace.features import Features
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.influence.scores import Decomposition, sdi, sdi_positions, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
+
+Precondition = Literal["adam", "kfac", "ekfac", "gauss-newton"]
+#: The accepted values of ``attribute(precondition=...)``.
+PRECONDITIONERS: tuple[str | None, ...] = (None, "adam", "kfac", "ekfac", "gauss-newton")
 
 
 @dataclasses.dataclass
@@ -61,7 +69,10 @@ def attribute(
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     decomposition: Decomposition = "test",
-    precondition: Literal["adam"] | None = None,
+    precondition: Precondition | None = None,
+    damping: float | None = None,
+    fisher: Fisher | None = None,
+    fisher_loss: LossFn | None = None,
     train_positions: bool = False,
     **featurize_kwargs: Any,
 ) -> Attribution:
@@ -77,6 +88,22 @@ def attribute(
     ``precondition="adam"``: each checkpoint's inner products use Adam's diagonal geometry
     ``g^T P_k g'`` with ``P_k = 1 / (sqrt(v_hat_k) + eps)`` from the second moments recorded with it
     (:class:`looptrace.CheckpointRecorder`); conservation still holds.
+
+    Curvature-aware scores ``g_train . (F_k + lambda I)^-1 phi_t(query)`` precondition the *query* side only
+    (its per-step terms, so ``sdi.sum(-1) == tracin`` still holds exactly; training features stay plain):
+
+    * ``precondition="kfac"`` / ``"ekfac"``: K-FAC / EK-FAC of the body's Linear layers (diagonal blocks for
+      its other parameters), fitted on ``train_loader`` at each checkpoint with the rows of every loop step
+      and token (:mod:`looptrace.curvature`); the query's exact per-step gradients are preconditioned, then
+      sketched with the training features' plan. ``fisher``: ``"true"`` (targets sampled by ``fisher_loss``,
+      the default when it is given) or ``"empirical"`` (``loss_fn``, the default otherwise).
+    * ``precondition="gauss-newton"``: TRAK-style ``(Phi_k^T Phi_k / N + lambda I)^-1`` in feature space, from
+      the training set's total features at each checkpoint.
+    * ``damping``: ``None`` is 0.1 x each block's mean eigenvalue (Gauss-Newton: of its nonzero spectrum);
+      a float is lambda itself for every block.
+
+    Pass one checkpoint (``checkpoints[-1:]``) for the classical influence function at the final weights.
+    ``self_influence`` stays the plain ``|g|^2`` under these (only ``"adam"`` changes the training features).
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one Checkpoint")
@@ -85,8 +112,12 @@ def attribute(
         raise ConfigError(
             f"checkpoints must be looptrace.Checkpoint objects, got {bad}; wrap each as lt.Checkpoint(state_or_path, lr=eta)"
         )
-    if precondition not in (None, "adam"):
-        raise ConfigError(f"precondition must be None or 'adam', got {precondition!r}")
+    if precondition not in PRECONDITIONERS:
+        raise ConfigError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
+    if damping is not None and precondition in (None, "adam"):
+        raise ConfigError(f"damping applies to 'kfac', 'ekfac' and 'gauss-newton', not precondition={precondition!r}")
+    if (fisher is not None or fisher_loss is not None) and precondition not in ("kfac", "ekfac"):
+        raise ConfigError("fisher= and fisher_loss= choose the Fisher of precondition='kfac' or 'ekfac' only")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
     if train_positions and decomposition != "test":
@@ -122,7 +153,20 @@ def attribute(
                 model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name,
                 positions=train_positions, **kw,
             )  # fmt: skip
-            query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
+            if precondition in ("kfac", "ekfac"):
+                fit_kw = {k: v for k, v in kw.items() if k != "sketch"}
+                curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
+                                     fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
+                query = preconditioned_features(
+                    model, query_loader, loss_fn, _preconditioner(curv, precondition, damping),
+                    per_step=decomposition != "train", checkpoint=name, **kw,
+                )  # fmt: skip
+            else:
+                query = featurize(
+                    model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw
+                )
+            if precondition == "gauss-newton":
+                query = _gauss_newton_query(train, query, damping)
             if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
                 kw["verify"] = False
             if decomposition == "matrix":
@@ -159,6 +203,20 @@ def attribute(
     return Attribution(
         total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions
     )
+
+
+def _preconditioner(curv: Curvature, kind: str, damping: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Flat gradients ``[R, P]`` -> ``(F + lambda I)^-1`` of them, F the fitted K-FAC or EK-FAC."""
+    return lambda g: curv.precondition(g, kind, damping)  # type: ignore[arg-type]
+
+
+def _gauss_newton_query(train: Features, query: Features, damping: float | None) -> Features:
+    """The query's features (per step, or totals) through (Phi^T Phi / N + lambda I)^-1, Phi the train totals."""
+    train.compatible_with(query)
+    if query.per_step is not None:
+        steps = gauss_newton(train.total, query.per_step, damping).to(query.per_step.dtype)
+        return dataclasses.replace(query, per_step=steps, _total=None)
+    return dataclasses.replace(query, _total=gauss_newton(train.total, query.total, damping).to(query.total.dtype))
 
 
 def _body_names(

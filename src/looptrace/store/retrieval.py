@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,11 +51,14 @@ def score_to_disk(
     out: str | os.PathLike[str],
     kind: Literal["sdi", "tracin"] = "sdi",
     query_block: int = 256,
+    queries: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """sum_k eta_k scores as .npy (``sdi``: [N, M, tau]; ``tracin``: [N, M]) written block by block.
 
     Only one train shard and one query block are in memory at a time (plus the memory-mapped output);
-    the file appears under its name only when complete.
+    the file appears under its name only when complete. ``queries``: per checkpoint, query features
+    ``[M, tau, D]`` to use instead of the stored ones (preconditioned ones, from
+    :func:`looptrace.store.curvature.preconditioned_queries`).
     """
     if kind not in ("sdi", "tracin"):
         raise ConfigError(f"kind must be 'sdi' or 'tracin', got {kind!r}")
@@ -62,7 +66,9 @@ def score_to_disk(
     n, m = store.n("train"), store.n("query")
     if not n or not m:
         raise ConfigError("the store needs both train and query features to score")
-    qs = [_query_steps(store, k) for k in range(len(etas))]
+    if queries is not None and len(queries) != len(etas):
+        raise ConfigError(f"queries= needs one array per checkpoint ({len(etas)}), got {len(queries)}")
+    qs = list(queries) if queries is not None else [_query_steps(store, k) for k in range(len(etas))]
     tau = max(q.shape[1] for q in qs)
     out = Path(out)
     shape = (n, m, tau) if kind == "sdi" else (n, m)
