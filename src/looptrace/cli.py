@@ -230,23 +230,24 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def _store_setup(store: str, roles: str) -> Any:
-    """(model, step_module, loss_fn, datasets, checkpoints) rebuilt from the store's ``featurize_args.json``."""
+    """(model, (step_module, body), loss_fn, datasets, checkpoints) rebuilt from the store's ``featurize_args.json``."""
     path = Path(store, "featurize_args.json")
     if not path.exists():
         raise ConfigError(f"{store} has no featurize_args.json; fill it with `looptrace featurize` first")
     saved = json.loads(path.read_text())
+    saved.setdefault("body", None)  # recorded before --body existed
     return _setup_from_args(argparse.Namespace(**{**saved, "roles": roles}))
 
 
 def _cmd_fit_curvature(args: argparse.Namespace) -> int:
     from looptrace.store.curvature import fit_curvature_to_store
 
-    model, step_module, loss_fn, datasets, cks = _store_setup(args.store, "train")
+    model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "train")
     model.to(args.device)
     fisher_loss = load_attr(args.fisher_loss, "--fisher-loss") if args.fisher_loss else None
     paths = fit_curvature_to_store(
-        model, cks, datasets["train"], loss_fn, args.store, step_module=step_module, batch_size=args.batch_size,
-        fisher=args.fisher, fisher_loss=fisher_loss, seed=args.seed,
+        model, cks, datasets["train"], loss_fn, args.store, step_module=step_module, body=body,
+        batch_size=args.batch_size, fisher=args.fisher, fisher_loss=fisher_loss, seed=args.seed,
     )  # fmt: skip
     atomic_write_bytes(
         Path(args.store, "curvature", "fit_curvature_args.json"), json.dumps(_args_dict(args), indent=2).encode()
@@ -263,11 +264,11 @@ def _score_preconditioned(args: argparse.Namespace) -> Path:
     if args.precondition == "gauss-newton":
         queries = preconditioned_queries(store, "gauss-newton", args.damping)
     else:
-        model, step_module, loss_fn, datasets, cks = _store_setup(args.store, "query")
+        model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "query")
         model.to(args.device)
         queries = preconditioned_queries(
             store, args.precondition, args.damping, model=model, checkpoints=cks, dataset=datasets["query"],
-            loss_fn=loss_fn, step_module=step_module, batch_size=args.batch_size,
+            loss_fn=loss_fn, step_module=step_module, body=body, batch_size=args.batch_size,
         )  # fmt: skip
     return score_to_disk(store, args.out, kind=args.kind, queries=queries)
 
