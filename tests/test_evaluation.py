@@ -3,7 +3,9 @@ Adam-preconditioned inner product against its exact definition."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,15 +13,48 @@ import torch
 from torch import nn
 
 import looptrace as lt
-from looptrace.evaluation import bootstrap_ci, lds, removal_effect, spearman, step_counterfactual
-from tests.conftest import assert_close, lm_loss, oracle_per_step, tiny_batches, tiny_model
+from looptrace.evaluation import bootstrap_ci, lds, rank, removal_effect, spearman, step_counterfactual
+from tests.conftest import assert_close, lm_loss, oracle_per_step, per_example_grads, tiny_batches, tiny_model
 
 
 def test_spearman_ties_and_constants() -> None:
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
     assert spearman(np.array([1, 1, 1, 1]), np.array([1, 2, 3, 4])) == 0.0, "a constant side has no ranking: 0, not NaN"
-    assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 2, 3])) == pytest.approx(1.0), "ties share their rank"
+
+
+def test_ties_share_their_average_rank() -> None:
+    """Catches ordinal ranks (argsort order) in place of average ranks: on these data the two differ, and
+    Spearman's correlation with ties is Pearson's on average ranks (scipy.stats.spearmanr's definition)."""
+    stats = pytest.importorskip("scipy.stats")
+    x = np.array([3.0, 1.0, 2.0, 2.0, 5.0, 2.0, 4.0, 1.0])
+    y = np.array([1.0, 2.0, 7.0, 3.0, 5.0, 4.0, 4.0, 0.0])
+    assert np.array_equal(rank(x), stats.rankdata(x)), f"average ranks: {rank(x)} vs {stats.rankdata(x)}"
+    ordinal = stats.rankdata(x, method="ordinal")
+    assert not np.array_equal(ordinal, stats.rankdata(x)), "the data must separate average from ordinal ranks"
+    want = stats.spearmanr(x, y).statistic
+    assert abs(float(np.corrcoef(ordinal, stats.rankdata(y))[0, 1]) - want) > 0.01, "the data must tell them apart"
+    assert float(spearman(x, y)) == pytest.approx(want, abs=1e-12)
+    both = np.stack([x, y[::-1]], axis=1)  # along an axis: each column on its own
+    assert np.allclose(spearman(both, np.stack([y, x], axis=1)), [want, stats.spearmanr(y[::-1], x).statistic])
+
+
+def test_lds_correlates_over_subsets_for_each_query() -> None:
+    """outcomes = the subsets' predicted effect + noise, with M != S: each query's LDS is Spearman's correlation
+    over the S subsets (checked against scipy one query at a time), an array of M values. Catches a correlation
+    along the wrong axis (over queries: S values, or wrong ones), and masks or scores transposed."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    n, m, s = 50, 7, 30
+    true = rng.normal(size=(n, m)) * rng.uniform(0.2, 3.0, size=m)  # queries on different scales
+    masks = rng.random((s, n)) < 0.5
+    outcomes = masks @ true + rng.normal(size=(s, m)) * np.linspace(0.5, 8.0, m)  # noisier for later queries
+    got = lds(true, masks, outcomes)
+    assert got.shape == (m,), f"one LDS per query: shape {got.shape}, expected ({m},)"
+    predicted = masks.astype(float) @ true
+    want = np.array([stats.spearmanr(predicted[:, j], outcomes[:, j]).statistic for j in range(m)])
+    assert np.allclose(got, want, atol=1e-12), f"LDS {got} vs per-query Spearman over subsets {want}"
+    assert got.max() - got.min() > 0.2, "the noise levels differ by query, so must the LDS"
 
 
 def test_lds_on_a_planted_linear_datamodel() -> None:
@@ -33,7 +68,7 @@ def test_lds_on_a_planted_linear_datamodel() -> None:
     assert np.allclose(lds(true, masks, outcomes), 1.0)
     assert np.allclose(lds(-true, masks, outcomes), -1.0)
     noise = lds(rng.normal(size=(n, m)), masks, outcomes)
-    assert abs(float(noise.mean())) < 3 / np.sqrt(s), f"random scores must give LDS ~ 0, got {noise.mean():.3f}"
+    assert abs(float(noise.mean())) < 3 / np.sqrt(s * m), f"random scores must give LDS ~ 0, got {noise.mean():.3f}"
     flat = lds(true, masks, np.ones((s, m)))
     assert np.all(flat == 0.0), "a constant outcome has no ranking: 0, not NaN"
 
@@ -52,11 +87,33 @@ def test_lds_refuses_shape_mismatches(scores, masks, outcomes, words) -> None:
         lds(scores, masks, outcomes)
 
 
-def test_bootstrap_and_removal_effect() -> None:
-    ci = bootstrap_ci(np.linspace(0, 1, 101))
-    assert ci["lo"] < 0.5 < ci["hi"] and ci["mean"] == pytest.approx(0.5)
-    eff = removal_effect([1.0, 2.0], [1.5, 2.5])
-    assert eff["mean_loss_increase"] == pytest.approx(0.5)
+def test_bootstrap_interval_covers_a_known_mean() -> None:
+    """Over many samples from a distribution with a known mean, the 95% interval covers it about 95% of the
+    time (percentile bootstrap at n = 40 runs slightly under). Catches an interval of the data instead of
+    the mean (always covers: too wide), one that ignores the sample (never), or a wrong level. The number
+    of repetitions makes the binomial standard error of the coverage 0.01."""
+    rng = np.random.default_rng(1)
+    reps, n, mean = 500, 40, 0.3
+    covered = 0
+    widths = []
+    for r in range(reps):
+        sample = rng.gamma(2.0, mean / 2.0, size=n)  # skewed, mean 0.3
+        ci = bootstrap_ci(sample, n_boot=1000, seed=r)
+        covered += ci["lo"] <= mean <= ci["hi"]
+        widths.append(ci["hi"] - ci["lo"])
+        assert ci["n"] == n and ci["mean"] == pytest.approx(sample.mean())
+    coverage = covered / reps
+    assert 0.90 <= coverage <= 0.98, f"95% bootstrap interval covered the true mean {coverage:.1%} of the time"
+    se = mean / np.sqrt(2.0) / np.sqrt(n)  # gamma(2, theta): sd = sqrt(2) theta = mean / sqrt(2)
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * se, rel=0.15), "the width of a 95% interval is ~ 3.9 SE"
+    nan = bootstrap_ci([np.nan, 1.0, 2.0, 3.0])
+    assert nan["n"] == 3 and nan["mean"] == pytest.approx(2.0), "non-finite values are dropped, not averaged"
+
+
+def test_removal_effect() -> None:
+    eff = removal_effect([1.0, 2.0, 0.0], [1.5, 2.5, 1.0])
+    assert eff["mean_loss_increase"] == pytest.approx(2.0 / 3.0)
+    assert eff["se"] == pytest.approx(np.std([0.5, 0.5, 1.0], ddof=1) / np.sqrt(3))
 
 
 class InjectOnly(nn.Module):
@@ -120,6 +177,78 @@ def test_step_counterfactual_error_falls_linearly_in_eta(side: str) -> None:
         )
     smallest = res["rel_error"][1e-4]
     assert max(smallest) < 5e-2, f"{side}: relative error at eta=1e-4 should be small, got {smallest}"
+
+
+def test_untied_step_grads_are_the_per_step_terms_of_autograd_s_gradient() -> None:
+    """The train side's update phi_t(z) is computed apart from looptrace's capture: it equals the untied oracle
+    step by step and sums to autograd's gradient of the tied body. Catches copies shared between steps
+    (every step then gets the sum) or a step dropped."""
+    from looptrace.evaluation.counterfactual import untied_step_grads
+
+    model = tiny_model(bptt_k=3)  # the first step gets no gradient: a zero row must stay zero
+    batch = tiny_batches(1, b=3)[0]
+    got = untied_step_grads(model, model.core, lm_loss, batch)
+    names = sorted(dict(model.core.named_parameters()))
+    flat = torch.stack([torch.stack([torch.cat([s[n].reshape(-1) for n in names]) for s in ex]) for ex in got])
+    assert_close(flat, oracle_per_step(model, model.core, [batch], lm_loss), "per-step copies vs the untied oracle")
+    tied = per_example_grads(model, list(model.core.named_parameters()), [batch], lm_loss)
+    assert_close(flat.sum(1), tied, "sum over steps vs autograd's gradient of the tied body")
+    assert torch.count_nonzero(flat[:, 0]) == 0 and bool((flat[:, 1:].norm(dim=-1) > 0).all())
+    assert "forward" not in vars(model.core), "the step module's forward must be restored"
+
+
+def _corrupt(monkeypatch: pytest.MonkeyPatch, how: str, which: str) -> None:
+    """Make lt.featurize return wrong per-step features (what a capture bug would do) for the train batch (its
+    first call in the counterfactual) or the query batch (its second)."""
+    real = lt.featurize
+    g = torch.Generator().manual_seed(0)
+    calls = {"n": 0}
+
+    def wrong(*args: Any, **kwargs: Any) -> lt.Features:
+        f = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] != {"train": 1, "query": 2}[which]:
+            return f
+        steps = f.require_steps("corruption")
+        if how == "reversed":
+            steps = steps.flip(1)
+        elif how == "noise":  # noise as large as the features' own entries, a few times over
+            steps = steps + 5 * steps.std() * torch.randn(steps.shape, generator=g, dtype=steps.dtype)
+        elif how == "other example":  # each row holds the next example's features
+            steps = torch.roll(steps, 1, dims=0)
+        return dataclasses.replace(f, per_step=steps, _total=None)
+
+    monkeypatch.setattr(lt, "featurize", wrong)
+
+
+#: (side, which batch's features are wrong, how): on the test side SDI_t = g(z) . phi_t(z'), so reversing the
+#: train batch's steps leaves its total (and the score) unchanged and is not a wrong score there.
+WRONG = {
+    "train": [("train", "reversed"), ("train", "noise"), ("train", "other example")],
+    "test": [("train", "noise"), ("train", "other example"), ("query", "reversed"), ("query", "noise"),
+             ("query", "other example")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("side", ["test", "train"])
+def test_the_step_counterfactual_fails_on_wrong_features(monkeypatch, side: str) -> None:
+    """The updates come from autograd, not from the features under test: with looptrace's per-step features of
+    the train or the query batch reversed, noised or taken from another example the relative error is large,
+    while the right features agree to second order. Catches a counterfactual that applies the features' own
+    rows as the update (the train side used to: it then agreed with reversed or noised features to 1e-15, by
+    Taylor expansion), on either side."""
+    model = tiny_model(injection="concat")
+    train, query = tiny_batches(1, b=3)[0], tiny_batches(1, b=2)[0]
+    good = step_counterfactual(model, model.core, lm_loss, train, query, [1e-4], side=side)["rel_error"][1e-4]
+    assert max(good) < 0.05, f"{side}: the right features must agree, {good}"
+    for which, how in WRONG[side]:
+        with monkeypatch.context() as m:
+            _corrupt(m, how, which)
+            bad = step_counterfactual(model, model.core, lm_loss, train, query, [1e-4], side=side)["rel_error"][1e-4]
+        assert max(bad) > 0.2 and max(bad) > 10 * max(good), (
+            f"{side} side, {which} features {how}: relative error {bad} - the counterfactual does not see wrong "
+            "features (is the update taken from the features themselves?)"
+        )
 
 
 def test_adam_preconditioned_features_equal_the_exact_definition(tmp_path) -> None:
