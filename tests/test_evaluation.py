@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -251,52 +252,187 @@ def test_the_step_counterfactual_fails_on_wrong_features(monkeypatch, side: str)
         )
 
 
-def test_adam_preconditioned_features_equal_the_exact_definition(tmp_path) -> None:
-    """featurize(precondition=P^(1/2)) in exact mode equals P^(1/2) * phi_t of the oracle, and
-    attribute(precondition="adam") equals sum_k eta_k g^T P_k g' from the recorded second moments."""
-    model = tiny_model()
-    batches = tiny_batches(1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    recorder = lt.CheckpointRecorder(tmp_path, every=1, body=model.core)
-    for _ in range(2):
+def adam_dataset(role: str) -> torch.utils.data.TensorDataset:
+    """A few examples of the store fixtures' task (``--dataset tests.test_evaluation:adam_dataset``)."""
+    from tests.store_fixtures import make_dataset
+
+    x, y = make_dataset(role).tensors
+    n = 10 if role == "train" else 4
+    return torch.utils.data.TensorDataset(x[:n], y[:n])
+
+
+def _adam_by_hand(opt: torch.optim.Optimizer, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Adam's diagonal geometry written out from ``optimizer.state``: the update divides by sqrt(v_hat) + eps with
+    v_hat = v / (1 - beta2^t), so the inner product g^T P g' has P = 1 / (sqrt(v_hat) + eps) and the features
+    carry P^(1/2) = (sqrt(v_hat) + eps)^(-1/2)."""
+    (group,) = opt.param_groups
+    beta2, eps = group["betas"][1], group["eps"]
+    params = dict(model.named_parameters())
+    out = {}
+    for name in names:
+        state = opt.state[params[name]]
+        t = int(state["step"])
+        v_hat = state["exp_avg_sq"].double() / (1.0 - beta2**t)
+        out[name] = 1.0 / torch.sqrt(torch.sqrt(v_hat) + eps)
+    return out
+
+
+def test_adam_preconditioned_scores_equal_adam_s_formula_in_memory_in_a_store_and_from_the_cli(tmp_path) -> None:
+    """featurize(precondition=...) in exact mode is P^(1/2) phi_t, and attribute(precondition="adam"), a store filled
+    with precondition="adam" and `looptrace featurize --adam` + `looptrace score --kind tracin` all give
+    sum_k eta_k g^T P_k g' with P_k from Adam's state at checkpoint k (bias correction, eps and the square roots
+    written out above; non-default betas and eps). Catches a wrong formula in adam_preconditioner (a missing bias
+    correction or square root, hard-coded defaults), and a store or command line that drops the preconditioner."""
+    from looptrace.cli import main
+    from looptrace.store import featurize_to_store, score_to_disk
+    from tests.store_fixtures import loss_fn, make_model
+
+    model = make_model().double()
+    names = sorted(n for n, _ in model.core.named_parameters(prefix="core"))
+    train, query = adam_dataset("train"), adam_dataset("query")  # what the command line reads
+    x, y = train.tensors
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-3)
+    recorder = lt.CheckpointRecorder(tmp_path / "ck", every=1, body=model.core)
+    by_hand = []
+    for step in range(3):
         opt.zero_grad()
-        lm_loss(model, batches[0]).mean().backward()
+        loss_fn(model, (x[3 * step : 3 * step + 4], y[3 * step : 3 * step + 4])).mean().backward()
         opt.step()
         recorder.step(model, opt)
-    checkpoints = lt.load_checkpoints(tmp_path)
-    want = torch.zeros(3, 3, dtype=torch.float64)
-    names = sorted(n for n, _ in model.core.named_parameters(prefix="core"))
-    for ck in checkpoints:
+        by_hand.append(({k: v.clone() for k, v in model.state_dict().items()}, _adam_by_hand(opt, model, names)))
+    checkpoints = lt.load_checkpoints(tmp_path / "ck")
+    loaders = [[train.tensors], [query.tensors]]
+    probe = make_model().double()
+    want = torch.zeros(10, 4, dtype=torch.float64)
+    for ck, (state, scale) in zip(checkpoints, by_hand, strict=True):
         full = ck.load_full()
-        lt.influence.checkpoints.load_into(model, full.state, full.name)
-        scale = lt.adam_preconditioner(full.second_moments)
-        flat_scale = torch.cat([scale[n].reshape(-1) for n in names])
-        phi = oracle_per_step(model, model.core, batches, lm_loss)  # [N, tau, P]
-        feats = lt.featurize(
-            model, batches, lm_loss, step_module=model.core, sketch=lt.SketchSpec.exact(), precondition=scale
-        )
-        assert_close(feats.per_step, phi * flat_scale, "preconditioned exact features vs P^(1/2) phi_t")
-        g = phi.sum(1)
-        want += full.lr * (g * flat_scale**2) @ g.T
-    res = lt.attribute(model, checkpoints, batches, batches, lm_loss, step_module=model.core,
-                       sketch=lt.SketchSpec.exact(), precondition="adam")  # fmt: skip
-    assert_close(res.tracin, want, "attribute(precondition='adam') vs sum_k eta_k g^T P_k g'")
-    assert_close(res.sdi.sum(-1), res.tracin, "conservation with the preconditioner")
+        lt.influence.checkpoints.load_into(probe, full.state, full.name)
+        assert all(torch.equal(probe.state_dict()[k], v) for k, v in state.items())
+        flat = torch.cat([scale[n].reshape(-1) for n in names])
+        if ck is checkpoints[-1]:
+            few = [(x[:5], y[:5])]
+            phi = oracle_per_step(probe, probe.core, few, loss_fn)  # [N, tau, P]
+            feats = lt.featurize(probe, few, loss_fn, step_module=probe.core, sketch=lt.SketchSpec.exact(),
+                                 precondition=scale)  # fmt: skip
+            assert_close(feats.per_step, phi * flat, "preconditioned exact features vs P^(1/2) phi_t")
+        g = per_example_grads(probe, list(probe.core.named_parameters(prefix="core")), loaders[0], loss_fn)
+        gq = per_example_grads(probe, list(probe.core.named_parameters(prefix="core")), loaders[1], loss_fn)
+        want += full.lr * (g * flat**2) @ gq.T
+    res = lt.attribute(model, checkpoints, *loaders, loss_fn, step_module=model.core, sketch=lt.SketchSpec.exact(),
+                       precondition="adam")  # fmt: skip
+    assert_close(res.tracin, want, "attribute(precondition='adam') vs sum_k eta_k g^T P_k g' from Adam's state")
+    assert_close(res.sdi.sum(-1), want, "conservation with the preconditioner, against autograd's gradients")
+
+    fresh = make_model().double()
+    store = featurize_to_store(fresh, checkpoints, {"train": train, "query": query}, loss_fn, tmp_path / "store",
+                               step_module=fresh.core, sketch=lt.SketchSpec.exact(), batch_size=6, shard_size=8,
+                               precondition="adam")  # fmt: skip
+    assert store.options["precondition"] == "adam"
+    got = torch.from_numpy(np.load(score_to_disk(store, tmp_path / "store_tracin.npy", kind="tracin"))).double()
+    assert_close(got, want, "store filled with precondition='adam' vs Adam's formula", rtol=1e-4, atol=1e-7)
+
+    args = ["featurize", "--model", "tests.store_fixtures:make_model", "--loss", "tests.store_fixtures:loss_fn",
+            "--dataset", "tests.test_evaluation:adam_dataset", "--step-module", "core", "--checkpoint-dir",
+            str(tmp_path / "ck"), "--method", "exact", "--batch-size", "8", "--quiet", "--adam"]  # fmt: skip
+    assert main([*args, "--store", str(tmp_path / "cli")]) == 0
+    assert (
+        main(["score", "--store", str(tmp_path / "cli"), "--out", str(tmp_path / "cli.npy"), "--kind", "tracin"]) == 0
+    )
+    cli = torch.from_numpy(np.load(tmp_path / "cli.npy")).double()
+    assert_close(cli, want, "`looptrace featurize --adam` vs Adam's formula", rtol=1e-4, atol=1e-7)
+
     no_moments = lt.Checkpoint(model.state_dict(), lr=1.0)
     with pytest.raises(lt.CheckpointError, match="second moments"):
-        lt.attribute(model, [no_moments], batches, batches, lm_loss, step_module=model.core, precondition="adam")
+        lt.attribute(model, [no_moments], *loaders, loss_fn, step_module=model.core, precondition="adam")
 
 
 def test_the_eval_command_runs_end_to_end(tmp_path) -> None:
-    """`looptrace eval --smoke`: retraining, LDS, removal and the step counterfactual wired together, with every
-    section of results.json filled and its report written."""
+    """`looptrace eval --smoke`: retraining, LDS, removal, the step counterfactual and the depth curation wired
+    together, with every section of results.json filled, its verdicts derived from its numbers, and its report
+    written."""
     pytest.importorskip("matplotlib")
+    from looptrace.apps.evaluation.verdicts import verdicts
     from looptrace.cli import main
 
     assert main(["eval", "--smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    for key in ("lds", "removal", "step_counterfactual", "config"):
+    for key in ("lds", "removal", "step_counterfactual", "depth_curation", "verdicts", "config", "data"):
         assert key in res, f"results.json lost its {key!r} section (keys: {sorted(res)})"
     scores = [m["mean"] for m in res["lds"]["methods"].values()]
     assert scores and all(-1.0 <= s <= 1.0 for s in scores), f"LDS outside [-1, 1]: {scores}"
+    assert res["verdicts"] == verdicts(res)
+    assert len(res["depth_curation"]["per_seed"]) == len(res["config"]["depth_seeds"])
     assert (tmp_path / "report.html").exists()
+
+
+def test_the_evaluation_queries_are_unseen_distinct_inputs() -> None:
+    """No query or held-out test input is a training input, none repeats, and the training set cannot cover the
+    input space. Catches queries drawn from the training distribution with replacement (the old task: 79 % of
+    its 128 inputs were in training, with duplicates)."""
+    from looptrace.apps.evaluation.task import MajorityTask, _codes
+
+    for seed in (0, 3):
+        task = MajorityTask(seed=seed)
+        data = task.data()
+        codes = {role: _codes(x) for role, (x, _) in data.items()}
+        assert len(set(codes["query"])) == task.n_query and len(set(codes["test"])) == task.n_test
+        assert not set(codes["query"]) & set(codes["train"]) and not set(codes["test"]) & set(codes["train"])
+        assert not set(codes["query"]) & set(codes["test"])
+        assert task.overlap()["query_in_train"] == 0 and task.n_train < 0.25 * task.input_space()
+        x, y = data["query"]
+        assert torch.equal(y, (x.sum(1) * 2 > task.bits).long()), "queries and test inputs carry clean labels"
+        assert 0.05 < task.noisy_labels().mean() < 0.15, "about 10 % of the training labels are flipped"
+    with pytest.raises(lt.ConfigError, match="odd"):
+        MajorityTask(bits=10)
+
+
+def test_methods_are_registered_in_one_place() -> None:
+    """A new estimator is one decorated function: it joins every table; a clash or an unknown name is refused."""
+    from looptrace.apps.evaluation.harness import EvalConfig
+    from looptrace.apps.evaluation.methods import METHODS, register_method
+
+    @register_method("_test_constant", "a constant (test)")
+    def constant(ctx: Any) -> np.ndarray:
+        return np.ones((ctx.task.n_train, ctx.task.n_query))
+
+    try:
+        assert METHODS["_test_constant"].scores is constant and "_test_constant" in EvalConfig().method_keys()
+        with pytest.raises(lt.ConfigError, match="registered twice"):
+            register_method("_test_constant", "again")(constant)
+    finally:
+        del METHODS["_test_constant"]
+    with pytest.raises(lt.ConfigError, match="unknown attribution method"):
+        EvalConfig(methods=("tracin", "no_such_method")).method_keys()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_evaluation_verdicts_follow_from_its_numbers() -> None:
+    """Every verdict word of docs/results/eval (a field of results.json, quoted by the README through placeholders)
+    is what :func:`verdicts` derives from the committed numbers. Catches a verdict left behind when the numbers
+    changed (e.g. an interval that now includes zero still called "higher than")."""
+    from looptrace.apps.evaluation.verdicts import verdicts
+
+    r = json.loads((ROOT / "docs" / "results" / "eval" / "results.json").read_text())
+    assert r["verdicts"] == verdicts(r), "results.json's verdicts do not follow from its numbers: rerun looptrace eval"
+    planted = json.loads(json.dumps(r))
+    pair = planted["lds"]["paired"]["sdi_full-tracin"]
+    pair.update(lo=-abs(pair["hi"]), hi=abs(pair["hi"]) + 1.0)  # an interval around zero
+    assert verdicts(planted)["lds"]["paired"]["sdi_full-tracin"] == "not distinguishable from"
+    template = (ROOT / "docs" / "results" / "eval" / "README.template.md").read_text()
+    for word in ("higher than", "lower than", "holds at every step", "in every seed", "not distinguishable"):
+        assert word not in template, f"the template writes the verdict {word!r} itself; quote it from verdicts"
+
+
+def test_verdicts_follow_the_thresholds() -> None:
+    """The verdict words on planted numbers, one per branch."""
+    from looptrace.apps.evaluation.verdicts import verdicts
+
+    side = {"slope": [1.0, 1.1], "rel_error_smallest_eta": [0.01, 0.02], "rel_error_training_lr": [0.3, 0.1],
+            "spearman_at_training_lr": [0.95, 0.6], "negative_control": {"rel_error_smallest_eta": [0.5, 0.3]}}  # fmt: skip
+    bad = {**side, "slope": [2.0, 1.0]}
+    v = verdicts({"step_counterfactual": {"test": side, "train": bad}})["counterfactual"]
+    assert v["test"]["first_order"] == "holds at every step" and v["train"]["first_order"] == "holds at steps [2] only"
+    assert v["test"]["ranking"] == "partly matches" and v["test"]["control"] == "fails on the reversed features"
+    assert v["test"]["training_lr_error_max_step"] == 1

@@ -330,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="counterfactual evaluation: LDS, removal, per-step counterfactuals (retrains a small model)"
     )
     ev.add_argument(
-        "what", nargs="?", default="all", choices=["all", "counterfactual", "lds", "removal"], help="which evaluation"
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "counterfactual", "lds", "removal", "depth"],
+        help="which evaluation",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")

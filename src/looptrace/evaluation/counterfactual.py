@@ -111,7 +111,10 @@ def untied_step_grads(
             for t in range(len(copies)):
                 gs = grads[t * len(own) : (t + 1) * len(own)]
                 steps.append(
-                    {n: (g if g is not None else torch.zeros_like(own[n])).detach() for n, g in zip(own, gs, strict=True)}
+                    {
+                        n: (g if g is not None else torch.zeros_like(own[n])).detach()
+                        for n, g in zip(own, gs, strict=True)
+                    }
                 )
             out.append(steps)
     finally:

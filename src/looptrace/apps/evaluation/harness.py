@@ -153,7 +153,8 @@ def run_removal(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray], 
                 "loss_increase": bootstrap_ci(deltas, n_boot=cfg.n_boot, seed=cfg.seed),
                 "per_query": deltas, "prediction_flips": float(np.mean(flips)),
             })  # fmt: skip
-    k_max = max(row["k"] for row in out["rows"])
+    out["ks"] = sorted({row["k"] for row in out["rows"]})
+    k_max = max(out["ks"])
     out["at_largest_k"] = {row["method"]: row for row in out["rows"] if row["k"] == k_max}
     at = out["at_largest_k"]
     out["paired_vs_tracin"] = {
@@ -265,16 +266,27 @@ def run_depth_curation(task: EvalTask, cfg: EvalConfig) -> dict[str, Any]:
     overlap = [len(set(p["removed"]["most late-step removed"]) & set(p["removed"][HARMFUL])) / k for p in per_seed]
     return {
         "late_vs_harmful": late_vs_harmful, "late_harmful_overlap": overlap,
-        "k": k, "split_step": split, "ranking": "signed late minus early SDI (steps > split_step minus the rest)",
+        "k": k, "split_step": split, "trained_depth": task.loops,
+        "ranking": "signed late minus early SDI (steps > split_step minus the rest)",
         "ranking_queries": "query", "evaluation_set": "test", "seeds": list(cfg.depth_seeds),
         "random_draws": cfg.depth_random_draws, "budgets": budgets, "curves": mean_curves,
         "versus_random": versus_random, "per_seed": per_seed,
     }  # fmt: skip
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": 1,
-            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
 
 
 def evaluate(cfg: EvalConfig, out: Path, task: EvalTask | None = None, what: str = "all") -> dict[str, Any]:
