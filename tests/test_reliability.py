@@ -296,3 +296,29 @@ def test_features_of_different_model_bodies_are_not_combined() -> None:
     b = lt.featurize(other, tiny_batches(1), lm_loss, step_module=other.core, sketch=lt.SketchSpec(dim=16))
     with pytest.raises(lt.SpecMismatchError, match="different model bodies"):
         lt.sdi(a, b)
+
+
+def test_every_cited_test_exists() -> None:
+    """Each test docs/reliability.md cites (as ``file::name``) exists, and the autocast row states the bound its test
+    enforces. Catches a row left citing a renamed or deleted test, or a test cited without its file."""
+    import re
+    from pathlib import Path
+
+    from tests.test_capture import BF16_SDI_BOUND
+
+    root = Path(__file__).resolve().parent
+    text = (root.parent / "docs" / "reliability.md").read_text()
+    checked = 0
+    for line in text.splitlines():
+        if not line.startswith("|") or line.count("|") < 4:
+            continue
+        for ref in re.findall(r"`([^`]*)`", line.rsplit("|", 2)[-2]):
+            if ref.endswith(".py") or "test" not in ref:
+                continue
+            file, sep, name = ref.partition("::")
+            assert sep, f"docs/reliability.md cites {ref!r} without its file"
+            assert re.search(rf"^def {re.escape(name)}\(", (root / file).read_text(), re.M), f"no test {ref}"
+            checked += 1
+    assert checked > 40, f"only {checked} cited tests found: did the table's format change?"
+    row = next(line for line in text.splitlines() if "autocast=torch.bfloat16" in line)
+    assert f"within {round(BF16_SDI_BOUND * 100)} %" in row, row
