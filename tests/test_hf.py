@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import looptrace as lt
 from looptrace.cli import main
 from looptrace.store import FeatureStore
-from tests.conftest import assert_close, oracle_per_step
+from tests.conftest import assert_close, oracle_per_step, per_example_grads
 from tests.hf_fixtures import ALBERT_BODY, MLMData, albert_config, make_albert
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +56,9 @@ def test_albert_exact_per_step_sdi_equals_the_oracle(head: str) -> None:
     assert float(want[:, 0].norm()) > 0 and feats.per_step.shape[1] == 3
     assert_close(feats.per_step, want, f"ALBERT ({head}) exact per-step features vs the untied oracle")
     sdi, tracin = lt.sdi(feats, feats), lt.tracin(feats, feats)
-    assert_close(sdi.sum(-1), tracin, "conservation on ALBERT")
+    assert_close(sdi.sum(-1), tracin, "sum over steps vs TracIn on ALBERT (rounding: by construction)")
+    g = per_example_grads(model, list(step.named_parameters(prefix=ALBERT_BODY)), batches, loss)
+    assert_close(sdi.sum(-1), g @ g.T, "conservation on ALBERT against autograd's gradient of the shared layer group")
 
 
 def test_loss_helpers_match_the_models_own_loss_one_example_at_a_time() -> None:
