@@ -119,7 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
     res = evaluate(cfg, Path(args.out), what=args.what)
-    print(json.dumps({k: res[k] for k in ("lds_adam_vs_plain", "seconds") if k in res}, indent=2, default=str))
+    print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     ev = sub.add_parser(
-        "eval", help="counterfactual evaluation: LDS, removal, per-step counterfactuals (retrains a small model)"
+        "eval",
+        help="counterfactual evaluation: LDS, removal, per-step counterfactuals, depth curation (retrains a small model)",
     )
     ev.add_argument(
         "what",
