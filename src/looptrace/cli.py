@@ -119,7 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
     res = evaluate(cfg, Path(args.out), what=args.what)
-    print(json.dumps({k: res[k] for k in ("lds_adam_vs_plain", "seconds") if k in res}, indent=2, default=str))
+    print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -381,10 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     ev = sub.add_parser(
-        "eval", help="counterfactual evaluation: LDS, removal, per-step counterfactuals (retrains a small model)"
+        "eval",
+        help="counterfactual evaluation: LDS, removal, per-step counterfactuals, depth curation (retrains a small model)",
     )
     ev.add_argument(
-        "what", nargs="?", default="all", choices=["all", "counterfactual", "lds", "removal"], help="which evaluation"
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "counterfactual", "lds", "removal", "depth"],
+        help="which evaluation",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")

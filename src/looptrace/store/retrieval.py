@@ -231,7 +231,12 @@ def topk(
         _, opp = idx.search(np.ascontiguousarray(-q, dtype=np.float32), c)
 
     def rescore(cand: np.ndarray, sign: float) -> tuple[np.ndarray, np.ndarray]:
-        cand = np.where(cand < 0, 0, cand)  # faiss pads with -1 when fewer results exist
+        # An approximate index pads with -1 when the lists it probed hold fewer than c vectors: those queries are
+        # searched exactly instead (a padded slot must never stand for example 0).
+        short = (cand < 0).any(axis=1)
+        if short.any():
+            cand = cand.copy()
+            cand[short] = np.argsort(-sign * (q[short] @ x.T), axis=1, kind="stable")[:, : cand.shape[1]]
         exact = np.einsum("md,mcd->mc", q, x[cand])
         order = np.argsort(-sign * exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
