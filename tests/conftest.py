@@ -22,6 +22,7 @@ from looptrace.models.looped import LoopedConfig, LoopedTransformer
 # The suite never writes route decisions into the user's ~/.cache (tests of the disk cache point it elsewhere).
 os.environ.setdefault("LOOPTRACE_ROUTE_CACHE", "0")
 
+
 def pytest_configure(config: pytest.Config) -> None:
     """RUN_SLOW=1 runs the slow tests too (pyproject.toml deselects them with ``-m 'not slow'``); an explicit
     ``-m`` on the command line still wins."""
