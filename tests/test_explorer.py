@@ -93,28 +93,32 @@ def test_query_cancellation_is_mass_weighted_pair_cancellation() -> None:
 
 
 def test_per_position_rows_sum_to_their_scores() -> None:
-    """Each row's per-position values sum to its score (overall: TracIn; at step t: SDI_t); each listed
-    example's matrix has its tokens' length (ragged) and rows summing to its step profile, and its overall
-    row is the matrix's column sums. Catches: a row taken at the wrong step, a matrix of another query,
-    a transposed matrix, values past the example's length."""
+    """Each row's per-position values sum to its score (overall: TracIn; at step t: SDI_t) and are the
+    example's positions for this query, cut to its tokens' length (ragged); the overall top-k examples carry
+    their whole steps x positions matrix (rows summing to the step profile), the others none. Catches: a row
+    taken at the wrong step, a matrix of another query, a transposed matrix, values past the example's length."""
     sdi, pos, train_tokens, query_tokens = synthetic()
     data = explorer_data(sdi, positions=pos, train_tokens=train_tokens, query_tokens=query_tokens, decode=decode, k=4)
     assert data["positions"] and data["positions_note"] is None
     for q in data["queries"]:
         j = q["index"]
+        overall = set(trains(q["overall"]["proponents"] + q["overall"]["opponents"]))
+        assert {int(i) for i, ex in q["examples"].items() if ex["matrix"] is not None} == overall
         for key, ex in q["examples"].items():
             i = int(key)
+            assert len(data["train"][key]["tokens"]) == len(train_tokens[i])
+            if ex["matrix"] is None:
+                continue
             mat = np.asarray(ex["matrix"])
             assert mat.shape == (sdi.shape[2], len(train_tokens[i])), f"train {i}: matrix shape"
-            np.testing.assert_allclose(mat, pos[i, j, :, : len(train_tokens[i])], rtol=0, atol=0)
+            np.testing.assert_array_equal(mat, pos[i, j, :, : len(train_tokens[i])])
             np.testing.assert_allclose(mat.sum(-1), ex["steps"], rtol=1e-12, atol=1e-12)
-            assert len(data["train"][key]["tokens"]) == len(train_tokens[i])
         for t, lists in [(None, q["overall"]), *enumerate(q["steps"])]:
             for r in lists["proponents"] + lists["opponents"]:
-                values = np.asarray(r["positions"])
-                assert values.sum() == pytest.approx(r["score"], rel=1e-9, abs=1e-12), (j, t, r["train"])
-                mat = np.asarray(q["examples"][str(r["train"])]["matrix"])
-                np.testing.assert_allclose(values, mat.sum(0) if t is None else mat[t], rtol=1e-12, atol=1e-12)
+                i, values = r["train"], np.asarray(r["positions"])
+                assert values.sum() == pytest.approx(r["score"], rel=1e-9, abs=1e-12), (j, t, i)
+                want = pos[i, j, :, : len(train_tokens[i])]
+                np.testing.assert_allclose(values, want.sum(0) if t is None else want[t], rtol=1e-12, atol=1e-12)
 
 
 def test_positions_that_do_not_sum_to_sdi_are_refused() -> None:
@@ -178,7 +182,8 @@ def test_size_is_bounded() -> None:
             assert len(q["examples"]) <= 2 * k * (tau + 1) == data["bound"]["rows_per_query_max"]
             listed |= {int(i) for i in q["examples"]}
         assert set(map(int, data["train"])) == listed
-        pages.append(len(render_explorer(data)))
+        pages.append(len(render_explorer(data).encode()))
+        assert pages[-1] < 12 * data["bound"]["numbers"] + 100_000, "the docs say: about 8-12 bytes per number"
     assert pages[1] < 1.5 * pages[0], f"the page grew with N: {pages}"
     sdi, pos, toks, _ = big
     full = explorer_data(sdi, positions=pos, k=k)
@@ -205,8 +210,13 @@ def test_page_is_self_contained_and_embeds_the_data(tmp_path: Path) -> None:
     assert set(re.findall(r"https?://[^\s\"'<>]+", text)) <= {"http://www.w3.org/2000/svg"}
     embedded = json.loads(re.search(r'<script type="application/json" id="lt-data">(.*?)</script>', text, re.S)[1])
     assert embedded == json.loads(json.dumps(compact(data)))
-    row = embedded["queries"][0]["overall"]["proponents"][0]
+    q = embedded["queries"][0]
+    row = q["overall"]["proponents"][0]
     assert "positions" not in row, "rows' per-position values are read from the matrix, not embedded twice"
+    others = [
+        r for lists in q["steps"] for r in lists["proponents"] if q["examples"][str(r["train"])]["matrix"] is None
+    ]
+    assert others and all(len(r["positions"]) == data["train"][str(r["train"])]["length"] for r in others)
     assert "This file embeds the top 3 proponents and opponents" in text and "numbers (cap" in text
     with pytest.raises(lt.ConfigError, match="explorer_data"):
         write_explorer({"queries": []}, tmp_path / "x.html")

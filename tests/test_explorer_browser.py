@@ -315,11 +315,21 @@ def test_clicks_the_step_selector_and_keys_change_the_view(pages) -> None:
         assert browser.js(ROWS.format("opp")) == lists(4, 5, "opponents")
         assert browser.js("location.hash") == "#query=4&step=5"
 
-        target = lists(4, 5, "opponents")[1]
-        browser.js("document.querySelectorAll('#lt-rows-opp tr.lt-row')[1].click()")
-        assert browser.js("Number(document.getElementById('lt-matrix').dataset.train)") == target
-        cells = browser.js("document.querySelectorAll('#lt-matrix tbody td.lt-cell').length")
-        assert cells == data["tau"] * data["train"][str(target)]["length"]
+        kinds = set()
+        for n, target in enumerate(lists(4, 5, "opponents")):  # whole matrices (overall top k) and partial ones
+            browser.js(f"document.querySelectorAll('#lt-rows-opp tr.lt-row')[{n}].click()")
+            assert browser.js("Number(document.getElementById('lt-matrix').dataset.train)") == target
+            full = qs[4]["examples"][str(target)]["matrix"] is not None
+            kinds.add(full)
+            listed = sum(
+                target in lists(4, t, "proponents") + lists(4, t, "opponents") for t in range(1, data["tau"] + 1)
+            )
+            cells = browser.js("document.querySelectorAll('#lt-matrix tbody td.lt-cell').length")
+            assert cells == (data["tau"] if full else listed) * data["train"][str(target)]["length"], (target, full)
+            assert browser.js("document.querySelectorAll('#lt-matrix tbody td.lt-cell-missing').length") == (
+                0 if full else data["tau"] - listed
+            )
+        assert kinds == {True, False}, "the fixture should list both an overall top-k example and another one here"
         assert browser.js("document.querySelector('#lt-matrix tr.chosen').dataset.step") == "5"
 
         browser.js("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowLeft'}))")

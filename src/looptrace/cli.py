@@ -335,7 +335,7 @@ def _add_explore_parser(sub: Any) -> None:
         "--max-numbers",
         type=int,
         default=DEFAULT_MAX_NUMBERS,
-        help="cap on the numbers embedded (bounds the file to about 10-15 MB); queries past it are left out",
+        help="cap on the numbers embedded (about 8-12 bytes each in the file); queries past it are left out",
     )
     ex.add_argument("--title", default=None, help="the page's title (default: from the store's name)")
     ex.set_defaults(func=_cmd_explore)

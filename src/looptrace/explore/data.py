@@ -4,8 +4,9 @@ For each query: its signed step profile sum_i SDI(z_i, z')_t, its influence hori
 ratio (``looptrace.analysis.applications``), and its top-k proponents and opponents overall (ranked by
 TracIn = sum_t SDI_t) and at every loop step t (ranked by SDI_t). With per-position values
 (``positions[i, j, t, p]``: the part of ``sdi[i, j, t]`` that comes through training example i's
-position p) each listed example also carries its steps x positions matrix for that query, and each row
-the per-position values it is ranked by (overall: summed over steps; at step t: that step's row).
+position p) each row carries the per-position values it is ranked by (overall: summed over steps; at step
+t: that step's row), and each overall top-k example its whole steps x positions matrix for that query (the
+matrices of every listed example would cost up to tau times more: 2k(tau+1) examples x tau x L numbers).
 
 Only the top-k per query and step are kept, and the number of embedded values is capped
 (``max_numbers``): the size of the page is bounded whatever N is, and the data says so (``bound``).
@@ -26,8 +27,8 @@ __all__ = ["DEFAULT_MAX_NUMBERS", "FORMAT", "VERSION", "explorer_data"]
 
 FORMAT = "looptrace-explorer"
 VERSION = 1
-#: At most this many numbers (scores, step profiles, per-position values) are embedded: about 10-15 MB of
-#: HTML. Queries past the budget are left out, and the page says how many.
+#: At most this many numbers (scores, step profiles, per-position values) are embedded, each about 8-12 bytes
+#: of HTML. Queries past the budget are left out, and the page says how many.
 DEFAULT_MAX_NUMBERS = 2_000_000
 #: Query blocks read at once from ``sdi`` (a memory-mapped ``[N, M, tau]`` file is read block by block).
 _BLOCK_BYTES = 64 << 20
@@ -158,7 +159,8 @@ def explorer_data(
         "train": {str(i): {"tokens", "label", "length"}}, "queries": [...], "bound": {...}, "source"}``; each
         query has ``index``, ``label``, ``tokens``, ``readout_step``, ``profile`` (signed sum over training
         examples, per step), ``energy``, ``tracin``, ``horizon``, ``cancellation``, ``examples``
-        (``{str(i): {"steps": [tau], "matrix": [tau][L_i] or None, "tracin", "cancellation"}}``), ``overall``
+        (``{str(i): {"steps": [tau], "matrix": [tau][L_i] (the overall top-k) or None, "tracin",
+        "cancellation"}}``), ``overall``
         and ``steps[t]``, each ``{"proponents": rows, "opponents": rows}`` with rows
         ``{"train": i, "score": s, "positions": [L_i] or None}``.
     """
@@ -205,16 +207,22 @@ def explorer_data(
         lists = [(_top(x.sum(1), k), _top(-x.sum(1), k))] + [(_top(x[:, t], k), _top(-x[:, t], k)) for t in range(tau)]
         members = sorted({int(i) for pro, opp in lists for i in (*pro, *opp)})
         matrices = {} if pos is None else _matrices(pos, j, x, members, train_ids)
-        # what the page embeds: profile, energy, each listed example's steps and matrix, two numbers per row
-        cost = 2 * tau + sum(tau + (matrices[i].size if i in matrices else 0) for i in members)
-        cost += sum(2 * (len(pro) + len(opp)) for pro, opp in lists)
+        full = {int(i) for i in (*lists[0][0], *lists[0][1])} if matrices else set()  # overall top-k: whole matrix
+        # what the page embeds: profile, energy, each listed example's steps, the overall top-k's matrices, and
+        # per row its index, score and (unless its example's matrix is embedded) its per-position values
+        cost = 2 * tau + sum(tau + (matrices[i].size if i in full else 0) for i in members)
+        cost += sum(
+            2 + (0 if int(i) in full or not matrices else len(matrices[int(i)][0]))
+            for lst in lists
+            for i in (*lst[0], *lst[1])
+        )
         if out_queries and numbers + cost > max_numbers:
             truncated = True
             break
         numbers += cost + sum(train_entry(i) for i in members)
         qtoks = _strings(query_ids[j], decode, f"query {j}") if query_ids else None
         qlabel = query_labels[j] if query_labels is not None else _label(qtoks, decode is not None)
-        entry = _query_entry(x, lists, members, matrices, horizon_frac)
+        entry = _query_entry(x, lists, members, matrices, full, horizon_frac)
         out_queries.append({
             "index": j, "label": qlabel if qlabel is not None else f"query {j}", "tokens": qtoks,
             "readout_step": readouts[j], **entry,
@@ -318,6 +326,7 @@ def _query_entry(
     lists: list[tuple[np.ndarray, np.ndarray]],
     members: list[int],
     matrices: dict[int, np.ndarray],
+    full: set[int],
     horizon_frac: float,
 ) -> dict[str, Any]:
     """One query's profile, statistics, examples and ranked lists (``lists[0]`` overall, ``lists[t]`` step t).
@@ -336,7 +345,7 @@ def _query_entry(
                 "steps": x[i].tolist(),
                 "tracin": float(total[i]),
                 "cancellation": float(pair_cancel[i]),
-                "matrix": matrices[i].tolist() if i in matrices else None,
+                "matrix": matrices[i].tolist() if i in full else None,
             }
             for i in members
         },

@@ -1,9 +1,9 @@
 """The explorer as one self-contained HTML file: the data as JSON in a ``<script type="application/json">``
 element, the page's own CSS and JavaScript inlined (no network, no CDN, no library; it opens from disk).
 
-What the page embeds is :func:`looptrace.explore.explorer_data`'s dict, made smaller: the per-position
-values of each row are dropped (the page reads them from the example's steps x positions matrix, of which
-they are a row or the column sums) and every number keeps 4 significant digits.
+What the page embeds is :func:`looptrace.explore.explorer_data`'s dict, made smaller: a row's per-position
+values are dropped where its example's steps x positions matrix is embedded (they are a row of it, or its
+column sums) and every number keeps 4 significant digits.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def _rounded(x: Any, digits: int = 4) -> Any:
 
 
 def compact(data: dict[str, Any]) -> dict[str, Any]:
-    """The dict the page embeds: rows without their per-position values (a row of the example's matrix, or
-    its column sums, which the page computes) and numbers at 4 significant digits (scores at 6)."""
+    """The dict the page embeds: numbers at 4 significant digits (scores at 6), and rows without their
+    per-position values where the example's matrix is embedded (the values are a row of it, or its column
+    sums, which the page computes)."""
     out = copy.deepcopy(data)
     for q in out["queries"]:
         for lists in [q["overall"], *q["steps"]]:
             for role in ("proponents", "opponents"):
                 for row in lists[role]:
-                    row.pop("positions", None)
+                    if q["examples"][str(row["train"])]["matrix"] is not None or row.get("positions") is None:
+                        row.pop("positions", None)
     return _rounded(out)
 
 

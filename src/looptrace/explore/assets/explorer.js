@@ -68,14 +68,28 @@
   function trainInfo(i) { return D.train[String(i)] || { tokens: null, label: null, length: 0 }; }
   function shown(tok) { return tok.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5") || "\u2205"; }
 
-  // per-position values of train example i for the current query and step (null without positions)
-  function rowValues(q, i, step) {
-    const ex = q.examples[String(i)];
+  // a row's per-position values (null without positions): embedded with the row, or read from its
+  // example's matrix (a row of it at a step, its column sums overall)
+  function rowValues(q, row, step) {
+    if (row.positions) return row.positions;
+    const ex = q.examples[String(row.train)];
     if (!ex || !ex.matrix) return null;
     if (step > 0) return ex.matrix[step - 1];
     const out = new Array(ex.matrix[0] ? ex.matrix[0].length : 0).fill(0);
     for (const r of ex.matrix) for (let p = 0; p < r.length; p++) out[p] += r[p];
     return out;
+  }
+  // the example's steps x positions matrix: embedded (overall top-k), else the rows of the steps where it is
+  // listed (null for the other steps)
+  function exampleMatrix(q, i) {
+    const ex = q.examples[String(i)];
+    if (ex.matrix) return { rows: ex.matrix, full: true };
+    if (!HAS_POS) return null;
+    const rows = q.steps.map((lists, t) => {
+      const r = [...lists.proponents, ...lists.opponents].find((x) => x.train === i);
+      return r ? rowValues(q, r, t + 1) : null;
+    });
+    return rows.some((r) => r) ? { rows, full: false } : null;
   }
 
   // ------------------------------------------------------------------ the URL hash
@@ -249,7 +263,7 @@
           title: `${scoreName(state.step)} = ${r.score}` + (state.step ? `; TracIn = ${fmt(ex.tracin, 4)}` : "") +
             `; cancellation across steps ${ex.cancellation.toFixed(2)}` }),
         el("td", { class: "spark" }, [sparkline(q, ex.steps)]),
-        tokenCell(r.train, rowValues(q, r.train, state.step), vmax),
+        tokenCell(r.train, rowValues(q, r, state.step), vmax),
       ]);
       body.append(tr);
     });
@@ -282,18 +296,20 @@
       `Training example #${i} \u00d7 query #${q.index}: loop steps \u00d7 positions `,
       el("small", { text: `TracIn ${fmt(ex.tracin, 3)}` + (info.label && !info.tokens ? ` \u00b7 ${info.label}` : "") }),
     ]));
-    if (!ex.matrix) {
+    const mat = exampleMatrix(q, i);
+    if (!mat) {
       box.append(el("p", { class: "lt-warn", id: "lt-matrix-missing",
         text: "No steps \u00d7 positions matrix: " + (D.positions_note || "no per-position values in this file") + "." }));
       return;
     }
-    const M = ex.matrix, len = M[0] ? M[0].length : 0, vmax = absMax(M) || 0;
-    const colSum = new Array(len).fill(0);
-    for (const r of M) for (let p = 0; p < len; p++) colSum[p] += r[p];
+    const M = mat.rows, known = M.filter((r) => r), len = known[0].length, vmax = absMax(known) || 0;
     const toks = info.tokens;
     box.append(el("p", { class: "lt-caption" }, [
-      "Row t: the influence at loop step t through each position (it sums to SDI\u209c, right). Bottom row: summed over ",
-      "steps, each position's share of TracIn. ", legend(vmax, "lt-matrix-legend", "scale:"),
+      "Row t: the influence at loop step t through each position (it sums to SDI\u209c, right). ",
+      mat.full ? "Bottom row: summed over steps, each position's share of TracIn. "
+        : "Only the rows of the steps where this example is in the top k are in this file (the whole matrix is kept " +
+          "for the overall top k); the others are grey. ",
+      legend(vmax, "lt-matrix-legend", "scale:"),
     ]));
     const head = el("tr", {}, [el("th", { text: "t \\ pos" })]);
     for (let p = 0; p < len; p++)
@@ -305,19 +321,29 @@
       const tr = el("tr", { class: (t + 1 === q.readout_step ? "readout " : "") + (t + 1 === state.step ? "chosen" : ""),
         "data-step": t + 1 }, [el("th", { text: (t + 1 === q.readout_step ? "\u25b8 " : "") + (t + 1),
         title: t + 1 === q.readout_step ? "read-out step" : `step ${t + 1}` })]);
-      r.forEach((v, p) => tr.append(el("td", { class: "lt-cell", "data-step": t + 1, "data-pos": p, "data-value": v,
-        style: `background:${colour(v, vmax)}`,
-        title: `step ${t + 1} \u00b7 position ${p}` + (toks ? ` ${JSON.stringify(toks[p])}` : "") + ` \u00b7 ${fmt(v, 4)}` })));
+      if (r) {
+        r.forEach((v, p) => tr.append(el("td", { class: "lt-cell", "data-step": t + 1, "data-pos": p, "data-value": v,
+          style: `background:${colour(v, vmax)}`,
+          title: `step ${t + 1} \u00b7 position ${p}` + (toks ? ` ${JSON.stringify(toks[p])}` : "") + ` \u00b7 ${fmt(v, 4)}` })));
+      } else {
+        tr.append(el("td", { class: "lt-cell-missing", colspan: len, title: "not in this file: the example is not in the top k at this step" }));
+      }
       tr.append(el("td", { class: "sum num " + cls(ex.steps[t]), text: fmt(ex.steps[t], 3) }));
       body.append(tr);
     });
-    const foot = el("tfoot", {}, [el("tr", { "data-step": 0 }, [el("th", { text: "\u03a3 steps" }),
-      ...colSum.map((v, p) => el("td", { class: "lt-cell", "data-step": 0, "data-pos": p, "data-value": v,
-        style: `background:${colour(v, absMax([colSum]))}`,
-        title: `all steps \u00b7 position ${p}` + (toks ? ` ${JSON.stringify(toks[p])}` : "") + ` \u00b7 ${fmt(v, 4)} (own scale)` })),
-      el("td", { class: "sum num " + cls(ex.tracin), text: fmt(ex.tracin, 3) })])]);
-    box.append(el("div", { id: "lt-matrix-wrap" }, [el("table", { class: "lt-matrix", id: "lt-matrix", "data-train": i },
-      [el("thead", {}, [head]), body, foot])]));
+    const parts = [el("thead", {}, [head]), body];
+    if (mat.full) {
+      const colSum = new Array(len).fill(0);
+      for (const r of M) for (let p = 0; p < len; p++) colSum[p] += r[p];
+      const cmax = absMax([colSum]);
+      parts.push(el("tfoot", {}, [el("tr", { "data-step": 0 }, [el("th", { text: "\u03a3 steps" }),
+        ...colSum.map((v, p) => el("td", { class: "lt-cell", "data-step": 0, "data-pos": p, "data-value": v,
+          style: `background:${colour(v, cmax)}`,
+          title: `all steps \u00b7 position ${p}` + (toks ? ` ${JSON.stringify(toks[p])}` : "") + ` \u00b7 ${fmt(v, 4)} (own scale)` })),
+        el("td", { class: "sum num " + cls(ex.tracin), text: fmt(ex.tracin, 3) })])]));
+    }
+    box.append(el("div", { id: "lt-matrix-wrap" }, [el("table", { class: "lt-matrix", id: "lt-matrix", "data-train": i,
+      "data-full": mat.full ? "1" : "0" }, parts)]));
   }
 
   // ------------------------------------------------------------------ the chosen query
@@ -370,7 +396,7 @@
     sel.value = String(state.step);
     sel.addEventListener("change", () => select({ step: Number(sel.value) }));
     const values = [];
-    if (HAS_POS) for (const r of [...lists.proponents, ...lists.opponents]) values.push(rowValues(q, r.train, state.step) || []);
+    if (HAS_POS) for (const r of [...lists.proponents, ...lists.opponents]) values.push(rowValues(q, r, state.step) || []);
     const vmax = absMax(values);
     main.append(el("div", { class: "lt-controls" }, [
       el("label", {}, ["Rank training examples by ", sel]),
