@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TAU = 6
 
 
-def encode(tok: BPETokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def encode(
+    tok: BPETokenizer, pairs: list[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """x [n, L], y [n, L] (next tokens), mask [n, L] (1 on the answer's tokens), lengths (unpadded)."""
     rows = []
     for q, a in pairs:

@@ -188,7 +188,7 @@
         "font-size": 11, fill: "#8a5a00" }, [`horizon t=${q.horizon}`]));
     }
     g.append(svg("text", { x: L, y: 12, "font-size": 11, fill: "#5d6670" }, ["\u03a3\u1d62 SDI(z\u1d62, z\u2032)\u209c"]));
-    g.append(svg("text", { x: W - R, y: H - B + 28, "text-anchor": "end", "font-size": 11, fill: "#5d6670" }, ["loop step t"]));
+    g.append(svg("text", { x: L - 6, y: H - B + 14, "text-anchor": "end", "font-size": 11, fill: "#5d6670" }, ["step t"]));
     return g;
   }
 
