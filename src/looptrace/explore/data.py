@@ -160,9 +160,8 @@ def explorer_data(
         query has ``index``, ``label``, ``tokens``, ``readout_step``, ``profile`` (signed sum over training
         examples, per step), ``energy``, ``tracin``, ``horizon``, ``cancellation``, ``examples``
         (``{str(i): {"steps": [tau], "matrix": [tau][L_i] (the overall top-k) or None, "tracin",
-        "cancellation"}}``), ``overall``
-        and ``steps[t]``, each ``{"proponents": rows, "opponents": rows}`` with rows
-        ``{"train": i, "score": s, "positions": [L_i] or None}``.
+        "cancellation"}}``), ``overall`` and ``steps[t]``, each ``{"proponents": rows, "opponents": rows}``
+        with rows ``{"train": i, "score": s, "positions": [L_i] or None}``.
     """
     s = _array(sdi, "sdi", 3)
     n, m, tau = s.shape
@@ -221,6 +220,7 @@ def explorer_data(
             break
         numbers += cost + sum(train_entry(i) for i in members)
         qtoks = _strings(query_ids[j], decode, f"query {j}") if query_ids else None
+        numbers += len(qtoks or [])
         qlabel = query_labels[j] if query_labels is not None else _label(qtoks, decode is not None)
         entry = _query_entry(x, lists, members, matrices, full, horizon_frac)
         out_queries.append({
