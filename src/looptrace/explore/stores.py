@@ -16,29 +16,62 @@ from looptrace.errors import ConfigError
 from looptrace.explore.data import DEFAULT_MAX_NUMBERS, Decoder, explorer_data
 from looptrace.io import make_dirs
 from looptrace.store.retrieval import score_to_disk
-from looptrace.store.shards import dataset_fingerprint
+from looptrace.store.shards import dataset_fingerprint, read_safetensors
 from looptrace.store.store import FeatureStore
 
 __all__ = ["DatasetTokens", "explorer_from_store", "parse_queries", "store_positions"]
 
-#: Why a store's explorer has no token heatmaps (until stores hold per-position training features).
+#: Why a store's explorer has no token heatmaps.
 NO_POSITIONS = (
-    "this store has no per-position training features (per-position featurisation is not in stores yet); the "
-    "page shows step profiles and rankings without token heatmaps"
+    "this store has no per-position training features (fill it with `looptrace featurize --positions`); the page "
+    "shows step profiles and rankings without token heatmaps"
 )
 
 
 def store_positions(store: FeatureStore, scratch: Path) -> tuple[Any, str | None]:
     """Per-position training scores ``[N, M, tau, L]`` for the explorer, or ``(None, why not)``.
 
-    The hook for per-position training features in the store: when a store holds them, score them here
-    (``positions[i, j, t, p]`` = sum_k eta_k <train_k(i, p), query_k(j, t)>, zeros past each example's
-    length, ideally written block by block to a memory-mapped file under ``scratch`` as
-    :func:`~looptrace.store.score_to_disk` does) and return the array; :func:`explorer_from_store` passes
-    it to :func:`~looptrace.explore.explorer_data`, which checks that it sums to the SDI scores.
-    """
-    del store, scratch  # per-position scores will be computed from the store into scratch
-    return None, NO_POSITIONS
+    ``positions[i, j, t, p]`` = sum_k eta_k <train_k(i, p), query_k(j, t)>, from the ragged per-position rows a
+    store filled with ``positions=1`` keeps (zeros past each example's real positions), written shard by shard
+    to a memory-mapped file under ``scratch``; :func:`explorer_from_store` passes it to
+    :func:`~looptrace.explore.explorer_data`, which checks that it sums to the SDI scores."""
+    from looptrace.io import atomic_npy
+    from looptrace.store.retrieval import _etas, _query_steps
+
+    span = store.options.get("positions")
+    if not span:
+        return None, NO_POSITIONS
+    if span != 1:
+        return None, (
+            f"this store keeps positions in spans of {span}; the explorer shows single positions: fill a store "
+            "with `looptrace featurize --positions 1`"
+        )
+    etas = _etas(store)
+    n, m = store.n("train"), store.n("query")
+    queries = [_query_steps(store, k) for k in range(len(etas))]
+    tau = max(q.shape[1] for q in queries)
+    width = 1
+    for start, stop in store.shard_ranges("train"):
+        path = store.shard_path(0, "train", start, stop)
+        store._check(path)
+        offsets = read_safetensors(path, "offsets")
+        width = max(width, int(np.diff(np.asarray(offsets)).max(initial=1)))
+    out = scratch / "positions.npy"
+    with atomic_npy(out, (n, m, tau, width), np.float32) as arr:
+        arr[...] = 0
+        for k, eta in enumerate(etas):
+            q = queries[k]
+            for start, stop in store.shard_ranges("train"):
+                path = store.shard_path(k, "train", start, stop)
+                store._check(path)
+                offsets = np.asarray(read_safetensors(path, "offsets"))
+                rows = np.asarray(read_safetensors(path, "positions"), dtype=np.float64)
+                for i in range(stop - start):
+                    a, b = int(offsets[i]), int(offsets[i + 1])
+                    if b > a:
+                        block = eta * np.einsum("pd,mtd->mtp", rows[a:b], q)
+                        arr[start + i, :, : q.shape[1], : b - a] += block.astype(np.float32)
+    return np.load(out, mmap_mode="r"), None
 
 
 class DatasetTokens(Sequence[Any]):
