@@ -7,6 +7,7 @@ The oracle gives every call of the step module its own copy of the body paramete
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,17 @@ from torch import nn
 import looptrace as lt
 from looptrace import batching
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
+
+# The suite never writes route decisions into the user's ~/.cache (tests of the disk cache point it elsewhere).
+os.environ.setdefault("LOOPTRACE_ROUTE_CACHE", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """RUN_SLOW=1 runs the slow tests too (pyproject.toml deselects them with ``-m 'not slow'``); an explicit
+    ``-m`` on the command line still wins."""
+    if os.environ.get("RUN_SLOW", "") not in ("", "0") and config.option.markexpr == "not slow":
+        config.option.markexpr = ""
+
 
 # One tolerance for every exact-vs-oracle comparison in float64.
 ATOL = 1e-10

@@ -66,6 +66,97 @@ def mlm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return hf.masked_lm_loss(model, batch)
 
 
+# ------------------------------------------------------------------------------------------ looped LMs
+INKLING_LOOP = (2, 4)  # the looped decoder layers: model.model.layers[2:4]
+INKLING_TYPES = ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"]
+
+
+def inkling_config(**overrides: Any) -> Any:
+    """A tiny Inkling-2-Loop: six decoder layers (sliding and full attention alternating, so the loop holds
+    one of each), layers 2 and 3 looped three times, four experts (two per token), short convolutions. Every
+    layer closes a residual block, so a pass leaves block states behind and ``message_input`` attends over
+    more than one (with one, its softmax is constant and its query gets no gradient)."""
+    from transformers.models.inkling2_loop.configuration_inkling2_loop import Inkling2LoopTextConfig
+
+    cfg = dict(
+        vocab_size=VOCAB, unpadded_vocab_size=VOCAB, hidden_size=16, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=8,
+        sliding_window_size=4, d_rel=4, rel_extent=8, log_scaling_n_floor=4, layer_types=INKLING_TYPES,
+        max_position_embeddings=64, conv_kernel_size=3, moe_intermediate_size=8, n_routed_experts=4,
+        num_experts_per_tok=2, n_layers_per_attn_res_block=1, loop_layer_index_start=INKLING_LOOP[0],
+        loop_layer_index_end=INKLING_LOOP[1], loop_num_passes=3, loop_gate_rank=4, pad_token_id=0,
+        bos_token_id=2, eos_token_id=1,
+    )  # fmt: skip
+    cfg.update(overrides)
+    return Inkling2LoopTextConfig(**cfg)
+
+
+def make_inkling(**overrides: Any) -> nn.Module:
+    """An Inkling2LoopForCausalLM in float32 (its router and convolutions run in float32 by design), its
+    weights moved off their initialisation (zero queries would make the attention residuals trivial)."""
+    from transformers import Inkling2LoopForCausalLM
+
+    torch.manual_seed(0)
+    model = Inkling2LoopForCausalLM(inkling_config(**overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def hrm_config(**overrides: Any) -> Any:
+    """A tiny HRM-Text: one layer per stack, 2 H cycles of 3 L cycles; gradient through the last L cycle of
+    the first H cycle and the last two of the second (``L_bp_cycles=[2]`` padded to ``[1, 2]``)."""
+    from transformers import HrmTextConfig
+
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        head_dim=8, max_position_embeddings=32, H_cycles=2, L_cycles=3, L_bp_cycles=[2], pad_token_id=0,
+    )  # fmt: skip
+    cfg.update(overrides)
+    return HrmTextConfig(**cfg)
+
+
+def make_hrm(**overrides: Any) -> nn.Module:
+    """An HrmTextForCausalLM in float64, weights moved off their initialisation."""
+    from transformers import HrmTextForCausalLM
+
+    torch.manual_seed(0)
+    model = HrmTextForCausalLM(hrm_config(**overrides)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+class TextData(torch.utils.data.Dataset):
+    """Causal-LM examples as dicts (``input_ids``, ``attention_mask``), right-padded on some rows."""
+
+    def __init__(self, n: int, seed: int, length: int = SEQ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, length), generator=g)
+        self.mask = torch.ones(n, length, dtype=torch.long)
+        self.mask[1::3, length - 2 :] = 0
+        self.ids[self.mask == 0] = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def make_text_dataset(role: str) -> torch.utils.data.Dataset:
+    return TextData(6 if role == "train" else 3, 0 if role == "train" else 1)
+
+
+def causal_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    from looptrace.integrations import hf
+
+    return hf.causal_lm_loss(model, batch)
+
+
 # ------------------------------------------------------------------------------------------ Lightning
 def _lightning_base() -> type:
     try:

@@ -16,9 +16,12 @@ DOCS = ROOT / "docs"
 EXECUTED = [
     "index.md",
     "guide/huggingface.md",
+    "guide/inkling.md",
+    "guide/hrm-text.md",
     "guide/training-loop.md",
     "guide/recurrent-depth.md",
     "guide/evaluation.md",
+    "guide/which-estimator.md",
 ]
 
 
@@ -28,7 +31,7 @@ def python_blocks(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", EXECUTED)
 def test_every_code_block_runs(page: str, tmp_path, monkeypatch) -> None:
-    if page == "guide/huggingface.md":
+    if page in ("guide/huggingface.md", "guide/inkling.md", "guide/hrm-text.md"):
         pytest.importorskip("transformers")
     blocks = python_blocks(DOCS / page)
     assert blocks, f"{page} has no python code block"

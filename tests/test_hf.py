@@ -1,5 +1,6 @@
 """Looped models people already have: a stock Hugging Face ALBERT (one shared layer group), checkpoints
-in every format it is saved in, and TracIn checkpoints recorded from HF Trainer and Lightning runs.
+in every format it is saved in, and TracIn checkpoints recorded from HF Trainer and Lightning runs (their weights
+the model's at that step).
 All offline: tiny random configs."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 import looptrace as lt
 from looptrace.cli import main
 from looptrace.store import FeatureStore
-from tests.conftest import assert_close, oracle_per_step
+from tests.conftest import assert_close, oracle_per_step, per_example_grads
 from tests.hf_fixtures import ALBERT_BODY, MLMData, albert_config, make_albert
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +56,9 @@ def test_albert_exact_per_step_sdi_equals_the_oracle(head: str) -> None:
     assert float(want[:, 0].norm()) > 0 and feats.per_step.shape[1] == 3
     assert_close(feats.per_step, want, f"ALBERT ({head}) exact per-step features vs the untied oracle")
     sdi, tracin = lt.sdi(feats, feats), lt.tracin(feats, feats)
-    assert_close(sdi.sum(-1), tracin, "conservation on ALBERT")
+    assert_close(sdi.sum(-1), tracin, "sum over steps vs TracIn on ALBERT (rounding: by construction)")
+    g = per_example_grads(model, list(step.named_parameters(prefix=ALBERT_BODY)), batches, loss)
+    assert_close(sdi.sum(-1), g @ g.T, "conservation on ALBERT against autograd's gradient of the shared layer group")
 
 
 def test_loss_helpers_match_the_models_own_loss_one_example_at_a_time() -> None:
@@ -156,11 +159,23 @@ def test_hf_trainer_run_records_checkpoints_that_featurize_into_a_store(tmp_path
     )  # fmt: skip
     ck_dir = tmp_path / "tracin"
     callback = hf.TracInCallback(ck_dir, every=10, body=ALBERT_BODY)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=MLMData(40, 7), callbacks=[callback])
+
+    class Snapshot(transformers.TrainerCallback):  # the model's weights at the end of every step
+        states: dict[int, dict[str, torch.Tensor]] = {}  # noqa: RUF012
+
+        def on_step_end(self, args, state, control, model=None, **kw) -> None:  # type: ignore[no-untyped-def]
+            self.states[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    snap = Snapshot()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=MLMData(40, 7), callbacks=[callback, snap])
     trainer.train()
     cks = lt.load_checkpoints(ck_dir)
     full = [c.load_full() for c in cks]
     assert [f.step for f in full] == [10, 20, 30]
+    for f in full:  # the saved weights are the model's after that step (not the step before or after)
+        want = snap.states[f.step]
+        assert f.state.keys() == want.keys() and all(torch.equal(f.state[k], want[k]) for k in want), f.step
+        assert not all(torch.equal(f.state[k], snap.states[f.step - 1][k]) for k in want), "weights must change"
     # linear decay from 1e-3 to 0 over 30 steps: step s (1-based) used lr 1e-3 * (1 - (s - 1) / 30)
     for f in full:
         assert f.lr == pytest.approx(1e-3 * (1 - (f.step - 1) / 30)), f"eta of step {f.step}: the lr that step used"
@@ -177,13 +192,25 @@ def test_lightning_run_records_checkpoints_that_featurize_into_a_store(tmp_path,
     monkeypatch.chdir(tmp_path)
     module = make_lightning_module()
     ck_dir = tmp_path / "tracin"
+
+    class Snapshot(pl.Callback):  # the module's weights after every optimizer step
+        states: dict[int, dict[str, torch.Tensor]] = {}  # noqa: RUF012
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            self.states[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    snap = Snapshot()
     trainer = pl.Trainer(
         max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[TracInCallback(ck_dir, every=4, body="model.core")],
+        enable_model_summary=False, callbacks=[TracInCallback(ck_dir, every=4, body="model.core"), snap],
     )  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader(make_lm_dataset("train"), batch_size=4))
     full = [c.load_full() for c in lt.load_checkpoints(ck_dir)]
     assert [f.step for f in full] == [4, 8, 12]
+    for f in full:  # the saved weights are the module's after that step
+        want = snap.states[f.step]
+        assert f.state.keys() == want.keys() and all(torch.equal(f.state[k], want[k]) for k in want), f.step
+        assert not all(torch.equal(f.state[k], snap.states[f.step - 1][k]) for k in want), "weights must change"
     # StepLR(step_size=4, gamma=0.5) stepped after every batch: steps 1-4 use 3e-3, 5-8 1.5e-3, 9-12 7.5e-4
     assert [f.lr for f in full] == pytest.approx([3e-3, 1.5e-3, 7.5e-4]), "eta must be the lr the step used"
     _store_equals_attribute(

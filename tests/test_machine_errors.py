@@ -126,7 +126,8 @@ def test_a_real_full_disk(tmp_path):
         (ckpt,) = save_checkpoints(str(tmp_path), k=1)
         big = [*ARGS, "--dim", "2048", "--checkpoint", f"{ckpt}@0.1"]  # 40 x 2048 floats: more than 256 KiB
         cmd = [sys.executable, "-m", "looptrace.cli", "featurize", "--store", str(disk / "st"), *big]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": f"{root / 'src'}:{root}"}  # this checkout's looptrace, not an installed one
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert run.returncode == 1, run.stderr
         assert run.stderr.startswith("looptrace: error: ") and run.stderr.count("\n") == 1, run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 from typing import Any
@@ -220,3 +221,104 @@ def test_features_swapped_between_the_first_and_last_example_are_caught() -> Non
     swapped = feats[[3, 1, 2, 0]]
     with pytest.raises(lt.VerificationError, match="examples 0 and 3"):
         check_batch(plan, swapped, params, (grads.sum(0),), rows_grad, 0)
+
+
+class _Unbound(nn.Module):
+    """A body layer on rows concatenated example by example: the data flow does not say whose row is whose."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        flat = torch.cat(list(h.unbind(0)), 0)  # [B * L, d]
+        return h + torch.tanh(self.fc(flat)).reshape(h.shape)
+
+
+class _MarkedUnbound(nn.Module):
+    def __init__(self, marked: bool = True) -> None:
+        super().__init__()
+        self.marked = marked
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(5, 6)
+        self.core = _Unbound()
+        self.head = nn.Linear(6, 3)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        for _ in range(3):
+            with lt.loop_step() if self.marked else contextlib.nullcontext():
+                h = self.core(h)
+        return self.head(h).mean(1)
+
+
+def test_rows_that_cannot_be_traced_without_a_step_module_to_fall_back_on() -> None:
+    """body= with loop_step() markers and no step_module=: a layer whose rows the data flow does not trace has no
+    per-example step route, so StepError says to pass step_module= (and with it the same model is exact).
+    Catches the step route silently taken (or wrong rows used) without a step module."""
+    model = _MarkedUnbound()
+    with pytest.raises(lt.StepError, match="no per-example step route to fall back on; pass the module"):
+        feat(model, body=model.core, step_module=None, sketch=lt.SketchSpec.exact())
+    unmarked = _MarkedUnbound(marked=False)
+    f = feat(unmarked, step_module=unmarked.core, sketch=lt.SketchSpec.exact())
+    assert f.routes["core.fc"].startswith("step"), f.routes
+
+
+def test_accumulating_into_an_existing_file_leaves_it_intact_on_failure(tmp_path, monkeypatch) -> None:
+    """stream_sdi(accumulate=True) works on a copy: a failure halfway leaves the existing scores byte for byte and
+    no temporary file. Catches accumulation in place (a half-added file)."""
+    model = tiny_model()
+    f = lt.featurize(model, tiny_batches(), lm_loss, step_module=model.core, sketch=lt.SketchSpec(dim=16))
+    path = lt.stream_sdi(f, f, tmp_path / "sdi.npy", block_rows=1, block_cols=1)
+    before = path.read_bytes()
+    calls = {"n": 0}
+    real = torch.einsum
+
+    def flaky(*a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("disk on fire")
+        return real(*a)
+
+    monkeypatch.setattr(torch, "einsum", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        lt.stream_sdi(f, f, path, accumulate=True, block_rows=1, block_cols=1)
+    assert calls["n"] > 3, "the failure must come after some blocks were added"
+    assert path.read_bytes() == before, "a failed accumulation must leave the existing file as it was"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_features_of_different_model_bodies_are_not_combined() -> None:
+    """Catches scores of features from two different bodies (same spec, same checkpoint name)."""
+    small, other = tiny_model(), tiny_model(d_mlp=16)
+    a = lt.featurize(small, tiny_batches(1), lm_loss, step_module=small.core, sketch=lt.SketchSpec(dim=16))
+    b = lt.featurize(other, tiny_batches(1), lm_loss, step_module=other.core, sketch=lt.SketchSpec(dim=16))
+    with pytest.raises(lt.SpecMismatchError, match="different model bodies"):
+        lt.sdi(a, b)
+
+
+def test_every_cited_test_exists() -> None:
+    """Each test docs/reliability.md cites (as ``file::name``) exists, and the autocast row states the bound its test
+    enforces. Catches a row left citing a renamed or deleted test, or a test cited without its file."""
+    import re
+    from pathlib import Path
+
+    from tests.test_capture import BF16_SDI_BOUND
+
+    root = Path(__file__).resolve().parent
+    text = (root.parent / "docs" / "reliability.md").read_text()
+    checked = 0
+    for line in text.splitlines():
+        if not line.startswith("|") or line.count("|") < 4:
+            continue
+        for ref in re.findall(r"`([^`]*)`", line.rsplit("|", 2)[-2]):
+            if ref.endswith(".py") or "test" not in ref:
+                continue
+            file, sep, name = ref.partition("::")
+            assert sep, f"docs/reliability.md cites {ref!r} without its file"
+            assert re.search(rf"^def {re.escape(name)}\(", (root / file).read_text(), re.M), f"no test {ref}"
+            checked += 1
+    assert checked > 40, f"only {checked} cited tests found: did the table's format change?"
+    row = next(line for line in text.splitlines() if "autocast=torch.bfloat16" in line)
+    assert f"within {round(BF16_SDI_BOUND * 100)} %" in row, row

@@ -6,7 +6,7 @@ feats = lt.featurize(model, loader, loss_fn, step_module=model.core, sketch=spec
 scores = lt.sdi(train_feats, query_feats)          # [N, M, tau]
 """
 
-from looptrace.capture.discover import find_step_module
+from looptrace.capture.discover import find_loop, find_step_module
 from looptrace.capture.rules import Rule, register_rule
 from looptrace.capture.tracer import loop_step
 from looptrace.errors import (
@@ -30,7 +30,7 @@ from looptrace.featurize import adam_preconditioner, featurize
 from looptrace.influence.attribute import Attribution, attribute
 from looptrace.influence.checkpoints import Checkpoint, LoadedCheckpoint, load_checkpoints
 from looptrace.influence.recorder import CheckpointRecorder
-from looptrace.influence.scores import sdi, self_influence, step_matrix, stream_sdi, tracin
+from looptrace.influence.scores import sdi, sdi_positions, self_influence, step_matrix, stream_sdi, tracin
 from looptrace.sketch.spec import SketchSpec
 
 __version__ = "0.1.0"
@@ -60,11 +60,13 @@ __all__ = [
     "adam_preconditioner",
     "attribute",
     "featurize",
+    "find_loop",
     "find_step_module",
     "load_checkpoints",
     "loop_step",
     "register_rule",
     "sdi",
+    "sdi_positions",
     "self_influence",
     "step_matrix",
     "stream_sdi",

@@ -1,4 +1,4 @@
-"""The ``looptrace`` command: train, demo, analyze, report, bench, featurize, score, topk, inspect."""
+"""The ``looptrace`` command: train, demo, analyze, report, bench, featurize, fit-curvature, score, topk, inspect."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
     res = evaluate(cfg, Path(args.out), what=args.what)
-    print(json.dumps({k: res[k] for k in ("lds_adam_vs_plain", "seconds") if k in res}, indent=2, default=str))
+    print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -157,7 +157,7 @@ def load_attr(spec: str, what: str) -> Any:
 
 
 def _setup_from_args(args: argparse.Namespace) -> Any:
-    """(model, step_module, loss_fn, datasets, checkpoints) from a recorded run or user factories."""
+    """(model, (step_module, body), loss_fn, datasets, checkpoints) from a recorded run or user factories."""
     from looptrace.influence.checkpoints import Checkpoint, load_checkpoints
 
     roles = [r for r in args.roles.split(",") if r]
@@ -168,20 +168,23 @@ def _setup_from_args(args: argparse.Namespace) -> Any:
         run = open_run(args.run)
         sets = get_study(run.study).influence_sets(run, args.n_train, args.n_query, args.loops)
         model = run.load_model()
-        return model, model.core, sets.loss_fn, {r: sets.datasets[r] for r in roles}, run.checkpoints()
+        return model, (model.core, None), sets.loss_fn, {r: sets.datasets[r] for r in roles}, run.checkpoints()
     if not (args.model and args.loss and args.dataset and (args.checkpoint or args.checkpoint_dir)):
         raise ConfigError("pass --run DIR, or all of --model, --loss, --dataset and --checkpoint (or --checkpoint-dir)")
     model = load_attr(args.model, "--model")()
     loss_fn = load_attr(args.loss, "--loss")
     make_ds = load_attr(args.dataset, "--dataset")
-    step_module = model.get_submodule(args.step_module) if args.step_module else None
-    if step_module is None:
+    if not args.step_module:
         raise ConfigError("--step-module is required with --model (the attribute path of the loop body, e.g. core)")
+    from looptrace.capture.discover import modules_at
+
+    step_module = modules_at(model, args.step_module)
+    body = modules_at(model, args.body) if args.body else None
     cks = load_checkpoints(args.checkpoint_dir) if args.checkpoint_dir else []
     for c in args.checkpoint or []:
         path, _, lr = c.partition("@")
         cks.append(Checkpoint(path, lr=float(lr) if lr else None))
-    return model, step_module, loss_fn, {r: make_ds(r) for r in roles}, cks
+    return model, (step_module, body), loss_fn, {r: make_ds(r) for r in roles}, cks
 
 
 def _cmd_featurize(args: argparse.Namespace) -> int:
@@ -194,22 +197,24 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     if dist and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
-        model, step_module, loss_fn, datasets, cks = _setup_from_args(args)
+        model, (step_module, body), loss_fn, datasets, cks = _setup_from_args(args)
         model.to(args.device)
         options: dict[str, Any] = {}
         if args.adam:
             options["precondition"] = "adam"
         if args.autocast:
             options["autocast"] = getattr(torch, args.autocast)
+        if args.positions is not None:
+            options["positions"] = args.positions
         spec = (
             SketchSpec.exact()
             if args.method == "exact"
             else SketchSpec(dim=args.dim, seed=args.seed, method=args.method, budget=args.budget)
         )
         store = featurize_to_store(
-            model, cks, datasets, loss_fn, args.store, step_module=step_module, sketch=spec, batch_size=args.batch_size,
-            shard_size=args.shard_size, dtype=args.dtype, progress=not args.quiet, verify=args.verify,
-            recompute=args.recompute, tau=args.tau, **options,
+            model, cks, datasets, loss_fn, args.store, step_module=step_module, body=body, sketch=spec,
+            batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, progress=not args.quiet,
+            verify=args.verify, recompute=args.recompute, tau=args.tau, **options,
         )  # fmt: skip
         if dist:
             torch.distributed.barrier()
@@ -224,10 +229,59 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_setup(store: str, roles: str) -> Any:
+    """(model, (step_module, body), loss_fn, datasets, checkpoints) rebuilt from the store's ``featurize_args.json``."""
+    path = Path(store, "featurize_args.json")
+    if not path.exists():
+        raise ConfigError(f"{store} has no featurize_args.json; fill it with `looptrace featurize` first")
+    saved = json.loads(path.read_text())
+    saved.setdefault("body", None)  # recorded before --body existed
+    return _setup_from_args(argparse.Namespace(**{**saved, "roles": roles}))
+
+
+def _cmd_fit_curvature(args: argparse.Namespace) -> int:
+    from looptrace.store.curvature import fit_curvature_to_store
+
+    model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "train")
+    model.to(args.device)
+    fisher_loss = load_attr(args.fisher_loss, "--fisher-loss") if args.fisher_loss else None
+    paths = fit_curvature_to_store(
+        model, cks, datasets["train"], loss_fn, args.store, step_module=step_module, body=body,
+        batch_size=args.batch_size, fisher=args.fisher, fisher_loss=fisher_loss, seed=args.seed,
+    )  # fmt: skip
+    atomic_write_bytes(
+        Path(args.store, "curvature", "fit_curvature_args.json"), json.dumps(_args_dict(args), indent=2).encode()
+    )
+    print(f"wrote {len(paths)} factor file(s) under {Path(args.store, 'curvature')}")
+    return 0
+
+
+def _score_preconditioned(args: argparse.Namespace) -> Path:
+    from looptrace.store import FeatureStore, score_to_disk
+    from looptrace.store.curvature import preconditioned_queries
+
+    store = FeatureStore.open(args.store)
+    if args.precondition == "gauss-newton":
+        queries = preconditioned_queries(store, "gauss-newton", args.damping)
+    else:
+        model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "query")
+        model.to(args.device)
+        queries = preconditioned_queries(
+            store, args.precondition, args.damping, model=model, checkpoints=cks, dataset=datasets["query"],
+            loss_fn=loss_fn, step_module=step_module, body=body, batch_size=args.batch_size,
+        )  # fmt: skip
+    return score_to_disk(store, args.out, kind=args.kind, queries=queries)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from looptrace.store import FeatureStore, score_to_disk
 
-    out = score_to_disk(FeatureStore.open(args.store), args.out, kind=args.kind)
+    if args.damping is not None and args.precondition is None:
+        raise ConfigError("--damping needs --precondition kfac, ekfac or gauss-newton")
+    if args.precondition is not None:
+        out = _score_preconditioned(args)
+    else:
+        out = score_to_disk(FeatureStore.open(args.store), args.out, kind=args.kind)
     atomic_write_bytes(Path(str(out) + ".json"), json.dumps(_args_dict(args), indent=2, default=str).encode())
     print(f"wrote {out}")
     return 0
@@ -236,7 +290,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_topk(args: argparse.Namespace) -> int:
     from looptrace.store import FeatureStore, topk
 
-    res = topk(FeatureStore.open(args.store), k=args.k, step=args.step, index=args.index)
+    res = topk(FeatureStore.open(args.store), k=args.k, step=args.step, index=args.index, positions=args.positions)
     payload = {"config": _args_dict(args), **res.to_dict()}
     text = json.dumps(payload, indent=1, default=str)
     if args.out:
@@ -252,6 +306,93 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     print(json.dumps(FeatureStore.open(args.store).summary(), indent=2, default=str))
     return 0
+
+
+def _explore_datasets(store: Any, notes: list[str]) -> dict[str, Any]:
+    """The datasets a store was filled with, rebuilt from its ``featurize_args.json`` (``--dataset`` factory or
+    ``--run``), for their token ids; ``{}`` (and a note saying why) when they cannot be rebuilt."""
+    path = Path(store.root, "featurize_args.json")
+    if not path.exists():
+        notes.append("no token ids: the store has no featurize_args.json (it was not filled by `looptrace featurize`)")
+        return {}
+    recorded = json.loads(path.read_text())
+    roles = [r for r in ("train", "query") if store.n(r)]
+    try:
+        if recorded.get("dataset"):
+            make = load_attr(str(recorded["dataset"]), "the store's --dataset")
+            return {r: make(r) for r in roles}
+        if recorded.get("run"):
+            from looptrace.apps.catalog import open_run
+            from looptrace.apps.catalog import study as get_study
+
+            run = open_run(recorded["run"])
+            sets = get_study(run.study).influence_sets(
+                run, recorded.get("n_train", 512), recorded.get("n_query", 256), recorded.get("loops")
+            )
+            return {r: sets.datasets[r] for r in roles}
+    except (LooptraceError, ImportError, OSError) as exc:
+        notes.append(f"no token ids: the store's datasets cannot be rebuilt here ({exc})")
+        return {}
+    notes.append("no token ids: featurize_args.json names no --dataset or --run")
+    return {}
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    import warnings
+
+    from looptrace.explore import write_explorer
+    from looptrace.explore.stores import explorer_from_store, parse_queries
+    from looptrace.store import FeatureStore
+
+    store = FeatureStore.open(args.store)
+    decode = load_attr(args.decode, "--decode") if args.decode else None
+    notes: list[str] = []
+    datasets = _explore_datasets(store, notes)
+    out = Path(args.out)
+    data = explorer_from_store(
+        store, datasets=datasets, decode=decode, k=args.k, readout_step=args.readout_step,
+        queries=parse_queries(args.queries, store.n("query")), max_numbers=args.max_numbers,
+        scratch=out.parent, notes=notes, source={"decoder": args.decode},
+    )  # fmt: skip
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=1)
+    write_explorer(data, out, title=args.title or f"looptrace explorer · {store.root.resolve().name}")
+    atomic_write_bytes(Path(str(out) + ".json"), json.dumps(_args_dict(args), indent=2, default=str).encode())
+    b = data["bound"]
+    heat = (
+        "with token heatmaps" if data["positions"] else "without token heatmaps: the store has no per-position features"
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {b['queries_embedded']} of {b['n_query']} queries, {heat})")
+    return 0
+
+
+def _add_explore_parser(sub: Any) -> None:
+    from looptrace.explore.data import DEFAULT_MAX_NUMBERS
+
+    ex = sub.add_parser(
+        "explore", help="write a self-contained HTML explorer of a store's attributions (top-k per query and step)"
+    )
+    ex.add_argument("--store", required=True, help="a filled feature store")
+    ex.add_argument("--out", default="explorer.html", help="the HTML file to write (opens from disk, no network)")
+    ex.add_argument(
+        "--decode",
+        default=None,
+        help="package.module:function mapping one example's token ids (a 1-D tensor) to a list of token strings "
+        "(default: token ids as numbers)",
+    )
+    ex.add_argument("--k", type=int, default=10, help="proponents and opponents kept per query, overall and per step")
+    ex.add_argument("--readout-step", type=int, default=None, help="the model's read-out step (default: the last)")
+    ex.add_argument(
+        "--queries", default=None, help="which queries to embed, e.g. 0:50,60 (default: all, within --max-numbers)"
+    )
+    ex.add_argument(
+        "--max-numbers",
+        type=int,
+        default=DEFAULT_MAX_NUMBERS,
+        help="cap on the numbers embedded (about 8-12 bytes each in the file); queries past it are left out",
+    )
+    ex.add_argument("--title", default=None, help="the page's title (default: from the store's name)")
+    ex.set_defaults(func=_cmd_explore)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,10 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     ev = sub.add_parser(
-        "eval", help="counterfactual evaluation: LDS, removal, per-step counterfactuals (retrains a small model)"
+        "eval",
+        help="counterfactual evaluation: LDS, removal, per-step counterfactuals, depth curation (retrains a small model)",
     )
     ev.add_argument(
-        "what", nargs="?", default="all", choices=["all", "counterfactual", "lds", "removal"], help="which evaluation"
+        "what",
+        nargs="?",
+        default="all",
+        choices=["all", "counterfactual", "lds", "removal", "depth"],
+        help="which evaluation",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")
@@ -345,7 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", help="package.module:factory returning the model (instead of --run)")
     f.add_argument("--loss", help="package.module:loss_fn, (model, batch) -> Tensor[B]")
     f.add_argument("--dataset", help="package.module:fn, role ('train'|'query') -> torch Dataset")
-    f.add_argument("--step-module", help="attribute path of the loop body module, e.g. core")
+    f.add_argument(
+        "--step-module",
+        help="attribute path of the module one loop pass calls, e.g. core; or of the modules one pass calls in "
+        "order: a range of a ModuleList (model.layers.2:4) or paths separated by commas",
+    )
+    f.add_argument(
+        "--body",
+        help="the modules whose parameters are attributed (default: the step modules), in the same forms, e.g. "
+        "model.layers.2:4,model.message_input",
+    )
     f.add_argument(
         "--checkpoint",
         action="append",
@@ -363,10 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dim", type=int, default=4096, help="sketch dimension")
     f.add_argument("--seed", type=int, default=0, help="sketch seed")
     f.add_argument(
-        "--method", default="countsketch", choices=["countsketch", "tensorsketch", "exact"], help="sketch method"
+        "--method",
+        default="auto",
+        choices=["auto", "countsketch", "tensorsketch", "exact"],
+        help="sketch method (default auto: TensorSketch for wide matrices, computed by FFT where that is faster, "
+        "CountSketch for the rest)",
     )
     f.add_argument(
-        "--budget", default="shared", choices=["shared", "per_tensor", "proportional"], help="dimension budget"
+        "--budget",
+        default="auto",
+        choices=["auto", "shared", "per_tensor", "proportional"],
+        help="how --dim is spent across tensors (default auto: one shared space plus a block per wide matrix)",
     )
     f.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="on-disk dtype")
     f.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
@@ -388,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--adam", action="store_true", help="Adam-preconditioned inner product (needs recorded second moments)"
     )
+    f.add_argument(
+        "--positions",
+        nargs="?",
+        type=int,
+        const=1,
+        default=None,
+        metavar="K",
+        help="also store every training example's per-position features (token x step attribution), ragged: its "
+        "real positions only, summed over spans of K positions (default 1: every position)",
+    )
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_featurize)
 
@@ -395,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--store", required=True)
     sc.add_argument("--out", required=True, help="output .npy")
     sc.add_argument("--kind", default="sdi", choices=["sdi", "tracin"])
+    _add_curvature_arguments(sub, sc)
     sc.set_defaults(func=_cmd_score)
 
     top = sub.add_parser("topk", help="top-k proponents and opponents per query (FAISS, exactly re-scored)")
@@ -405,14 +578,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--index", default="flat", choices=["flat", "ivf", "hnsw", "brute"], help="flat = exact inner product"
     )
     top.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    top.add_argument(
+        "--positions",
+        action="store_true",
+        help="also each example's per-position scores (a store featurised with --positions)",
+    )
     top.set_defaults(func=_cmd_topk)
 
     ins = sub.add_parser("inspect", help="what a feature store holds")
     ins.add_argument("--store", required=True)
     ins.set_defaults(func=_cmd_inspect)
+    _add_explore_parser(sub)
     for sp in sub.choices.values():  # `looptrace featurize ... --debug` works as well as `looptrace --debug featurize`
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return p
+
+
+def _add_curvature_arguments(sub: Any, score: argparse.ArgumentParser) -> None:
+    """``looptrace fit-curvature`` and the preconditioning options of ``looptrace score``."""
+    score.add_argument(
+        "--precondition", default=None, choices=["kfac", "ekfac", "gauss-newton"],
+        help="precondition the query side: kfac / ekfac need `looptrace fit-curvature` first (and recompute the "
+        "queries' gradients with the store's model); gauss-newton uses the stored training features",
+    )  # fmt: skip
+    score.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="lambda for every block (default: 0.1 x each block's mean eigenvalue)",
+    )
+    score.add_argument("--batch-size", type=int, default=64, help="query batch size (with --precondition)")
+    score.add_argument("--device", default="cpu", help="where the model runs (with --precondition kfac/ekfac)")
+    fc = sub.add_parser(
+        "fit-curvature",
+        help="fit K-FAC / EK-FAC factors of every checkpoint of a store on its training set (written beside it)",
+    )
+    fc.add_argument("--store", required=True, help="a store filled by `looptrace featurize` (its setup is reused)")
+    fc.add_argument(
+        "--fisher", default=None, choices=["true", "empirical"],
+        help="true: targets sampled by --fisher-loss (the default when it is given); empirical: the data's targets",
+    )  # fmt: skip
+    fc.add_argument(
+        "--fisher-loss", default=None,
+        help="package.module:fn, (model, batch) -> per-example loss on targets sampled from the model",
+    )  # fmt: skip
+    fc.add_argument("--seed", type=int, default=0, help="seed of the target sampling (true Fisher)")
+    fc.add_argument("--batch-size", type=int, default=64)
+    fc.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    fc.set_defaults(func=_cmd_fit_curvature)
 
 
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,

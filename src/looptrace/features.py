@@ -31,8 +31,12 @@ class Features:
         losses: ``[N]`` per-example losses seen while featurising.
         settings: the featurisation options that change the numbers (horizon ``tau``, ``train_mode``,
             the TensorSketch route ``outer_path``, ...), recorded with every store.
+        positions: ``[N, L, D]`` with ``featurize(positions=True)``: each sequence position's part of the
+            example's body gradient, summed over loop steps (``per_step`` is then ``None``); else ``None``.
         routes: body layer -> how its per-example gradients were captured (its rule on batch-first
-            rows, the rule on rows regrouped from the data flow, or the per-example step route).
+            rows, the rule on rows regrouped from the data flow, or the per-example step route); and
+            ``"<parameter> (sketch)"`` -> how a TensorSketch block was computed (by FFT from the factors, or by
+            materialising the per-example gradient: the same numbers, the route measured faster here).
     """
 
     per_step: torch.Tensor | None
@@ -43,14 +47,25 @@ class Features:
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     routes: dict[str, str] = dataclasses.field(default_factory=dict)
     _total: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def total(self) -> torch.Tensor:
-        """``[N, D]``: sum over steps, the sketch of each example's whole body gradient."""
+        """``[N, D]``: sum over steps (or over positions), the sketch of each example's whole body gradient."""
         if self._total is None:
-            assert self.per_step is not None
-            self._total = self.per_step.sum(dim=1)
+            if self.per_step is not None:
+                self._total = self.per_step.sum(dim=1)
+            else:
+                assert self.positions is not None
+                self._total = self.positions.sum(dim=1)
         return self._total
+
+    def require_positions(self, what: str) -> torch.Tensor:
+        if self.positions is None:
+            raise SpecMismatchError(
+                f"{what} needs per-position features; featurise the training set with positions=True"
+            )
+        return self.positions
 
     @property
     def n(self) -> int:
@@ -99,4 +114,5 @@ class Features:
             self,
             per_step=None if self.per_step is None else self.per_step.to(*args, **kwargs),
             _total=None if self._total is None else self._total.to(*args, **kwargs),
+            positions=None if self.positions is None else self.positions.to(*args, **kwargs),
         )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from looptrace import batching
+from looptrace.capture.steps import step_sequence
 from looptrace.capture.tracer import BodyParam, Reroute, Tracer, body_parameters, check_ties
 from looptrace.errors import ConfigError, LoaderError, LossError, MemoryBudgetError
 from looptrace.features import Features
@@ -35,7 +36,7 @@ def featurize(
     loader: Iterable[Any],
     loss_fn: LossFn,
     *,
-    step_module: nn.Module | None = None,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     tau: int | None = None,
@@ -50,6 +51,7 @@ def featurize(
     max_memory: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
+    positions: bool = False,
 ) -> Features:
     """Per-example, per-loop-step features of the body gradient.
 
@@ -58,9 +60,12 @@ def featurize(
         loader: batches in dataset order (a DataLoader with ``shuffle=False`` or any iterable).
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (examples must not interact).
         step_module: the module whose every forward call is one loop iteration (its parameters are the
-            body). For iterations spanning several modules, pass ``body=`` and mark iterations in the
-            model with :func:`looptrace.loop_step`.
-        body: the modules whose parameters are attributed (default: ``step_module``).
+            body), or the modules one loop pass calls, in order (a list or an ``nn.ModuleList``, e.g. a
+            range of decoder layers): a pass ends when the last of them returns, and a call of any body
+            module belongs to the pass that the next return of the last one completes. Without step
+            modules, mark iterations in the model with :func:`looptrace.loop_step` and pass ``body=``.
+        body: the modules whose parameters are attributed (default: ``step_module``); may add modules
+            called inside a pass besides the step modules (Inkling-2-Loop's ``message_input``).
         sketch: the projection; ``SketchSpec.exact()`` gives the full per-step gradients.
         tau: the declared number of loop steps; a batch that runs a different number raises.
             By default the largest observed, and shorter batches are zero-padded.
@@ -75,9 +80,9 @@ def featurize(
         outer_path: how TensorSketch of outer products is computed: ``"auto"`` (cheaper by a cost
             model), ``"fft"`` or ``"materialize"``; all give the same numbers.
         recompute: keep only each loop step's inputs during the forward and re-run the step inside
-            backward (non-reentrant activation checkpointing of the step module), capturing exactly as
-            without it: the memory of one step's activations instead of all of them, for about one more
-            forward pass. Needs ``step_module``.
+            backward (non-reentrant activation checkpointing of every call of a step module, or of a
+            body module called inside a pass), capturing exactly as without it: the memory of one call's
+            activations instead of all of them, for about one more forward pass. Needs ``step_module``.
         autocast: run the forward (and so the captured activations and deltas) under
             ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``); features are accumulated in the
             parameters' dtype. Its error against float32 is measured in the benchmarks; the first-batch
@@ -90,6 +95,14 @@ def featurize(
             (default: half of physical memory).
         progress: show a progress bar.
         checkpoint: an identifier stored with the features (see :func:`looptrace.attribute`).
+        positions: per-position features instead of per-step ones: ``Features.positions`` ``[N, L, D]``, row
+            ``[i, p]`` the part of example i's body gradient that comes through its sequence position p (for a
+            linear map, the term delta_p a_p^T of every loop step, summed over steps; likewise norms, biases and
+            embeddings), L the longest sequence (zeros past an example's end and where a position gets no
+            gradient). Summed over positions it is ``total`` (sketches are linear). The token axis of every body
+            layer must be the sequence; a layer with no per-position form (the exact per-example fallback, the
+            step route, routed rows) raises :class:`UnsupportedLayerError`. A position's term still carries the
+            whole sequence's information (through attention), as in Grosse et al. (2023), section 3.3.
 
     Returns:
         :class:`Features` with rows in loader order; ``settings`` records the options that change
@@ -110,17 +123,19 @@ def featurize(
     budget.check(tau)
     scale = _check_precondition(precondition, params)
     tracer = Tracer(
-        model, roots, plan, params, step_module, fallback=fallback, outer_path=outer_path, recompute=recompute,
-        scale=scale,
+        model, roots, plan, params, step_sequence(step_module), fallback=fallback, outer_path=outer_path,
+        recompute=recompute, scale=scale, positions=positions,
     )  # fmt: skip
     if autocast is not None and (not isinstance(autocast, torch.dtype) or autocast.is_complex):
         raise ConfigError(f"autocast must be a floating dtype such as torch.bfloat16, got {autocast!r}")
     run = _BatchRunner(model, loss_fn, tracer, plan, params, tau, budget, autocast, scale)
-    rows = _Rows(per_step)
+    rows = _Rows(per_step or positions)
     with _featurizing(model, tracer, params, train_mode), _progress_bar(progress, n_total) as bar:
         for index, batch in enumerate(_checked_batches(loader, params[0].param.device)):
             check = verify is True or (verify == "first" and index == 0)
             for feats, losses in run.with_retries(batch, index, check, rows.count):
+                if positions and index == 0:
+                    budget.check(int(feats.shape[1]))  # [B, L, D]: the positions take the place of the steps
                 rows.add(feats, losses)
                 bar(int(losses.shape[0]))
     if progress:
@@ -131,6 +146,9 @@ def featurize(
     }  # fmt: skip
     features = rows.features(spec, plan.describe(), checkpoint, settings)
     features.routes = dict(tracer.routes)
+    if positions:  # the assembled [N, L, D] rows are positions, not steps
+        features.positions, features.per_step = features.per_step, None
+        settings["positions"] = True
     return features
 
 
@@ -306,13 +324,22 @@ class _Rows:
 
 @contextlib.contextmanager
 def _featurizing(model: nn.Module, tracer: Tracer, params: list[BodyParam], train_mode: bool) -> Iterator[None]:
-    """Hooks installed, body parameters requiring grad and the requested mode; all restored afterwards."""
+    """Hooks installed, body parameters requiring grad, the requested mode and no Hugging Face key/value cache
+    (``config.use_cache``); all restored afterwards."""
     was_training = model.training
     flags = [(bp.param, bp.param.requires_grad) for bp in params]
+    # a Hugging Face key/value cache is state: the per-example re-runs of the capture would write into it
+    configs: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            configs[id(config)] = config
     try:
         model.train(train_mode)
         for p, _ in flags:
             p.requires_grad_(True)
+        for c in configs.values():
+            c.use_cache = False
         tracer.install()
         yield
     finally:
@@ -320,6 +347,8 @@ def _featurizing(model: nn.Module, tracer: Tracer, params: list[BodyParam], trai
         model.train(was_training)
         for p, flag in flags:
             p.requires_grad_(flag)
+        for c in configs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager
@@ -392,17 +421,24 @@ def validate_losses(losses: Any, batch: Any) -> torch.Tensor:
 
 
 def resolve_body(
-    model: nn.Module, step_module: nn.Module | None, body: nn.Module | Sequence[nn.Module] | None
+    model: nn.Module,
+    step_module: nn.Module | Sequence[nn.Module] | None,
+    body: nn.Module | Sequence[nn.Module] | None,
 ) -> list[nn.Module]:
-    """The modules whose parameters are the body: ``body`` if given, else ``[step_module]``."""
+    """The modules whose parameters are the body: ``body`` if given, else the step module(s)."""
+    steps = step_sequence(step_module)
     if body is None:
-        if step_module is None:
+        if not steps:
             raise ConfigError(
-                "say what the loop body is: step_module= (one call = one loop step), or body= with "
-                "looptrace.loop_step() marking each iteration in the model"
+                "say what the loop body is: step_module= (one call, or one pass over a sequence of modules, "
+                "= one loop step), or body= with looptrace.loop_step() marking each iteration in the model"
             )
-        return [step_module]
-    return [body] if isinstance(body, nn.Module) else list(body)
+        return steps
+    roots = [body] if isinstance(body, nn.Module) else list(body)
+    bad = [type(m).__name__ for m in roots if not isinstance(m, nn.Module)]
+    if bad or not roots:
+        raise ConfigError(f"body must be a module or a non-empty sequence of modules, got {bad or 'nothing'}")
+    return roots
 
 
 def _physical_memory() -> int:

@@ -54,11 +54,8 @@ def compare(
 
     ``compute_dtype``: the dtype the forward ran in (under autocast), whose rounding is allowed."""
     tol = max(tolerance(got.dtype), tolerance(compute_dtype) if compute_dtype is not None else 0.0)
-    groups = [(s.name, s.offset, s.m) for s in plan.slots]
-    if plan.spec.budget == "shared" and not plan.spec.is_exact:
-        groups = [("all body parameters", 0, plan.dim)]
     bad: list[str] = []
-    for name, off, m in groups:
+    for name, off, m in plan.groups():
         a, b = want[off : off + m], got[off : off + m]
         err = float((a - b).norm())
         scale = float(a.norm() + b.norm())

@@ -15,8 +15,11 @@ its leading-axis rows to example indices, and propagates it through the operatio
 * everything else that keeps the leading axis in place (elementwise ops, matmuls, norms, activations):
   the output inherits the map of its operands (which must agree).
 
-A tensor never seen produced (a step input, a weight) with ``B`` leading rows is taken to be batch
-first. An operation that moves the leading axis (transpose, permute) or reduces / mixes along it
+A tensor never seen produced (a step input) with ``B`` leading rows is taken to be batch first.
+Tensors that do not depend on the batch (parameters, the model's buffers, constants made under the
+tracker, anything computed from those alone: a learned query expanded over the batch) are *free*: they never vote on an
+output's rows, so a weight whose leading size happens to equal ``B`` cannot spoil a map, and a free
+tensor with ``B`` leading rows counts as batch first. An operation that moves the leading axis (transpose, permute) or reduces / mixes along it
 yields no map; a layer whose rows have no map is handled by the step-level route instead. Whatever
 this concludes is checked on the first batch against autograd, so a wrong map is an error, never a
 silently wrong score.
@@ -57,6 +60,14 @@ _ALONG_AXIS = {
 # lookups whose output rows are their index argument's rows (the output has more axes)
 _LOOKUPS = {"embedding", "one_hot"}
 _UNKNOWN = torch.empty(0, dtype=torch.long)  # produced under the tracker by an op that scrambles rows
+_FREE = torch.empty(0, dtype=torch.long)  # produced under the tracker from batch-independent tensors only
+# operations whose axis is their third argument, with its default (None: all axes)
+_DIM_THIRD: dict[str, int | None] = {"topk": -1, "kthvalue": -1, "diff": -1, "norm": None, "roll": None}
+# new tensors whose values do not depend on the tensor they are called on
+_CONSTRUCTORS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
+# reductions and reorderings along an axis that act on their first argument alone: when the axis is not the
+# leading one, the output's rows are that argument's (whatever the number of axes left)
+_FIRST_ONLY = _ALONG_AXIS - {"where", "stack", "einsum", "nonzero", "argwhere", "bincount", "unique", "trace"}
 
 
 def _leading(t: Any) -> int | None:
@@ -85,7 +96,7 @@ class RowTracker(TorchFunctionMode):
         m = self.maps.get(t)
         if m is _UNKNOWN:
             return None
-        if m is not None:
+        if m is not None and m is not _FREE:
             return m
         if t.dim() > 0 and t.shape[0] == self.batch_size:
             return self._identity
@@ -95,13 +106,49 @@ class RowTracker(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        # bookkeeping must never break the model's forward; a tensor left unknown goes the step route
-        with contextlib.suppress(Exception):
-            self._propagate(getattr(func, "__name__", ""), args, kwargs, out)
-        for o in _flatten(out):  # a tensor produced here with no map has rows of unknown examples
-            if isinstance(o, torch.Tensor) and o.dim() > 0 and o not in self.maps:
+        name = getattr(func, "__name__", "")
+        # made from free tensors alone (or a constructor): free, whatever the shapes; otherwise the rows move with
+        # the operation, and a tensor left with no map has rows of unknown examples
+        free = name in _CONSTRUCTORS or all(
+            self.free(a) for a in _flatten(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)
+        )
+        if not free:
+            # bookkeeping must never break the model's forward; a tensor left unknown goes the step route
+            with contextlib.suppress(Exception):
+                self._propagate(name, args, kwargs, out)
+        written = name.endswith("_") or name == "__setitem__"
+        for o in _flatten(out):
+            if not isinstance(o, torch.Tensor) or o.dim() == 0:
+                continue
+            if free:
+                self.maps[o] = _FREE
+            elif o not in self.maps or (written and self.maps[o] is _FREE):  # (batch data written into a free one)
                 self.maps[o] = _UNKNOWN
         return out
+
+    def batch_free(self, tensors: list[Any]) -> set[int]:
+        """Positions of the ``tensors`` that do not depend on the batch although their leading size may be the
+        batch size: free, more than one row, rows that differ (a ``[T, T]`` distance table; an expanded constant,
+        whose rows are all alike, can be split by example like any batch tensor)."""
+        return {
+            i
+            for i, t in enumerate(tensors)
+            if isinstance(t, torch.Tensor)
+            and t.dim() > 0
+            and t.shape[0] > 1
+            and self.free(t)
+            and not bool((t == t[:1]).all())
+        }
+
+    def mark_free(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Declare ``tensors`` (a model's buffers) batch-independent, as parameters are."""
+        for t in tensors:
+            if t.dim() > 0:
+                self.maps[t] = _FREE
+
+    def free(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` does not depend on the batch (a parameter, or made from such tensors alone)."""
+        return isinstance(t, torch.nn.Parameter) or self.maps.get(t) is _FREE
 
     def _set(self, t: Any, m: torch.Tensor | None) -> None:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and m is not None and m.shape[0] == t.shape[0]:
@@ -143,7 +190,7 @@ class RowTracker(TorchFunctionMode):
             if isinstance(out, torch.Tensor) and _leading(out) == _leading(first):
                 self._set(out, self.rows(first))
         elif name in _SPLITS:
-            self._split(first, args, kwargs, out)
+            self._split(name, first, args, kwargs, out)
         else:
             self._inherit(name, args, kwargs, out)
 
@@ -156,6 +203,11 @@ class RowTracker(TorchFunctionMode):
         if not parts:
             return m
         first = parts[0]
+        if first is Ellipsis:  # x[..., i]: the leading axis stays when the ellipsis covers it
+            rest = parts[1:]
+            if all(isinstance(p, int | slice) or p is None for p in rest):
+                return m if sum(p is not None for p in rest) < t.dim() else None
+            return None
         if isinstance(first, slice):
             return m[first]
         if isinstance(first, list) and all(isinstance(v, int) for v in first):
@@ -217,11 +269,12 @@ class RowTracker(TorchFunctionMode):
         else:
             self._set(out, self._agree([t for t in tensors if _leading(t) == out.shape[0]]))
 
-    def _split(self, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def _split(self, name: str, t: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         m = self.rows(t)
         if m is None or not isinstance(out, tuple | list):
             return
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        at = 1 if name == "unbind" else 2  # unbind(t, dim); split / chunk / tensor_split(t, sizes, dim)
+        dim = kwargs.get("dim", args[at] if len(args) > at else 0)
         if isinstance(dim, int) and dim % t.dim() != 0:
             for o in out:
                 self._set(o, m)
@@ -233,8 +286,8 @@ class RowTracker(TorchFunctionMode):
                 start += int(o.shape[0])
 
     def _agree(self, tensors: list[Any]) -> torch.Tensor | None:
-        """The common map of ``tensors`` (None if any is unknown or two disagree)."""
-        maps = [self.rows(t) for t in tensors]
+        """The common map of ``tensors`` (None if any is unknown or two disagree); free tensors do not vote."""
+        maps = [self.rows(t) for t in tensors if not (isinstance(t, torch.Tensor) and self.free(t))]
         if not maps or any(m is None for m in maps):
             return None
         first = maps[0]
@@ -255,8 +308,20 @@ class RowTracker(TorchFunctionMode):
         if not outs:
             return
         n = int(outs[0].shape[0])
+        first = args[0] if args else None
+        if name in _FIRST_ONLY and isinstance(first, torch.Tensor) and not self.free(first):
+            # the leading axis survives (checked above), whatever happens to the others (unsqueeze, sum(-1))
+            if _leading(first) == n:
+                for o in outs:
+                    if _leading(o) == n:
+                        self._set(o, self.rows(first))
+            return
         candidates = [a for a in _flatten(list(args) + list(kwargs.values())) if isinstance(a, torch.Tensor)]
-        same = [a for a in candidates if a.dim() == outs[0].dim() and _leading(a) == n and self.rows(a) is not None]
+        same = [
+            a
+            for a in candidates
+            if a.dim() == outs[0].dim() and _leading(a) == n and not self.free(a) and self.rows(a) is not None
+        ]
         if not same:
             return
         m = self._agree(same)
@@ -283,7 +348,10 @@ class RowTracker(TorchFunctionMode):
                 sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else sizes
                 return bool(sizes) and len(sizes) == t.dim() and sizes[0] in (-1, t.shape[0])
             return False
-        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", kwargs.get("dims"))
+        if name in _DIM_THIRD:  # topk(t, k, dim=-1), norm(t, p, dim), ...: the second argument is not the axis
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", kwargs.get("dims", _DIM_THIRD[name]))
+        else:
+            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", kwargs.get("dims"))
         if dim is None:
             return False  # a full reduction or reordering: the rows are gone
         if isinstance(dim, tuple | list):

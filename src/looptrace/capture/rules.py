@@ -6,7 +6,14 @@ a :class:`Sink` as one of
 
 * ``outer(param, left [B, L, rows], right [B, L, cols])``: grad = sum_j left_j (x) right_j,
 * ``dense(param, g [B, numel])``: the per-example gradient itself,
+* ``dense_tokens(param, g [B, L, numel])``: grad = sum_j g_j, one term per token (per-position attribution
+  keeps the terms apart; otherwise they are summed),
 * ``rows(param, idx [B, L], values [B, L, cols])``: grad = sum_j e_{idx_j} (x) values_j.
+
+``L`` is the token axis: in ``outer``, ``dense_tokens`` and ``rows`` token j of an example is its sequence
+position j (every non-batch, non-feature axis of a ``[B, T, d]`` activation, see :func:`tokens`), which is
+what per-position attribution (``featurize(positions=True)``) reads. ``dense`` has no per-token form: a layer
+that sends it cannot be attributed per position.
 
 A new layer type is one :func:`register_rule` call. Modules with parameters and no rule fall back to
 an exact per-example vector-Jacobian product through ``torch.func`` (:data:`FALLBACK`).
@@ -22,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FALLBACK", "Rule", "Sink", "find_rule", "register_rule", "regroup_saved"]
+__all__ = ["FALLBACK", "Rule", "Saved", "Sink", "find_rule", "leaves", "register_rule", "regroup_saved", "unbatch"]
 
 
 class Sink(Protocol):
@@ -33,6 +40,8 @@ class Sink(Protocol):
     def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None: ...
 
     def dense(self, param: torch.Tensor, g: torch.Tensor) -> None: ...
+
+    def dense_tokens(self, param: torch.Tensor, g: torch.Tensor) -> None: ...
 
     def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None: ...
 
@@ -117,7 +126,7 @@ def _linear_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, s
     assert isinstance(module, nn.Linear)
     sink.outer(module.weight, d, tokens(x).to(d.dtype))
     if module.bias is not None:
-        sink.dense(module.bias, d.sum(1))
+        sink.dense_tokens(module.bias, d)
 
 
 register_rule(
@@ -131,7 +140,7 @@ def _conv1d_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, s
     d = tokens(delta)
     sink.outer(module.weight, tokens(x).to(d.dtype), d)  # type: ignore[arg-type]
     if getattr(module, "bias", None) is not None:
-        sink.dense(module.bias, d.sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.bias, d)  # type: ignore[arg-type]
 
 
 _CONV1D = Rule(lambda m: _direct(m, "weight", "bias"), _save_input, _conv1d_contribute, "Conv1D")
@@ -202,9 +211,9 @@ def _norm_contribute(module: nn.Module, x: Any, delta: torch.Tensor, i: int, sin
     width = int(affine.numel())
     d = delta.reshape(b, -1, width)
     if getattr(module, "weight", None) is not None:
-        sink.dense(module.weight, (d * xhat.reshape(b, -1, width).to(d.dtype)).sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.weight, d * xhat.reshape(b, -1, width).to(d.dtype))  # type: ignore[arg-type]
     if getattr(module, "bias", None) is not None:
-        sink.dense(module.bias, d.sum(1))  # type: ignore[arg-type]
+        sink.dense_tokens(module.bias, d)  # type: ignore[arg-type]
 
 
 register_rule(
@@ -220,7 +229,7 @@ if hasattr(nn, "RMSNorm"):
 
 # --------------------------------------------------------------------------- exact fallback
 @dataclasses.dataclass
-class _Saved:
+class Saved:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     in_dims: tuple[Any, ...]
@@ -231,7 +240,7 @@ class _Saved:
 def regroup_saved(saved: Any, regroup: Callable[[Any], Any], n_rows: int) -> Any:
     """What a rule saved, with every tensor of ``n_rows`` leading rows regrouped per example by
     ``regroup`` (``[N, ...] -> [B, L, ...]``); the exact fallback's saved inputs are marked grouped."""
-    if not isinstance(saved, _Saved):
+    if not isinstance(saved, Saved):
         return regroup(saved)
 
     def dims(x: Any, d: Any) -> Any:
@@ -244,7 +253,7 @@ def regroup_saved(saved: Any, regroup: Callable[[Any], Any], n_rows: int) -> Any
         return None
 
     in_dims = (dims(saved.args, saved.in_dims[0]), dims(saved.kwargs, saved.in_dims[1]))
-    return _Saved(regroup(saved.args), regroup(saved.kwargs), in_dims, 0, grouped=True)
+    return Saved(regroup(saved.args), regroup(saved.kwargs), in_dims, 0, grouped=True)
 
 
 def _detach_tree(x: Any) -> Any:
@@ -265,7 +274,7 @@ def fallback_capture(
     batch_size: int | None = None,
     batch_dim: int = 0,
     out_batch_dim: int = 0,
-) -> _Saved:
+) -> Saved:
     """Save inputs for the exact fallback; tensors whose ``batch_dim`` has the batch size are batched."""
     if batch_size is None:
         first = out if isinstance(out, torch.Tensor) else out[0]
@@ -281,7 +290,35 @@ def fallback_capture(
         return None
 
     args, kwargs = _detach_tree(args), _detach_tree(kwargs)
-    return _Saved(args, kwargs, (dims(args), dims(kwargs)), out_batch_dim)
+    return Saved(args, kwargs, (dims(args), dims(kwargs)), out_batch_dim)
+
+
+def leaves(tree: Any) -> list[Any]:
+    """The leaves of a call's ``(args, kwargs)`` (tuples, lists and dict values opened), in a fixed order:
+    positions in this list name an argument across calls."""
+    if isinstance(tree, tuple | list):
+        return [leaf for v in tree for leaf in leaves(v)]
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in leaves(v)]
+    return [tree]
+
+
+def unbatch(dims: Any, tree: Any, positions: set[int] | frozenset[int]) -> Any:
+    """``dims`` (vmap in_dims mirroring ``tree``) with ``None`` at the leaf ``positions`` (see :func:`leaves`)."""
+    if not positions:
+        return dims
+    count = [0]
+
+    def walk(x: Any, d: Any) -> Any:
+        if isinstance(x, tuple | list):
+            return type(x)(walk(v, dd) for v, dd in zip(x, d, strict=True))
+        if isinstance(x, dict):
+            return {k: walk(v, d[k]) for k, v in x.items()}
+        i = count[0]
+        count[0] += 1
+        return None if i in positions else d
+
+    return walk(tree, dims)
 
 
 def fallback_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -297,7 +334,7 @@ def make_fallback_contribute(
     """
 
     def contribute(module: nn.Module, saved: Any, delta: torch.Tensor, i: int, sink: Sink) -> None:
-        assert isinstance(saved, _Saved)
+        assert isinstance(saved, Saved)
         params = {n: p.detach() for n, p in params_of(module).items()}
         bd = saved.out_batch_dim
 

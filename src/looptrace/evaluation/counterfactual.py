@@ -7,11 +7,18 @@ decrease when the update from z's step-t term ``-eta * phi_t(z)`` is applied to 
 are measured here by re-running the query and compared with ``eta * SDI_t``: the relative error must
 fall linearly in eta (the second-order term), and the ranking of train examples by SDI_t should match
 the ranking by the actual change at realistic learning rates.
+
+Only the prediction comes from looptrace's features. The updates are computed independently of them:
+``grad l(z)`` by autograd on the tied model, and ``phi_t(z)`` by autograd through per-step copies of
+the body (every call of the step module runs ``torch.func.functional_call`` on its own leaf copy of the
+weights, whose gradient is exactly that step's term). So wrong features (steps reversed, noise, rows
+of another example) give a large error instead of agreeing with themselves by Taylor expansion.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -20,9 +27,10 @@ import torch
 from torch import nn
 
 import looptrace as lt
+from looptrace.errors import ConfigError
 from looptrace.evaluation.metrics import spearman
 
-__all__ = ["step_counterfactual", "untied_step"]
+__all__ = ["relative_error", "step_counterfactual", "untied_step", "untied_step_grads"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -71,6 +79,49 @@ def _per_example_grads(
     return out
 
 
+def untied_step_grads(
+    model: nn.Module, step_module: nn.Module, loss_fn: LossFn, batch: Any
+) -> list[list[dict[str, torch.Tensor]]]:
+    """``out[i][t]``: example i's gradient with respect to the copy of the body that loop step t + 1 used
+    (phi_t, names relative to ``step_module``), by autograd through per-step copies of the body.
+
+    Independent of looptrace's capture: every call of ``step_module`` runs ``torch.func.functional_call``
+    on a fresh leaf copy of its parameters, one example at a time, and autograd differentiates the loss
+    with respect to each copy. The copies' gradients sum to the tied body's gradient."""
+    from looptrace import batching
+
+    own = dict(step_module.named_parameters())
+    ref = copy.deepcopy(step_module)  # runs each step on its copy of the weights
+    copies: list[dict[str, torch.Tensor]] = []
+
+    def per_step_copy(*args: Any, **kwargs: Any) -> Any:
+        p = {n: t.detach().clone().requires_grad_(True) for n, t in own.items()}
+        copies.append(p)
+        return torch.func.functional_call(ref, p, args, kwargs)
+
+    out: list[list[dict[str, torch.Tensor]]] = []
+    step_module.forward = per_step_copy  # type: ignore[method-assign]
+    try:
+        for i in range(batching.leading_size(batch) or 0):
+            copies.clear()
+            loss = loss_fn(model, batching.slice_rows(batch, i, i + 1)).sum()
+            leaves = [c[n] for c in copies for n in own]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            steps = []
+            for t in range(len(copies)):
+                gs = grads[t * len(own) : (t + 1) * len(own)]
+                steps.append(
+                    {
+                        n: (g if g is not None else torch.zeros_like(own[n])).detach()
+                        for n, g in zip(own, gs, strict=True)
+                    }
+                )
+            out.append(steps)
+    finally:
+        del step_module.forward
+    return out
+
+
 def step_counterfactual(
     model: nn.Module,
     step_module: nn.Module,
@@ -109,10 +160,16 @@ def step_counterfactual(
         n, m, tau = sdi.shape
         with torch.no_grad():
             base = loss_fn(model, query_batch).double().cpu().numpy()  # [M]
-        names = sorted(f"{n_}" for n_ in params)  # featurize's layout order (sorted by full name, same prefix)
-        shapes = {k: params[k].shape for k in names}
-        train_steps = tf.require_steps("train-side updates") if side == "train" else None
+        names = sorted(params)
+        # the updates, independent of the features behind ``sdi``: tied autograd (test side), or autograd
+        # through per-step copies of the body (train side)
         grads = _per_example_grads(model, loss_fn, train_batch, params) if side == "test" else None
+        steps = untied_step_grads(model, step_module, loss_fn, train_batch) if side == "train" else None
+        if steps is not None and any(len(s) != tau for s in steps):
+            raise ConfigError(
+                f"the model ran {sorted({len(s) for s in steps})} loop steps per train example, but the features "
+                f"have tau={tau}; pass examples that run the same number of steps"
+            )
         actual = np.zeros((len(etas), n, m, tau))
         for e, eta in enumerate(etas):
             for i in range(n):
@@ -123,15 +180,14 @@ def step_counterfactual(
                         with torch.no_grad(), untied_step(step_module, t + 1, new):
                             after = loss_fn(model, query_batch)
                     else:
-                        assert train_steps is not None
-                        update = _unflatten(train_steps[i, t], names, shapes)
-                        new = {k: params[k].detach() - eta * update[k] for k in names}
+                        assert steps is not None
+                        new = {k: params[k].detach() - eta * steps[i][t][k] for k in names}
                         with torch.no_grad():
                             after = _run_with(model, step_module, new, loss_fn, query_batch)
                     actual[e, i, :, t] = base - after.double().cpu().numpy()
         predicted = np.stack([eta * sdi for eta in etas])
         rel = {
-            float(eta): [_rel(actual[e, :, :, t], predicted[e, :, :, t]) for t in range(tau)]
+            float(eta): [relative_error(actual[e, :, :, t], predicted[e, :, :, t]) for t in range(tau)]
             for e, eta in enumerate(etas)
         }
         log_eta = np.log(np.asarray(etas, dtype=np.float64))
@@ -165,15 +221,7 @@ def _run_with(
                 params[k].copy_(v)
 
 
-def _unflatten(flat: torch.Tensor, names: list[str], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for k in names:
-        size = int(np.prod(shapes[k]))
-        out[k] = flat[offset : offset + size].reshape(shapes[k])
-        offset += size
-    return out
-
-
-def _rel(actual: np.ndarray, predicted: np.ndarray) -> float:
+def relative_error(actual: np.ndarray, predicted: np.ndarray) -> float:
+    """|actual - predicted| / |predicted| (Frobenius norms over all pairs); NaN when nothing is predicted."""
     den = float(np.linalg.norm(predicted))
     return float(np.linalg.norm(actual - predicted) / den) if den > 0 else float("nan")

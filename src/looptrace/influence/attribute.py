@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
+from looptrace.curvature.factors import Curvature
+from looptrace.curvature.fit import Fisher, fit_curvature
+from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import CheckpointError, ConfigError
+from looptrace.features import Features
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
-from looptrace.influence.scores import Decomposition, sdi, self_influence, step_matrix, tracin
+from looptrace.influence.scores import Decomposition, sdi, sdi_positions, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
+
+Precondition = Literal["adam", "kfac", "ekfac", "gauss-newton"]
+#: The accepted values of ``attribute(precondition=...)``.
+PRECONDITIONERS: tuple[str | None, ...] = (None, "adam", "kfac", "ekfac", "gauss-newton")
 
 
 @dataclasses.dataclass
@@ -28,6 +36,11 @@ class Attribution:
         self_influence: ``[N]`` sum_k eta_k |g_k(z)|^2 of each training example.
         step_matrix: ``[N, M, tau, tau]`` when ``decomposition="matrix"``, else ``None``.
         etas, checkpoints: the weights used and the checkpoint names, in order.
+        sdi_positions: ``[N, M, tau, L]`` with ``train_positions=True``: the part of ``sdi[i, j, t]`` that comes
+            through training example i's position p (summed over the example's loop steps); ``sum(-1)`` is
+            ``sdi`` (which is then defined as that sum). L is the longest training sequence; zeros past an
+            example's end.
+        tracin_positions: ``[N, M, L]``, ``sdi_positions.sum(2)``, with ``train_positions=True``.
     """
 
     sdi: torch.Tensor
@@ -38,6 +51,11 @@ class Attribution:
     etas: list[float]
     checkpoints: list[str]
     step_matrix: torch.Tensor | None = None
+    sdi_positions: torch.Tensor | None = None
+
+    @property
+    def tracin_positions(self) -> torch.Tensor | None:
+        return None if self.sdi_positions is None else self.sdi_positions.sum(2)
 
 
 def attribute(
@@ -47,11 +65,15 @@ def attribute(
     query_loader: Iterable[Any],
     loss_fn: LossFn,
     *,
-    step_module: nn.Module | None = None,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     decomposition: Decomposition = "test",
-    precondition: Literal["adam"] | None = None,
+    precondition: Precondition | None = None,
+    damping: float | None = None,
+    fisher: Fisher | None = None,
+    fisher_loss: LossFn | None = None,
+    train_positions: bool = False,
     **featurize_kwargs: Any,
 ) -> Attribution:
     """TracIn and SDI of every train example on every query example, over ``checkpoints``.
@@ -61,9 +83,27 @@ def attribute(
     ``"train"`` (which train-time step did the influencing) or ``"matrix"`` (both: tau x tau).
     ``verify="first"`` (the default) checks the first batch of the first checkpoint's train and query
     featurisations against autograd; the other checkpoints run the same capture on the same model.
+    ``train_positions=True`` also decomposes the training side by sequence position (``sdi_positions``, see
+    :class:`Attribution` and ``featurize(positions=True)``).
     ``precondition="adam"``: each checkpoint's inner products use Adam's diagonal geometry
     ``g^T P_k g'`` with ``P_k = 1 / (sqrt(v_hat_k) + eps)`` from the second moments recorded with it
     (:class:`looptrace.CheckpointRecorder`); conservation still holds.
+
+    Curvature-aware scores ``g_train . (F_k + lambda I)^-1 phi_t(query)`` precondition the *query* side only
+    (its per-step terms, so ``sdi.sum(-1) == tracin`` still holds exactly; training features stay plain):
+
+    * ``precondition="kfac"`` / ``"ekfac"``: K-FAC / EK-FAC of the body's Linear layers (diagonal blocks for
+      its other parameters), fitted on ``train_loader`` at each checkpoint with the rows of every loop step
+      and token (:mod:`looptrace.curvature`); the query's exact per-step gradients are preconditioned, then
+      sketched with the training features' plan. ``fisher``: ``"true"`` (targets sampled by ``fisher_loss``,
+      the default when it is given) or ``"empirical"`` (``loss_fn``, the default otherwise).
+    * ``precondition="gauss-newton"``: TRAK-style ``(Phi_k^T Phi_k / N + lambda I)^-1`` in feature space, from
+      the training set's total features at each checkpoint.
+    * ``damping``: ``None`` is 0.1 x each block's mean eigenvalue (Gauss-Newton: of its nonzero spectrum);
+      a float is lambda itself for every block.
+
+    Pass one checkpoint (``checkpoints[-1:]``) for the classical influence function at the final weights.
+    ``self_influence`` stays the plain ``|g|^2`` under these (only ``"adam"`` changes the training features).
     """
     if not checkpoints:
         raise ConfigError("attribute needs at least one Checkpoint")
@@ -72,16 +112,26 @@ def attribute(
         raise ConfigError(
             f"checkpoints must be looptrace.Checkpoint objects, got {bad}; wrap each as lt.Checkpoint(state_or_path, lr=eta)"
         )
-    if precondition not in (None, "adam"):
-        raise ConfigError(f"precondition must be None or 'adam', got {precondition!r}")
+    if precondition not in PRECONDITIONERS:
+        raise ConfigError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
+    if damping is not None and precondition in (None, "adam"):
+        raise ConfigError(f"damping applies to 'kfac', 'ekfac' and 'gauss-newton', not precondition={precondition!r}")
+    if (fisher is not None or fisher_loss is not None) and precondition not in ("kfac", "ekfac"):
+        raise ConfigError("fisher= and fisher_loss= choose the Fisher of precondition='kfac' or 'ekfac' only")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
+    if train_positions and decomposition != "test":
+        raise ConfigError(
+            "train_positions=True decomposes the training side by position, summed over its loop steps, against "
+            f"the query's steps: it goes with decomposition='test', not {decomposition!r}"
+        )
     spec = sketch if sketch is not None else SketchSpec()
     original = copy.deepcopy(model.state_dict())
     total_sdi: torch.Tensor | None = None
     total_tracin: torch.Tensor | None = None
     total_self: torch.Tensor | None = None
     total_matrix: torch.Tensor | None = None
+    total_positions: torch.Tensor | None = None
     etas: list[float] = []
     names: list[str] = []
     kw = dict(step_module=step_module, body=body, sketch=spec, **featurize_kwargs)
@@ -99,14 +149,38 @@ def attribute(
                 kw["precondition"] = adam_preconditioner(
                     full.second_moments, names=_body_names(model, step_module, body)
                 )
-            train = featurize(model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name, **kw)
-            query = featurize(model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw)
+            train = featurize(
+                model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name,
+                positions=train_positions, **kw,
+            )  # fmt: skip
+            if precondition in ("kfac", "ekfac"):
+                fit_kw = {k: v for k, v in kw.items() if k != "sketch"}
+                curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
+                                     fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
+                query = preconditioned_features(
+                    model, query_loader, loss_fn, _preconditioner(curv, precondition, damping),
+                    per_step=decomposition != "train", checkpoint=name, **kw,
+                )  # fmt: skip
+            else:
+                query = featurize(
+                    model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw
+                )
+            if precondition == "gauss-newton":
+                query = _gauss_newton_query(train, query, damping)
             if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
                 kw["verify"] = False
             if decomposition == "matrix":
                 mat = eta * step_matrix(train, query)
                 total_matrix = mat if total_matrix is None else total_matrix + mat
                 s = mat.sum(2)
+            elif train_positions:
+                pos = eta * sdi_positions(train, query)
+                if total_positions is not None and pos.shape[-1] != total_positions.shape[-1]:  # pad to the longest
+                    width = max(pos.shape[-1], total_positions.shape[-1])
+                    pos = torch.nn.functional.pad(pos, (0, width - pos.shape[-1]))
+                    total_positions = torch.nn.functional.pad(total_positions, (0, width - total_positions.shape[-1]))
+                total_positions = pos if total_positions is None else total_positions + pos
+                s = pos.sum(-1)
             else:
                 s = eta * sdi(train, query, side=decomposition)
             if total_sdi is not None and s.shape[-1] != total_sdi.shape[-1]:
@@ -124,10 +198,30 @@ def attribute(
     finally:
         model.load_state_dict(original)
     assert total_sdi is not None and total_tracin is not None and total_self is not None
-    return Attribution(total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix)
+    if total_positions is not None:  # sdi is the sum over positions, exactly
+        total_sdi = total_positions.sum(-1)
+    return Attribution(
+        total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions
+    )
+
+
+def _preconditioner(curv: Curvature, kind: str, damping: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Flat gradients ``[R, P]`` -> ``(F + lambda I)^-1`` of them, F the fitted K-FAC or EK-FAC."""
+    return lambda g: curv.precondition(g, kind, damping)  # type: ignore[arg-type]
+
+
+def _gauss_newton_query(train: Features, query: Features, damping: float | None) -> Features:
+    """The query's features (per step, or totals) through (Phi^T Phi / N + lambda I)^-1, Phi the train totals."""
+    train.compatible_with(query)
+    if query.per_step is not None:
+        steps = gauss_newton(train.total, query.per_step, damping).to(query.per_step.dtype)
+        return dataclasses.replace(query, per_step=steps, _total=None)
+    return dataclasses.replace(query, _total=gauss_newton(train.total, query.total, damping).to(query.total.dtype))
 
 
 def _body_names(
-    model: nn.Module, step_module: nn.Module | None, body: nn.Module | Sequence[nn.Module] | None
+    model: nn.Module,
+    step_module: nn.Module | Sequence[nn.Module] | None,
+    body: nn.Module | Sequence[nn.Module] | None,
 ) -> list[str]:
     return [bp.name for bp in body_parameters(model, resolve_body(model, step_module, body))]

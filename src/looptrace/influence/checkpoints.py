@@ -240,7 +240,8 @@ def load_checkpoints(directory: str | os.PathLike[str]) -> list[Checkpoint]:
                 raise CheckpointError(f"{root / INDEX} names {f!r}, not a file in {root}")
             out.append(Checkpoint(root / f))
         return out
-    files = sorted(root.glob("ckpt_*.pt"))
+    # in step order: ckpt_9.pt before ckpt_10.pt even when the names are not zero-padded
+    files = sorted(root.glob("ckpt_*.pt"), key=lambda p: (_step_of(p.stem.removeprefix("ckpt_")), p.name))
     if files:
         return [Checkpoint(p) for p in files]
     hf = sorted(
@@ -253,6 +254,11 @@ def load_checkpoints(directory: str | os.PathLike[str]) -> list[Checkpoint]:
         f"{root} holds no recorded checkpoints (no {INDEX}, ckpt_*.pt or checkpoint-<step>/); record them with "
         "looptrace.CheckpointRecorder or one of the looptrace.integrations callbacks"
     )
+
+
+def _step_of(text: str) -> float:
+    """The step a checkpoint's name ends with (``inf`` when it names none, so such files sort last)."""
+    return int(text) if text.isdigit() else float("inf")
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, set[str]]:

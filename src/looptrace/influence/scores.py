@@ -37,6 +37,16 @@ def sdi(train: Features, query: Features, side: Literal["test", "train"] = "test
     raise ConfigError(f"side must be 'test' or 'train', got {side!r}")
 
 
+def sdi_positions(train: Features, query: Features) -> torch.Tensor:
+    """Test-side SDI per training position ``[N, M, tau, L]`` for one checkpoint (unweighted by eta): entry
+    ``[i, j, t, p]`` is the part of SDI(z_i, z'_j)_t that comes through training example i's position p; summed
+    over p it is :func:`sdi` (the train side's positions sum to its total)."""
+    train.compatible_with(query)
+    return torch.einsum(
+        "npd,mtd->nmtp", train.require_positions("per-position SDI"), query.require_steps("test-side SDI")
+    )
+
+
 def step_matrix(train: Features, query: Features) -> torch.Tensor:
     """The tau x tau step influence matrix ``[N, M, tau_train, tau_query]``."""
     train.compatible_with(query)

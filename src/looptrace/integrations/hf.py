@@ -8,6 +8,12 @@ checkpoints (``pip install "looptrace[hf]"``).
     step = lt.find_step_module(model, batch)               # -> model.albert.encoder.albert_layer_groups[0]
     feats = lt.featurize(model, loader, hf.masked_lm_loss, step_module=step, sketch=lt.SketchSpec(dim=2048))
 
+    # Inkling-2-Loop: a step is a pass over the looped layers, with the message module called inside it
+    layers = list(model.model.layers[config.loop_layer_index_start : config.loop_layer_index_end])
+    feats = lt.featurize(model, loader, hf.causal_lm_loss, step_module=layers,
+                         body=[*layers, model.model.message_input])
+    # HRM-Text: step_module=model.model.L_module (one step per L cycle), then model.model.H_module
+
 Batches are dicts as the ``DataCollator`` s make them (``input_ids``, ``attention_mask``, ``labels``,
 ...). The loss helpers call the model without ``labels`` (so it does not average over the batch) and
 return one loss per example: the mean cross-entropy over the example's labelled tokens. Padding never
@@ -18,13 +24,14 @@ where ``attention_mask`` is 0.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looptrace.capture.discover import modules_at
 from looptrace.errors import LossError
 from looptrace.extras import require
 from looptrace.influence.recorder import Body, CheckpointRecorder, optimizer_lr, params_of
@@ -91,22 +98,49 @@ class TracInCallback(TrainerCallback):  # type: ignore[misc]
     """Records TracIn checkpoints from a ``transformers.Trainer`` every ``every`` optimizer steps.
 
     eta_k is the learning rate the step used (read right after ``optimizer.step()``, before the
-    scheduler moves it); the optimizer's second moments of ``body`` (a module or its dotted path, e.g.
-    ``"albert.encoder.albert_layer_groups.0"``) are saved with the weights. The directory reads back
-    with :func:`looptrace.load_checkpoints` or ``looptrace featurize --checkpoint-dir``.
+    scheduler moves it); the optimizer's second moments of ``body`` are saved with the weights. ``body``
+    takes the forms ``featurize`` and the command line take: a module, a list of modules, or attribute
+    paths: ``"albert.encoder.albert_layer_groups.0"``, a range of a ModuleList
+    (``"model.layers.2:4"``), several separated by commas (``"model.layers.2:4,model.message_input"``),
+    or a list of such paths. The directory reads back with :func:`looptrace.load_checkpoints` or
+    ``looptrace featurize --checkpoint-dir``.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], every: int = 100, *, body: Body = None) -> None:
-        self.recorder = CheckpointRecorder(directory, every=every, body=body)
+    def __init__(
+        self, directory: str | os.PathLike[str], every: int = 100, *, body: Body | Sequence[str | nn.Module] = None
+    ) -> None:
+        self.recorder = CheckpointRecorder(directory, every=every, body=None)
         self.every = every
-        self.body = body
+        self._spec = body
+        self.body: Body = None
+        self._resolved = body is None
         self._lr: float | None = None
+
+    def _body(self, model: nn.Module) -> Body:
+        """``body`` as modules of ``model`` (paths are resolved on the first call, when the model is known)."""
+        if not self._resolved:
+            spec = self._spec
+            if isinstance(spec, str):
+                found = modules_at(model, spec)
+                self.body = found if isinstance(found, nn.Module) else list(found)
+            elif isinstance(spec, nn.Module):
+                self.body = spec
+            else:
+                mods: list[nn.Module] = []
+                for item in spec or []:
+                    got = modules_at(model, item) if isinstance(item, str) else item
+                    mods.extend([got] if isinstance(got, nn.Module) else got)
+                self.body = mods
+            self.recorder.body = self.body
+            self._resolved = True
+        return self.body
 
     def on_optimizer_step(
         self, args: Any, state: Any, control: Any, optimizer: Any = None, model: Any = None, **kw: Any
     ) -> None:
         if optimizer is not None:
-            names = params_of(self.body, model) if (self.body is not None and model is not None) else None
+            body = self._body(model) if model is not None else None
+            names = params_of(body, model) if (body is not None and model is not None) else None
             self._lr = optimizer_lr(optimizer, names)
 
     def on_step_end(
@@ -115,4 +149,5 @@ class TracInCallback(TrainerCallback):  # type: ignore[misc]
         step = int(state.global_step)
         if model is None or step % self.every:
             return
+        self._body(model)
         self.recorder.save(model, optimizer, step=step, lr=self._lr, trainer="transformers")

@@ -28,20 +28,57 @@ import dataclasses
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
 from looptrace.errors import ConfigError
 from looptrace.sketch.hashing import bucket_hash, sign_hash
+from looptrace.sketch.routes import ROUTES, OuterPath
 from looptrace.sketch.spec import SketchSpec
 
 Kind = Literal["identity", "cs", "ts"]
-OuterPath = Literal["auto", "fft", "materialize"]
 
 #: Upper bound on the bytes of one transient per-example gradient block or FFT buffer.
 CHUNK_BYTES = 64 * 2**20
+
+#: A matrix is *wide* (``method="auto"`` gives it a TensorSketch block of its own, computable by FFT) when it
+#: has at least this many entries and both sides are at least :data:`WIDE_SIDE`: from there on, materialising
+#: its per-example gradient (rows x cols per example and step, then a scatter of as many entries) costs more
+#: than two FFTs per token at the block sizes the budget gives (measured across widths:
+#: benchmarks/results/widths.md). A fixed rule of the shapes, so that the layout never depends on the machine.
+WIDE = 1 << 18
+WIDE_SIDE = 256
+#: The largest block ``budget="auto"`` gives one wide matrix (the paper's m): an FFT's cost grows faster than its
+#: length (m log m, and the cache), so a larger block costs more than it buys in accuracy at the default route; a
+#: user who wants larger blocks names them (``budget="per_tensor"``, ``dim`` per tensor).
+AUTO_BLOCK = 2048
+
+
+def fft_size(n: int) -> int:
+    """The largest even 5-smooth number (2^a 3^b 5^c, a >= 1) not above ``n`` (>= 2): FFT lengths with only small
+    prime factors are several times faster than, say, 2 x 19 x 149."""
+    best = 2
+    p2 = 2
+    while p2 <= n:
+        p3 = p2
+        while p3 <= n:
+            p5 = p3
+            while p5 <= n:
+                best = max(best, p5)
+                p5 *= 5
+            p3 *= 3
+        p2 *= 2
+    return best
+
+
+def is_wide(shape: tuple[int, ...]) -> bool:
+    """Whether ``method="auto"`` gives this parameter a TensorSketch block of its own (see :data:`WIDE`)."""
+    if len(shape) < 2:
+        return False
+    rows, cols = shape[0], math.prod(shape[1:])
+    return rows * cols >= WIDE and min(rows, cols) >= WIDE_SIDE
 
 
 class TableCache:
@@ -189,7 +226,7 @@ class Slot:
         """out[B, m] += S(sum_j left[:, j] (x) right[:, j]) for left [B, L, rows], right [B, L, cols]."""
         b, n_tok, rows = left.shape
         cols = right.shape[-1]
-        if self.kind == "ts" and self._choose_path(n_tok, path) == "fft":
+        if self.kind == "ts" and self.route(b, n_tok, left.device, left.dtype, path) == "fft":
             self._add_outer_fft(out, left, right)
             return
         t = self.tables(left.device, left.dtype) if self.kind != "identity" else {}
@@ -206,32 +243,55 @@ class Slot:
             else:  # the signs are in the factors already
                 o.scatter_add_(1, t["idx"].expand(g.shape[0], -1), g)
 
-    def _choose_path(self, n_tok: int, path: OuterPath) -> Literal["fft", "materialize"]:
+    def route(
+        self, b: int, n_tok: int, device: torch.device, dtype: torch.dtype, path: OuterPath = "auto"
+    ) -> Literal["fft", "materialize"]:
+        """How this TensorSketch slot computes a batch of outer products: ``path`` when forced, else the
+        route measured faster on this machine for these shapes (:mod:`looptrace.sketch.routes`)."""
         if path != "auto":
             return path
-        # Measured on CPU (benchmarks/results): a per-token rfft of size m costs about as much as
-        # 40 * m * log2(m) multiply-adds of a batched matmul; the materialised route costs the
-        # per-example gradient (L * rows * cols) plus a scatter of rows * cols entries (~8 MACs each).
-        cost_fft = n_tok * (2 * 40 * self.m * math.log2(max(self.m, 2)) + 4 * (self.rows + self.cols))
-        cost_mat = n_tok * self.rows * self.cols + 8 * self.rows * self.cols
-        return "fft" if cost_fft < cost_mat else "materialize"
+        return ROUTES.choose(self, b, n_tok, device, dtype)
 
     def _add_outer_fft(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        """TS(sum_j u_j (x) v_j) = irfft(sum_j rfft(CS1 u_j) * rfft(CS2 v_j)): the sum over tokens moves inside
+        the inverse FFT (it is linear), so one irfft per example; O(L (rows + cols + m log m)) per example."""
         b, n_tok, rows = left.shape
         cols = right.shape[-1]
         m = self.m
         t = self.tables(left.device, left.dtype)
         freq = m // 2 + 1
-        per_token = 2 * freq * 2 * left.element_size() + 2 * m * left.element_size()
-        tok_step = max(1, CHUNK_BYTES // max(per_token * b, 1))
+        # a chunk's buffers (two [b, tok, m] count sketches and their spectra) stay within FFT_CHUNK_BYTES
+        per_token = b * (2 * m + 4 * freq) * left.element_size()
+        tok_step = max(1, min(n_tok, FFT_CHUNK_BYTES // max(per_token, 1)))
         acc = torch.zeros(b, freq, dtype=torch.promote_types(left.dtype, torch.complex64), device=left.device)
+        h1, h2 = t["h1"], t["h2"]
+        left, right = left * t["s1"], right * t["s2"]  # the signs, once: O(L (rows + cols))
         for j in range(0, n_tok, tok_step):
-            lj, rj = left[:, j : j + tok_step], right[:, j : j + tok_step]
-            c1 = lj.new_zeros(b, lj.shape[1], m).index_add_(2, t["h1"], lj * t["s1"])
-            c2 = rj.new_zeros(b, rj.shape[1], m).index_add_(2, t["h2"], rj * t["s2"])
-            acc += (torch.fft.rfft(c1, dim=-1) * torch.fft.rfft(c2, dim=-1)).sum(dim=1)
+            k = min(tok_step, n_tok - j)
+            # 2-D [b * k, rows] rows: index_add_ along the last axis of a 2-D tensor is about 3x faster than of
+            # the 3-D [b, k, rows] view (measured on CPU)
+            lj = left[:, j : j + k].reshape(b * k, rows)
+            rj = right[:, j : j + k].reshape(b * k, cols)
+            f1 = torch.fft.rfft(lj.new_zeros(b * k, m).index_add_(1, h1, lj), dim=-1)
+            f1.mul_(torch.fft.rfft(rj.new_zeros(b * k, m).index_add_(1, h2, rj), dim=-1))
+            acc += f1.view(b, k, freq).sum(dim=1)
         out.add_(torch.fft.irfft(acc, n=m, dim=-1).to(out.dtype))
-        del rows, cols
+
+
+#: Upper bound on one chunk of tokens' FFT buffers (count sketches and spectra): small enough to stay in cache.
+FFT_CHUNK_BYTES = 8 * 2**20
+
+
+def _kind_rule(spec: SketchSpec) -> Callable[[tuple[int, ...]], Kind]:
+    """The map of a tensor's shape to its sketch: TensorSketch for matrices under ``"tensorsketch"`` and for
+    wide matrices under ``"auto"``, CountSketch otherwise."""
+
+    def kind(shape: tuple[int, ...]) -> Kind:
+        if len(shape) >= 2 and (spec.method == "tensorsketch" or (spec.method == "auto" and is_wide(shape))):
+            return "ts"
+        return "cs"
+
+    return kind
 
 
 @dataclasses.dataclass
@@ -257,10 +317,9 @@ class SketchPlan:
             return cls(spec, slots, off)
         assert spec.dim is not None
 
-        def sketch_kind(shape: tuple[int, ...]) -> Kind:
-            if spec.method == "tensorsketch" and len(shape) >= 2:
-                return "ts"
-            return "cs"
+        if spec.budget == "auto":
+            return cls._auto(spec, params)
+        sketch_kind = _kind_rule(spec)
 
         if spec.budget == "per_tensor":
             for i, (name, shape) in enumerate(params):
@@ -306,6 +365,66 @@ class SketchPlan:
             slots.append(Slot(name, shape, kind, m, off, spec.seed))
             off += m
         return cls(spec, slots, off)
+
+    @classmethod
+    def _auto(cls, spec: SketchSpec, params: Sequence[tuple[str, tuple[int, ...]]]) -> SketchPlan:
+        """``budget="auto"``: wide matrices (:func:`is_wide`) get a block each; every other tensor is hashed into one
+        shared space (the *pool*). The pool gets a fair share of D: its tensors' share of all entries, at least
+        D / (blocks + 1), never more than its tensors have (then they are kept exactly); the wide matrices split
+        the rest equally, each block rounded down to :func:`fft_size` and at most :data:`AUTO_BLOCK`, and what
+        that leaves goes back to the pool, up to its tensors' size. So D is an upper bound: when the pool is kept
+        exactly and the blocks are at their cap, the features have fewer coordinates (``plan.dim``). With no wide
+        matrix this is a shared budget."""
+        assert spec.dim is not None
+        kind_of = _kind_rule(spec)
+        wide = [(n, s) for n, s in params if is_wide(s)]
+        pool = [(n, s) for n, s in params if not is_wide(s)]
+        if not wide:
+            return cls(spec, [Slot(n, s, kind_of(s), spec.dim, 0, spec.seed) for n, s in pool], spec.dim)
+        pool_numel = sum(math.prod(s) for _, s in pool)
+        total = sum(math.prod(s) for _, s in params)
+        share = max(spec.dim * pool_numel / total, spec.dim / (len(wide) + 1))
+        d_pool = min(pool_numel, int(share))
+        m_wide = (spec.dim - d_pool) // len(wide)
+        if m_wide < 2:
+            raise ConfigError(
+                f"SketchSpec(dim={spec.dim}) leaves less than 2 dimensions for each of the {len(wide)} wide matrices "
+                f"{[n for n, _ in wide][:4]}; raise dim"
+            )
+        m_wide = fft_size(min(m_wide, AUTO_BLOCK))
+        d_pool = min(spec.dim - m_wide * len(wide), pool_numel) if pool else 0
+        slots: list[Slot] = []
+        if pool:
+            kind: Kind = "identity" if d_pool >= pool_numel else "cs"
+            if kind == "identity":  # the pool's tensors fit: kept exactly, each in its own coordinates
+                off = 0
+                for n, s in pool:
+                    slots.append(Slot(n, s, "identity", math.prod(s), off, spec.seed))
+                    off += math.prod(s)
+                d_pool = off
+            else:
+                slots.extend(Slot(n, s, kind_of(s), d_pool, 0, spec.seed) for n, s in pool)
+        off = d_pool
+        for n, s in wide:
+            slots.append(Slot(n, s, kind_of(s), m_wide, off, spec.seed))
+            off += m_wide
+        return cls(spec, sorted(slots, key=lambda sl: sl.name), off)
+
+    def groups(self) -> list[tuple[str, int, int]]:
+        """``(label, offset, m)`` of every block of coordinates: a tensor's own, or a space several tensors share
+        (named after them). The first-batch check compares block by block."""
+        by_block: dict[tuple[int, int], list[str]] = {}
+        for s in self.slots:
+            by_block.setdefault((s.offset, s.m), []).append(s.name)
+        out = []
+        for (off, m), names in sorted(by_block.items()):
+            label = (
+                names[0]
+                if len(names) == 1
+                else f"the space shared by {len(names)} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            )
+            out.append((label, off, m))
+        return out
 
     def slot(self, name: str) -> Slot:
         for s in self.slots:

@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from looptrace.errors import ConfigError
 
-Method = Literal["tensorsketch", "countsketch", "exact"]
-Budget = Literal["per_tensor", "proportional", "shared"]
+Method = Literal["auto", "tensorsketch", "countsketch", "exact"]
+Budget = Literal["auto", "per_tensor", "proportional", "shared"]
 
-_METHODS = ("tensorsketch", "countsketch", "exact")
-_BUDGETS = ("per_tensor", "proportional", "shared")
+_METHODS = ("auto", "tensorsketch", "countsketch", "exact")
+_BUDGETS = ("auto", "per_tensor", "proportional", "shared")
 MAX_DIM = 1 << 26
 
 
@@ -31,27 +31,36 @@ class SketchSpec:
             with ``"proportional"`` or ``"shared"`` it is the *total* feature dimension D.
             ``None`` only for the exact (identity) spec.
         seed: seeds every hash; hashes are drawn from (seed, parameter name, role).
-        method: ``"tensorsketch"`` (the paper: TensorSketch for matrix parameters, CountSketch for
+        method: ``"auto"`` (the default): TensorSketch for *wide* matrices (see
+            :data:`looptrace.sketch.plan.WIDE`), which can then be computed by FFT from the (delta, a) factors
+            without ever forming the per-example gradient, and CountSketch for every other tensor;
+            ``"tensorsketch"`` (the paper: TensorSketch for matrix parameters, CountSketch for
             vectors; variance <= (4/m^2 + 6/m)|g|^2|p|^2), ``"countsketch"`` (CountSketch of each
             flattened parameter gradient: a 4-wise independent bucket hash on the flattened index and a
             separable sign s1(row) s2(col), which folds into outer-product factors; variance <=
             (2/m + 2/m^2)|g|^2|p|^2),
             or ``"exact"`` (identity: the full per-step gradient).
-        budget: how ``dim`` is spent across parameter tensors: ``"per_tensor"`` (dim each, as in
+        budget: how ``dim`` is spent across parameter tensors: ``"auto"`` (the default: every tensor but
+            the wide matrices hashed into one shared space, which gets a fair share of ``dim``, at least its
+            tensors' share of all entries and never more than they have; each wide matrix a block of its own,
+            the rest split equally and rounded down to an FFT-friendly size; see
+            :meth:`looptrace.sketch.plan.SketchPlan._auto`), ``"per_tensor"`` (dim each, as in
             the paper), ``"proportional"`` (D split in proportion to tensor size, tensors no larger than
             their share kept exactly), or ``"shared"`` (every tensor hashed into the same D
             coordinates with independent hashes, the sketches summed).
 
-    The defaults (``countsketch``, ``shared``) were chosen by measurement: at equal total feature
-    dimension they gave the lowest SDI error on the benchmark model (benchmarks/results/README.md),
-    at the same speed. ``SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor")`` is the
-    paper's configuration.
+    The default (``auto``) was chosen by measurement across widths (benchmarks/results/widths.md): with no
+    wide matrix (width 128 on the benchmark model) it is exactly CountSketch with a shared budget, the most
+    accurate per dimension there at the same speed; at widths 512 and 768 the wide matrices' TensorSketch
+    blocks are computed by FFT, which costs O(T (d_in + d_out) + m log m) per example instead of
+    O(d_in d_out). ``SketchSpec(dim=2048, method="tensorsketch", budget="per_tensor")`` is the paper's
+    configuration.
     """
 
     dim: int | None = 4096
     seed: int = 0
-    method: Method = "countsketch"
-    budget: Budget = "shared"
+    method: Method = "auto"
+    budget: Budget = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -74,7 +83,7 @@ class SketchSpec:
                 f"SketchSpec.dim={self.dim} is absurdly large (limit {MAX_DIM}); "
                 "use SketchSpec.exact() if you want unprojected gradients"
             )
-        if self.method == "tensorsketch" and self.dim % 2:
+        if self.method in ("tensorsketch", "auto") and self.dim % 2:
             raise ConfigError(
                 f"SketchSpec.dim={self.dim} is odd; the TensorSketch variance bound "
                 "(4/m^2 + 6/m) assumes an even m: use an even dim such as "

@@ -31,7 +31,7 @@ def featurize_to_store(
     loss_fn: LossFn,
     store_dir: str | os.PathLike[str],
     *,
-    step_module: nn.Module | None = None,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
     sketch: SketchSpec | None = None,
     batch_size: int = 64,
@@ -41,6 +41,7 @@ def featurize_to_store(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = False,
+    positions: int | None = None,
     **featurize_kwargs: Any,
 ) -> FeatureStore:
     """Featurise ``datasets`` (``{"train": ds, "query": ds}``) at every checkpoint into a store.
@@ -50,6 +51,11 @@ def featurize_to_store(
     shards ``i`` with ``i % world_size == rank``. Each checkpoint is loaded once per process. The
     featurisation options that change the numbers (``tau``, ``train_mode``, ``outer_path``) are
     recorded in the manifest; reopening the store with other values raises.
+
+    ``positions=k`` also keeps, for every training example, its per-position features (``featurize(positions=True)``)
+    ragged: only its real positions (up to its last position with a nonzero term: padding gets none), summed over
+    spans of ``k`` consecutive positions to bound the size (``1``: every position); read them with
+    :meth:`FeatureStore.read_positions` or :func:`looptrace.store.position_scores`.
     """
     spec = sketch if sketch is not None else SketchSpec()
     precondition = featurize_kwargs.pop("precondition", None)
@@ -68,6 +74,10 @@ def featurize_to_store(
     options = {k: featurize_kwargs.get(k, _DEFAULTS[k]) for k in RECORDED_OPTIONS}
     options["precondition"] = precondition
     options["autocast"] = None if options["autocast"] is None else str(options["autocast"]).removeprefix("torch.")
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ConfigError(f"positions must be a span of k >= 1 positions, got {positions!r}")
+    if positions is not None:
+        options["positions"] = positions
     dmeta = {role: {"n": len(ds), "fingerprint": dataset_fingerprint(ds)} for role, ds in datasets.items()}
     store = FeatureStore.open(
         store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype,
@@ -96,12 +106,14 @@ def featurize_to_store(
                 loader = torch.utils.data.DataLoader(
                     subset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn
                 )
+                by_position = positions is not None and role == "train"
                 f = featurize(
                     model, loader, loss_fn, step_module=step_module, body=body, sketch=spec, per_step=role == "query",
-                    checkpoint=name, progress=progress, **kw,
+                    checkpoint=name, progress=progress, positions=by_position, **kw,
                 )  # fmt: skip
                 rows = f.require_steps("query features") if role == "query" else f.total
-                store.write_shard(k, role, start, stop, rows, f.losses)
+                ragged = ragged_positions(f.require_positions("the store"), positions) if by_position else None
+                store.write_shard(k, role, start, stop, rows, f.losses, ragged)
     finally:
         model.load_state_dict(original)
     return store
@@ -114,3 +126,19 @@ _DEFAULTS: dict[str, Any] = {
     "autocast": None,
     "precondition": None,
 }
+
+
+def ragged_positions(positions: torch.Tensor, span: int | None = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, L, D]`` per-position features -> ``(rows [R, D], offsets [n + 1])``: each example's real positions
+    (up to its last position with a nonzero term), summed over spans of ``span`` consecutive positions."""
+    span = span or 1
+    n, length, dim = positions.shape
+    nonzero = (positions != 0).any(-1)  # [n, L]
+    last = torch.where(nonzero, torch.arange(length, device=positions.device), -1).amax(1)  # [n]
+    counts = (last + 1 + span - 1) // span  # spans per example (0 when no position has a term)
+    pad = (-length) % span
+    spans = torch.nn.functional.pad(positions, (0, 0, 0, pad)).reshape(n, -1, span, dim).sum(2)  # [n, ceil(L/k), D]
+    keep = torch.arange(spans.shape[1], device=positions.device)[None, :] < counts[:, None]
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0).cpu()
+    return spans[keep], offsets

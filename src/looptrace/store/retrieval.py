@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,11 +51,14 @@ def score_to_disk(
     out: str | os.PathLike[str],
     kind: Literal["sdi", "tracin"] = "sdi",
     query_block: int = 256,
+    queries: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """sum_k eta_k scores as .npy (``sdi``: [N, M, tau]; ``tracin``: [N, M]) written block by block.
 
     Only one train shard and one query block are in memory at a time (plus the memory-mapped output);
-    the file appears under its name only when complete.
+    the file appears under its name only when complete. ``queries``: per checkpoint, query features
+    ``[M, tau, D]`` to use instead of the stored ones (preconditioned ones, from
+    :func:`looptrace.store.curvature.preconditioned_queries`).
     """
     if kind not in ("sdi", "tracin"):
         raise ConfigError(f"kind must be 'sdi' or 'tracin', got {kind!r}")
@@ -62,7 +66,9 @@ def score_to_disk(
     n, m = store.n("train"), store.n("query")
     if not n or not m:
         raise ConfigError("the store needs both train and query features to score")
-    qs = [_query_steps(store, k) for k in range(len(etas))]
+    if queries is not None and len(queries) != len(etas):
+        raise ConfigError(f"queries= needs one array per checkpoint ({len(etas)}), got {len(queries)}")
+    qs = list(queries) if queries is not None else [_query_steps(store, k) for k in range(len(etas))]
     tau = max(q.shape[1] for q in qs)
     out = Path(out)
     shape = (n, m, tau) if kind == "sdi" else (n, m)
@@ -92,9 +98,49 @@ class TopK:
     opponents: np.ndarray  # [M, k] train indices, smallest (most negative) first
     opponent_scores: np.ndarray
     step: int | None  # None: TracIn; t: test-side SDI at step t (1-based)
+    # with positions: per query, the per-position scores of each proponent / opponent (ragged lists)
+    proponent_positions: list[list[list[float]]] | None = None
+    opponent_positions: list[list[list[float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: v for k, v in out.items() if v is not None or k == "step"}
+
+
+def position_matrix(store: FeatureStore, train: int, query: int) -> np.ndarray:
+    """``[tau, r]``: sum_k eta_k of training example ``train``'s per-position rows against query ``query``'s
+    per-step features (its steps x positions matrix for that query); summed over positions it is the example's
+    SDI profile for the query, over steps and positions its TracIn."""
+    out: np.ndarray | None = None
+    for k, eta in enumerate(_etas(store)):
+        rows = np.asarray(store.read_positions(k, "train", train), dtype=np.float64)  # [r, D]
+        q = _query_row(store, k, query)  # [tau, D]
+        block = eta * q @ rows.T
+        if out is None:
+            out = block
+        else:  # checkpoints featurised on the same data have the same rows; a longer horizon pads with zeros
+            width = max(out.shape[0], block.shape[0])
+            out = np.pad(out, ((0, width - out.shape[0]), (0, 0))) + np.pad(
+                block, ((0, width - block.shape[0]), (0, 0))
+            )
+    assert out is not None
+    return out
+
+
+def position_scores(store: FeatureStore, train: int, query: int, step: int | None = None) -> np.ndarray:
+    """``[r]``: the part of TracIn (``step=None``) or of SDI at ``step`` (1-based) of training example ``train`` on
+    query ``query`` that comes through each of its positions (spans of the store's ``positions`` size)."""
+    mat = position_matrix(store, train, query)
+    if step is None:
+        return mat.sum(0)
+    if not 1 <= step <= mat.shape[0]:
+        raise ConfigError(f"step must be in 1..{mat.shape[0]}, got {step}")
+    return mat[step - 1]
+
+
+def _query_row(store: FeatureStore, ck: int, index: int) -> np.ndarray:
+    start, stop = next((a, b) for a, b in store.shard_ranges("query") if a <= index < b)
+    return np.asarray(store.read_shard(ck, "query", start, stop)[index - start], dtype=np.float64)
 
 
 def stacked(store: FeatureStore, role: str, step: int | None = None) -> np.ndarray:
@@ -148,12 +194,18 @@ def _faiss_index(x: np.ndarray, index: Index, seed: int = 0) -> Any:
 
 
 def topk(
-    store: FeatureStore, k: int = 10, step: int | None = None, index: Index = "flat", candidates: int | None = None
+    store: FeatureStore,
+    k: int = 10,
+    step: int | None = None,
+    index: Index = "flat",
+    candidates: int | None = None,
+    positions: bool = False,
 ) -> TopK:
     """Proponents and opponents of every query (TracIn, or SDI at ``step``), exactly re-scored.
 
     ``candidates`` (default 4k for approximate indices, k for exact) are retrieved, re-scored in
-    float64 from the stored features, and the best k kept.
+    float64 from the stored features, and the best k kept. ``positions``: also each retrieved example's
+    per-position scores (:func:`position_scores`; the store must hold per-position features).
     """
     if k < 1:
         raise ConfigError("k must be >= 1")
@@ -179,11 +231,23 @@ def topk(
         _, opp = idx.search(np.ascontiguousarray(-q, dtype=np.float32), c)
 
     def rescore(cand: np.ndarray, sign: float) -> tuple[np.ndarray, np.ndarray]:
-        cand = np.where(cand < 0, 0, cand)  # faiss pads with -1 when fewer results exist
+        # An approximate index pads with -1 when the lists it probed hold fewer than c vectors: those queries are
+        # searched exactly instead (a padded slot must never stand for example 0).
+        short = (cand < 0).any(axis=1)
+        if short.any():
+            cand = cand.copy()
+            cand[short] = np.argsort(-sign * (q[short] @ x.T), axis=1, kind="stable")[:, : cand.shape[1]]
         exact = np.einsum("md,mcd->mc", q, x[cand])
         order = np.argsort(-sign * exact, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(cand, order, 1), np.take_along_axis(exact, order, 1)
 
     p_idx, p_s = rescore(pro, 1.0)
     o_idx, o_s = rescore(opp, -1.0)
-    return TopK(p_idx, p_s, o_idx, o_s, step)
+    res = TopK(p_idx, p_s, o_idx, o_s, step)
+    if positions:
+
+        def per_position(idx: np.ndarray) -> list[list[list[float]]]:
+            return [[position_scores(store, int(i), j, step).tolist() for i in row] for j, row in enumerate(idx)]
+
+        res.proponent_positions, res.opponent_positions = per_position(p_idx), per_position(o_idx)
+    return res

@@ -195,8 +195,18 @@ class FeatureStore:
         return [r for r in self.shard_ranges(role) if self.is_done(ck, role, *r)]
 
     def write_shard(
-        self, ck: int, role: str, start: int, stop: int, features: torch.Tensor, losses: torch.Tensor
+        self,
+        ck: int,
+        role: str,
+        start: int,
+        stop: int,
+        features: torch.Tensor,
+        losses: torch.Tensor,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Path:
+        """Write one shard: ``features`` rows (train: totals ``[n, D]``; query: ``[n, tau, D]``), their losses and,
+        for per-position train rows, ``positions = (rows [R, D], offsets [n + 1])`` (example i's positions are
+        rows ``offsets[i]:offsets[i + 1]``), in one safetensors file whose checksum the sidecar keeps."""
         from safetensors.torch import save_file
 
         expect = (stop - start,)
@@ -206,14 +216,18 @@ class FeatureStore:
         path = self.shard_path(ck, role, start, stop)
         tmp = path.with_name(path.name + ".partial")
         dt = torch.float16 if self.manifest["dtype"] == "float16" else torch.float32
+        tensors = {
+            "features": features.detach().to("cpu", dt).contiguous(),
+            "losses": losses.detach().to("cpu", torch.float32).contiguous(),
+        }
+        if positions is not None:
+            rows, offsets = positions
+            if tuple(offsets.shape) != (stop - start + 1,) or int(offsets[-1]) != rows.shape[0]:
+                raise ConfigError(f"shard {start}:{stop}: position offsets do not match the rows")
+            tensors["positions"] = rows.detach().to("cpu", dt).contiguous()
+            tensors["offsets"] = offsets.detach().to("cpu", torch.int64).contiguous()
         with writing(path, partial=tmp, resume=RESUME):
-            save_file(
-                {
-                    "features": features.detach().to("cpu", dt).contiguous(),
-                    "losses": losses.detach().to("cpu", torch.float32).contiguous(),
-                },
-                str(tmp),
-            )
+            save_file(tensors, str(tmp))
             os.replace(tmp, path)
         side = {
             "file": path.name,
@@ -259,6 +273,22 @@ class FeatureStore:
         if list(arr.shape) != side["shape"]:
             raise CorruptFileError(f"{path} holds shape {arr.shape}, its sidecar says {side['shape']}")
         return arr
+
+    def read_positions(self, ck: int, role: str, index: int) -> np.ndarray:
+        """``[r, D]``: example ``index``'s per-position rows (spans of ``options["positions"]`` positions; its real
+        positions only) at checkpoint ``ck``; needs a store filled with ``positions=``."""
+        if not self.options.get("positions"):
+            raise ConfigError(
+                f"{self.root} holds no per-position features; featurise the training set with --positions"
+            )
+        start, stop = next((a, b) for a, b in self.shard_ranges(role) if a <= index < b)
+        path = self.shard_path(ck, role, start, stop)
+        if not path.exists():
+            raise ConfigError(f"shard {role}[{start}:{stop}] of checkpoint {ck} is not in {self.root}; featurise it")
+        self._check(path)
+        offsets = read_safetensors(path, "offsets")
+        rows = read_safetensors(path, "positions")
+        return np.asarray(rows[int(offsets[index - start]) : int(offsets[index - start + 1])])
 
     def iter_shards(self, ck: int, role: str) -> Iterator[tuple[int, int, np.ndarray]]:
         missing = [r for r in self.shard_ranges(role) if not self.is_done(ck, role, *r)]

@@ -31,7 +31,7 @@ from looptrace.apps.bench.common import (
     parity_workload,
     synthetic_workload,
 )
-from looptrace.apps.bench.extras import precision, recorder_overhead, routes
+from looptrace.apps.bench.extras import positions_cost, precision, recorder_overhead, routes
 from looptrace.apps.bench.fidelity import conservation, fidelity
 from looptrace.apps.bench.memory import measure_memory, memory_paper_model, paper_memory
 from looptrace.apps.bench.reference import reference
@@ -100,6 +100,8 @@ def run_all(
     results["precision"] = precision(work, cfg, exact)
     section("routes")
     results["routes"] = routes(cfg)
+    section("positions")
+    results["positions"] = positions_cost(work, cfg)
     section("recorder")
     results["recorder"] = recorder_overhead(cfg)
     section("")
@@ -107,8 +109,10 @@ def run_all(
     results.update(headline(results, out_dir))
     stem = "latest" if cfg.device == "cpu" else "gpu-all"
     atomic_write_json(results, out_dir / f"{stem}.json")
+    # the page is rendered from the JSON as written (its key order), so that it is the rendering of the file
+    written = json.loads((out_dir / f"{stem}.json").read_text())
     atomic_write_bytes(
-        out_dir / ("README.md" if cfg.device == "cpu" else "gpu-all.md"), markdown(results, out_dir).encode()
+        out_dir / ("README.md" if cfg.device == "cpu" else "gpu-all.md"), markdown(written, out_dir).encode()
     )
     return results
 
@@ -165,20 +169,50 @@ def headline(r: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "conservation_rel": r["conservation"]["relative"],
         "max_batch_ratio": r["memory"]["max_batch_ratio"],
     }
+    out["sdi_rel_error_m2048_sd"] = at["sdi_rel_error"]["sd"]
+    out["fidelity_seeds"] = r["config"]["seeds"]
+    out["max_batch_ratio_mode"] = _best_mode(r["memory"])
+    out["max_batch_ratio_no_recompute"] = _ratio(r["memory"], "sketched")
+    for name, f in r["fidelity"].items():  # every workload's slope and its worst step, not only the synthetic one's
+        row = next(x for x in f["per_tensor_tensorsketch"] if x["m"] == 2048)
+        worst = max(range(len(row["per_step_sdi_rel_error"])), key=lambda t: row["per_step_sdi_rel_error"][t])
+        out.setdefault("fidelity_by_workload", {})[name] = {
+            "slope": f["slope"], "sdi_rel_error_m2048": row["sdi_rel_error"]["mean"],
+            "sdi_rel_error_m2048_sd": row["sdi_rel_error"]["sd"], "worst_step": worst + 1,
+            "worst_step_sdi_rel_error": row["per_step_sdi_rel_error"][worst],
+        }  # fmt: skip
+    for key in ("FFT", "materialised", "default"):
+        rounds = next((v.get("speedup_rounds") for k, v in table.items() if key in k and "speedup" in v), None)
+        out[f"speedup_rounds_{'fft' if key == 'FFT' else key}"] = len(rounds) if rounds else 0
     paper = paper_memory(out_dir)
     if paper is not None:  # measured separately (bench memory --paper, several minutes)
         out["max_batch_ratio_paper_model"] = paper["max_batch_ratio"]
         out["max_batch_over_plain_paper_model"] = paper["max_batch_over_plain"]
+        out["max_batch_ratio_paper_model_mode"] = _best_mode(paper)
+        out["max_batch_ratio_paper_model_no_recompute"] = _ratio(paper, "sketched")
         out["paper_model_memory_measured"] = paper["machine"]["date"]
     return out
+
+
+def _ratio(mem: dict[str, Any], mode: str) -> float | None:
+    """The largest batch of ``mode`` over the exact mode's (each under the same cap)."""
+    if mode not in mem or "exact" not in mem:
+        return None
+    return int(mem[mode]["max_batch_under_cap"]) / max(int(mem["exact"]["max_batch_under_cap"]), 1)
+
+
+def _best_mode(mem: dict[str, Any]) -> str:
+    caps = {m: int(mem[m]["max_batch_under_cap"]) for m in ("sketched", "sketched-recompute") if m in mem}
+    return max(caps, key=lambda m: (caps[m], m))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options: one definition for ``looptrace bench`` and :func:`main`."""
     p.add_argument(
         "what",
-        choices=["all", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
-        help="all: fidelity/speed/memory/peers; scale: the feature store at N examples; memory: peak memory of each "
+        choices=["all", "widths", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
+        help="all: fidelity/speed/memory/peers; widths: speed, fidelity and memory of the default sketch at widths "
+        "128-768 on a body-dominated looped block, head to head with the reference; scale: the feature store at N examples; memory: peak memory of each "
         "mode (with --paper: the paper's configuration, on the CPU); gpu: the paper's configuration on one GPU "
         "(--dry-run: a tiny model, any device); routes: the cost of each capture route; recorder: the checkpoint "
         "recorder's training overhead; train-time: the parity paper preset's training time from timed steps",
@@ -204,6 +238,13 @@ def run_args(a: argparse.Namespace) -> int:
     out = Path(a.out)
     base = BenchConfig.quick() if a.quick else BenchConfig()
     cfg = dataclasses.replace(base, device=a.device, peer=not a.no_peer)
+    if a.what == "widths":
+        from looptrace.apps.bench import widths
+
+        wcfg = widths.WidthsConfig.quick() if a.quick else widths.WidthsConfig()
+        wres = widths.run(dataclasses.replace(wcfg, peer=not a.no_peer), out)
+        print(json.dumps(wres["headline"], indent=2, default=str))
+        return 0
     if a.what == "scale":
         from looptrace.apps.bench import scale
 

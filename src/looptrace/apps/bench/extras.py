@@ -129,3 +129,39 @@ def recorder_overhead(cfg: BenchConfig, every: tuple[int, ...] = (10, 50)) -> di
         rows.append({"every": n, "seconds": t, "overhead": t / base - 1, "per_checkpoint_s": (t - base) / (steps // n)})
     params = sum(p.numel() for p in model.parameters())
     return {"steps": steps, "model_parameters": params, "baseline_seconds": base, "rows": rows}
+
+
+def positions_cost(work: Workload, cfg: BenchConfig, dims: tuple[int, ...] = (256, 4096)) -> dict[str, Any]:
+    """Token x step attribution's cost on the benchmark model (one batch): time of ``featurize(positions=True)``
+    over the ordinary featurisation (``per_step=False``, the train side it replaces), in alternating rounds; the
+    features' memory per example ([L, D] against [D]); and the disk per example in a store (ragged: real positions
+    only), at every position and in spans of 8."""
+    from looptrace.store.fill import ragged_positions
+
+    out: dict[str, Any] = {"rows": []}
+    batch = work.batches[:1]
+    n = int(batch[0][0].shape[0]) if isinstance(batch[0], tuple | list) else cfg.batch
+    for d in dims:
+        spec = lt.SketchSpec(dim=d)
+
+        def plain(spec: lt.SketchSpec = spec) -> Any:
+            return work.featurize(spec, batch, per_step=False)
+
+        def pos(spec: lt.SketchSpec = spec) -> Any:
+            return work.featurize(spec, batch, positions=True)
+
+        _, _, ratio, rounds = paired_times(plain, pos, max(cfg.reps, 3))
+        f = pos()
+        p = f.require_positions("the benchmark")
+        item = p.element_size()
+        row: dict[str, Any] = {
+            "dim": d, "time_over_per_example": ratio, "rounds": rounds, "positions": int(p.shape[1]),
+            "memory_bytes_per_example": int(p.shape[1] * p.shape[2] * item),
+            "memory_bytes_per_example_without": int(p.shape[2] * item),
+        }  # fmt: skip
+        for span in (1, 8):
+            rows, offsets = ragged_positions(p, span)
+            row[f"disk_bytes_per_example_span{span}"] = (rows.numel() * item + offsets.numel() * 8) / n
+        out["rows"].append(row)
+    out["examples"] = n
+    return out

@@ -1,25 +1,34 @@
-"""``looptrace eval``: does attribution predict what retraining does? (issue #13)
+"""``looptrace eval``: does attribution predict what retraining does? (issues #13, #28, #29)
 
-On the evaluation task (:mod:`looptrace.apps.evaluation.task`, a looped transformer that trains in about
-a second) this measures, with seeds and bootstrap confidence intervals:
+On an evaluation task (:mod:`looptrace.apps.evaluation.task`; the built-in one is a looped residual MLP
+that trains in a fraction of a second, queried on inputs it never saw) this measures, with bootstrap
+confidence intervals over distinct queries and, where a ranking drives retraining, over seeds:
 
-* the **step counterfactual**: per loop step, the actual loss change when an update is applied only at
-  that step (test side) or only z's step-t term is applied (train side), against eta * SDI_t, as eta
-  shrinks, and the rank agreement at the training learning rate;
-* the **linear datamodeling score** (LDS) of each attribution method over random 50 % subsets, each
-  retrained with a fixed seed;
+* the **step counterfactual**: per loop step, the actual loss change when an update computed
+  independently of looptrace's features is applied only at that step (test side: z's whole gradient at
+  step t of the query's computation) or only z's step-t term is applied (train side: phi_t(z) by autograd
+  through per-step copies of the body), against eta * SDI_t from looptrace's features, as eta shrinks;
+  the rank agreement at the training learning rate; and a negative control (the same comparison with
+  the features' steps reversed) showing the check can fail;
+* the **linear datamodeling score** (LDS) of each registered method (:mod:`~looptrace.apps.evaluation.methods`)
+  over random 50 % subsets, each retrained, with paired per-query differences between methods;
 * the **removal test**: remove each method's top-k proponents of a query, retrain, and measure how much
   the query's loss rises (against random removal);
-* **depth-targeted curation**: remove the examples whose influence is most late-step (the depth
-  ranking), retrain, and compare the loop-budget curve with random removal.
+* **depth-targeted curation**: rank training examples by their signed late- minus early-step SDI
+  (full BPTT, summed over the ranking queries), remove the most late-step (or early-step, or random)
+  ones, retrain, and read the loop-budget curve on held-out test inputs the ranking never saw, for
+  several seeds.
 
-Scores are computed once from the full-data run's TracIn checkpoints. Writes results.json, figures
-and an HTML report; the page ``docs/results/eval/README.md`` quotes results.json.
+Writes results.json (with ``verdicts``, every verdict word derived from the numbers by
+:mod:`~looptrace.apps.evaluation.verdicts`), figures and an HTML report; ``docs/results/eval/README.md``
+is rendered from results.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +39,11 @@ import torch
 
 import looptrace as lt
 from looptrace.analysis.applications import depth_ranking
-from looptrace.apps.evaluation.task import EvalTask, full_bptt_loss, loop_curve, loss_fn, query_losses, train
+from looptrace.apps.evaluation.methods import METHODS, ScoreContext, as_numpy
+from looptrace.apps.evaluation.task import TASKS, EvalTask, MajorityTask
+from looptrace.apps.evaluation.verdicts import PAIRS, verdicts
 from looptrace.evaluation import bootstrap_ci, lds, spearman, step_counterfactual
+from looptrace.evaluation.counterfactual import relative_error
 from looptrace.influence.checkpoints import load_into
 from looptrace.io import atomic_write_json
 
@@ -40,168 +52,246 @@ from looptrace.io import atomic_write_json
 class EvalConfig:
     """The sizes of the evaluation (the quick run is a smaller copy)."""
 
-    subsets: int = 100
+    subsets: int = 200
     subset_fraction: float = 0.5
-    removal_queries: int = 16
+    methods: tuple[str, ...] = ()  # registered method keys; empty: every registered method
+    removal_queries: int = 30
     removal_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     random_draws: int = 3
-    sketch_dims: tuple[int, ...] = (256, 1024, 4096)
     counterfactual_train: int = 16
     counterfactual_queries: int = 8
     etas: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4)
     depth_fraction: float = 0.1
+    depth_seeds: tuple[int, ...] = tuple(range(10))
+    depth_random_draws: int = 10
+    n_boot: int = 2000
     seed: int = 0
 
     @classmethod
     def quick(cls) -> EvalConfig:
-        return cls(subsets=50, removal_queries=4, random_draws=2, sketch_dims=(256, 4096), counterfactual_train=8,
-                   counterfactual_queries=4, etas=(1e-1, 1e-2, 1e-3))  # fmt: skip
+        return cls(subsets=50, removal_queries=6, random_draws=2, counterfactual_train=8, counterfactual_queries=4,
+                   etas=(1e-1, 1e-2, 1e-3), depth_seeds=(0, 1, 2), depth_random_draws=3,
+                   methods=("tracin", "tracin_sketch_256", "tracin_sketch_4096", "tracin_last", "tracin_adam",
+                            "grad_cos", "sdi_truncated", "sdi_full"))  # fmt: skip
 
     @classmethod
     def smoke(cls) -> EvalConfig:
         """Seconds: CI checks that the harness runs, not what it finds."""
-        return cls(subsets=6, removal_queries=2, removal_fractions=(0.05,), random_draws=1, sketch_dims=(256,),
-                   counterfactual_train=3, counterfactual_queries=2, etas=(1e-1, 1e-2))  # fmt: skip
+        return cls(subsets=6, removal_queries=2, removal_fractions=(0.05,), random_draws=1, counterfactual_train=3,
+                   counterfactual_queries=2, etas=(1e-1, 1e-2), depth_seeds=(0, 1), depth_random_draws=1,
+                   n_boot=200, methods=("tracin", "tracin_sketch_256", "tracin_last", "tracin_adam", "grad_cos",
+                                        "sdi_truncated", "sdi_full"))  # fmt: skip
+
+    def method_keys(self) -> list[str]:
+        keys = list(self.methods) or list(METHODS)
+        unknown = [k for k in keys if k not in METHODS]
+        if unknown:
+            raise lt.ConfigError(f"unknown attribution method(s) {unknown}; registered: {list(METHODS)}")
+        return keys
 
 
-def _loader(x: torch.Tensor, y: torch.Tensor, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+def _keep(n: int, drop: np.ndarray) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.from_numpy(np.asarray(drop, dtype=np.int64))] = False
+    return keep
 
 
 def method_scores(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[str, np.ndarray]:
-    """``{method: [N train, M query]}`` from the full-data run's checkpoints (bigger = more helpful)."""
-    model = train(task)  # the architecture; attribute loads each checkpoint's weights into it
-    data = task.data()
-    tr, qu = _loader(*data["train"]), _loader(*data["query"])
-    cks = lt.load_checkpoints(ckpt_dir)
-    kw: dict[str, Any] = dict(step_module=model.core, verify=False)
-    exact = lt.SketchSpec.exact()
-    out: dict[str, np.ndarray] = {}
-    res = lt.attribute(model, cks, tr, qu, loss_fn, sketch=exact, **kw)
-    out["TracIn (exact, all checkpoints)"] = res.tracin.double().numpy()
-    out["step-resolved: sum_t SDI_t, truncated BPTT as trained"] = res.sdi.sum(-1).double().numpy()
-    full = lt.attribute(model, cks, tr, qu, full_bptt_loss, sketch=exact, **kw)
-    out["step-resolved: sum_t SDI_t, full BPTT"] = full.sdi.sum(-1).double().numpy()
-    for dim in cfg.sketch_dims:
-        sk = lt.attribute(model, cks, tr, qu, loss_fn, sketch=lt.SketchSpec(dim=dim), **kw)
-        out[f"TracIn (sketched, D={dim})"] = sk.tracin.double().numpy()
-    last = lt.attribute(model, cks[-1:], tr, qu, loss_fn, sketch=exact, **kw)
-    out["TracIn (last checkpoint only)"] = last.tracin.double().numpy()
-    out["TracIn, Adam-preconditioned"] = lt.attribute(model, cks, tr, qu, loss_fn, sketch=exact, precondition="adam",
-                                                       **kw).tracin.double().numpy()  # fmt: skip
-    cos = np.zeros_like(out["TracIn (exact, all checkpoints)"])
-    for ck in cks:
-        full_ck = ck.load_full()
-        load_into(model, full_ck.state, full_ck.name)
-        a = lt.featurize(model, tr, loss_fn, step_module=model.core, sketch=exact, per_step=False, verify=False).total
-        b = lt.featurize(model, qu, loss_fn, step_module=model.core, sketch=exact, per_step=False, verify=False).total
-        a, b = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30), b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        cos += full_ck.lr * (a @ b.T).double().numpy()
-    out["gradient cosine"] = cos
-    out["_sdi_full"] = full.sdi.double().numpy()  # [N, M, tau], for the depth ranking
-    return out
+    """``{method key: [N train, M query]}`` from the full-data run's checkpoints (bigger = more helpful)."""
+    ctx = ScoreContext(task, ckpt_dir)
+    return {key: METHODS[key].scores(ctx) for key in cfg.method_keys()}
 
 
 def run_lds(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """LDS per distinct query over ``cfg.subsets`` retrained subsets; intervals by bootstrap over queries."""
     rng = np.random.default_rng(cfg.seed)
     masks = rng.random((cfg.subsets, task.n_train)) < cfg.subset_fraction
-    outcomes = np.stack([-query_losses(train(task, keep=torch.from_numpy(m)), task).numpy() for m in masks])
-    out: dict[str, Any] = {
-        "subsets": cfg.subsets,
-        "fraction": cfg.subset_fraction,
-        "outcome": "-query loss",
-        "methods": {},
-    }
-    for name, s in scores.items():
-        if name.startswith("_"):
-            continue
-        per_query = lds(s, masks, outcomes)
-        out["methods"][name] = {**bootstrap_ci(per_query, seed=cfg.seed), "per_query": per_query.tolist()}
+    outcomes = np.stack([-task.query_losses(task.train(keep=torch.from_numpy(m))).numpy() for m in masks])
+    out: dict[str, Any] = {"subsets": cfg.subsets, "fraction": cfg.subset_fraction, "outcome": "-query loss",
+                           "queries": task.n_query, "methods": {}, "paired": {}}  # fmt: skip
+    per_query: dict[str, np.ndarray] = {}
+    for key, s in scores.items():
+        per_query[key] = lds(s, masks, outcomes)
+        out["methods"][key] = {
+            "label": METHODS[key].label,
+            **bootstrap_ci(per_query[key], n_boot=cfg.n_boot, seed=cfg.seed),
+            "per_query": per_query[key].tolist(),
+        }
+    for a, b in PAIRS:
+        if a in per_query and b in per_query:
+            diff = per_query[a] - per_query[b]
+            out["paired"][f"{a}-{b}"] = {"a": a, "b": b, **bootstrap_ci(diff, n_boot=cfg.n_boot, seed=cfg.seed),
+                                         "a_higher_queries": int((diff > 0).sum())}  # fmt: skip
+    if "tracin" in scores and "sdi_truncated" in scores:
+        agree = spearman(scores["tracin"].ravel(), scores["sdi_truncated"].ravel())
+        out["sdi_truncated_vs_tracin_rank_agreement"] = float(agree)  # 1 by construction (conservation)
+        out["sdi_truncated_vs_tracin_max_abs_diff"] = float(np.abs(scores["tracin"] - scores["sdi_truncated"]).max())
     return out
 
 
 def run_removal(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray], base: np.ndarray) -> dict[str, Any]:
+    """Per query: remove a method's top-k proponents (or k random examples, averaged over draws), retrain,
+    and take the rise of that query's loss; intervals by bootstrap over the distinct queries."""
     rng = np.random.default_rng(cfg.seed + 1)
-    queries = rng.choice(task.n_query, size=cfg.removal_queries, replace=False)
-    methods = ["TracIn (exact, all checkpoints)", f"TracIn (sketched, D={max(cfg.sketch_dims)})",
-               "TracIn (last checkpoint only)", "gradient cosine", "TracIn, Adam-preconditioned"]  # fmt: skip
-    out: dict[str, Any] = {"queries": queries.tolist(), "rows": []}
+    queries = rng.choice(task.n_query, size=min(cfg.removal_queries, task.n_query), replace=False)
+    methods = [k for k in scores if METHODS[k].removal]
+    out: dict[str, Any] = {"queries": queries.tolist(), "methods": methods, "rows": []}
     for frac in cfg.removal_fractions:
         k = max(1, round(frac * task.n_train))
         for name in [*methods, "random"]:
             deltas, flips = [], []
             for q in queries:
-                draws = cfg.random_draws if name == "random" else 1
-                for d in range(draws):
-                    if name == "random":
-                        drop = rng.choice(task.n_train, size=k, replace=False)
-                    else:
-                        drop = np.argsort(-scores[name][:, q], kind="stable")[:k]  # top-k proponents
-                    keep = torch.ones(task.n_train, dtype=torch.bool)
-                    keep[torch.from_numpy(drop)] = False
-                    losses = query_losses(train(task, keep=keep), task).numpy()
-                    deltas.append(float(losses[q] - base[q]))
-                    flips.append(bool(losses[q] > np.log(2) >= base[q]))
-                    del d
-            ci = bootstrap_ci(deltas, seed=cfg.seed)
-            out["rows"].append({"fraction": frac, "k": k, "method": name, "loss_increase": ci,
-                                "prediction_flips": float(np.mean(flips))})  # fmt: skip
+                if name == "random":
+                    drops = [rng.choice(task.n_train, size=k, replace=False) for _ in range(cfg.random_draws)]
+                else:
+                    drops = [np.argsort(-scores[name][:, q], kind="stable")[:k]]  # top-k proponents
+                after = [float(task.query_losses(task.train(keep=_keep(task.n_train, d)))[q]) for d in drops]
+                deltas.append(float(np.mean(after)) - float(base[q]))  # one value per query
+                flips.append(float(np.mean([a > np.log(2) >= base[q] for a in after])))
+            out["rows"].append({
+                "fraction": frac, "k": k, "method": name, "label": METHODS[name].label if name in METHODS else name,
+                "loss_increase": bootstrap_ci(deltas, n_boot=cfg.n_boot, seed=cfg.seed),
+                "per_query": deltas, "prediction_flips": float(np.mean(flips)),
+            })  # fmt: skip
+    out["ks"] = sorted({row["k"] for row in out["rows"]})
+    k_max = max(out["ks"])
+    out["at_largest_k"] = {row["method"]: row for row in out["rows"] if row["k"] == k_max}
+    at = out["at_largest_k"]
+    out["paired_vs_tracin"] = {
+        m: bootstrap_ci(np.array(at[m]["per_query"]) - np.array(at["tracin"]["per_query"]), n_boot=cfg.n_boot,
+                        seed=cfg.seed)
+        for m in at if m not in ("tracin", "random") and "tracin" in at
+    }  # fmt: skip
     return out
 
 
 def run_counterfactual(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[str, Any]:
-    """Per-step counterfactuals on the final checkpoint in float64, full BPTT (the true first-order
-    effect of a step's weights; truncated SDI is zero at the first steps by construction)."""
-    model = train(task).double()
+    """Per-step counterfactuals on the final checkpoint in float64, full BPTT (the true first-order effect of a
+    step's weights; truncated SDI is zero at the first steps by construction). The updates are computed
+    independently of looptrace's features; a negative control reverses the features' steps."""
+    model = task.model().double()
     last = lt.load_checkpoints(ckpt_dir)[-1].load_full()
     load_into(model, {k: v.double() for k, v in last.state.items()}, last.name)
     data = task.data()
     train_batch = tuple(t[: cfg.counterfactual_train] for t in data["train"])
     query_batch = tuple(t[: cfg.counterfactual_queries] for t in data["query"])
-    out: dict[str, Any] = {"checkpoint_step": last.step, "training_lr": task.lr}
     etas = sorted({*cfg.etas, task.lr}, reverse=True)
+    out: dict[str, Any] = {"checkpoint_step": last.step, "training_lr": task.lr, "etas": etas}
+    updates = {
+        "test": "-eta * grad l(z): autograd on the tied model, applied to the copy of the body that step t of the query uses",
+        "train": "-eta * phi_t(z): autograd through per-step copies of the body (torch.func.functional_call), applied to the tied body",
+    }  # fmt: skip
+    smallest = min(etas)
     for side in ("test", "train"):
-        res = step_counterfactual(model, model.core, full_bptt_loss, train_batch, query_batch, etas, side=side,
-                                  rank_eta=task.lr)  # fmt: skip
-        smallest = min(etas)
+        res = step_counterfactual(model, task.step_module(model), task.full_bptt_loss, train_batch, query_batch, etas,
+                                  side=side, rank_eta=task.lr)  # type: ignore[arg-type]  # fmt: skip
+        e_small, e_lr = etas.index(smallest), etas.index(task.lr)
+        reversed_pred = res["predicted"][..., ::-1]
+        tau = len(res["slope"])
         out[side] = {
-            "etas": res["etas"],
+            "update": updates[side],
             "rel_error_by_eta": {str(k): v for k, v in res["rel_error"].items()},
             "rel_error_smallest_eta": res["rel_error"][smallest],
+            "rel_error_training_lr": res["rel_error"][task.lr],
             "slope": res["slope"],
             "spearman_at_training_lr": [float(np.mean(r)) for r in res["spearman"]],
+            "spearman_min_at_training_lr": [float(np.min(r)) for r in res["spearman"]],
             "spearman_per_query": res["spearman"],
-        }
+            "negative_control": {
+                "what": "the same actual changes against eta * SDI_t with the steps of looptrace's features reversed",
+                "rel_error_smallest_eta": [relative_error(res["actual"][e_small, ..., t], reversed_pred[e_small, ..., t])
+                                           for t in range(tau)],
+                "rel_error_training_lr": [relative_error(res["actual"][e_lr, ..., t], reversed_pred[e_lr, ..., t])
+                                          for t in range(tau)],
+            },
+        }  # fmt: skip
     return out
 
 
-def run_depth_curation(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Remove the examples ranked most late-step by the depth ranking (late minus early SDI energy, full
-    BPTT, all queries) and compare the loop-budget curve with random removal and with no removal."""
-    sdi = scores["_sdi_full"]
-    rank = depth_ranking(sdi, split_step=task.loops // 2)[:, 2]  # late minus early
+#: The depth curation's control: the same number of examples with the lowest summed TracIn (full BPTT, the same
+#: ranking queries), i.e. the most harmful ones by a score that has no steps.
+HARMFUL = "most harmful by TracIn removed"
+
+
+def run_depth_curation(task: EvalTask, cfg: EvalConfig) -> dict[str, Any]:
+    """For each seed: rank the training examples by signed late- minus early-step SDI (full BPTT, summed
+    over the ranking queries), remove the k most late-step, the k most early-step or k random ones (several
+    draws), retrain, and read accuracy at each test-time loop budget on held-out test inputs that neither
+    the training set nor the ranking queries contain. The control removes the k examples with the lowest
+    summed TracIn instead: if it does as well, the steps added nothing to the ranking."""
+    split = task.loops // 2
     k = max(1, round(cfg.depth_fraction * task.n_train))
-    rng = np.random.default_rng(cfg.seed + 2)
-    curves: dict[str, Any] = {"full data": loop_curve(train(task), task)}
-    for label, drop in (
-        ("most late-step removed", np.argsort(-rank)[:k]),
-        ("most early-step removed", np.argsort(rank)[:k]),
-    ):
-        keep = torch.ones(task.n_train, dtype=torch.bool)
-        keep[torch.from_numpy(drop.copy())] = False
-        curves[label] = loop_curve(train(task, keep=keep), task)
-    rand = []
-    for _ in range(cfg.random_draws):
-        keep = torch.ones(task.n_train, dtype=torch.bool)
-        keep[torch.from_numpy(rng.choice(task.n_train, size=k, replace=False))] = False
-        rand.append(loop_curve(train(task, keep=keep), task))
-    curves["random removed (mean)"] = {r: float(np.mean([c[r] for c in rand])) for r in rand[0]}
-    return {"k": k, "split_step": task.loops // 2, "curves": curves}
+    per_seed: list[dict[str, Any]] = []
+    for s in cfg.depth_seeds:
+        t = dataclasses.replace(task, seed=s)
+        with tempfile.TemporaryDirectory() as tmp:
+            full_model = t.train(record=Path(tmp))
+            sdi = as_numpy(ScoreContext(t, Path(tmp)).attribution(loss="full").sdi)  # [N, M ranking queries, tau]
+        rank = depth_ranking(sdi, split_step=split)[:, 2]  # signed: late minus early, summed over ranking queries
+        harm = sdi.sum((1, 2))  # full-BPTT TracIn summed over the ranking queries: the control without steps
+        drops = {"most late-step removed": np.argsort(-rank, kind="stable")[:k],
+                 "most early-step removed": np.argsort(rank, kind="stable")[:k],
+                 HARMFUL: np.argsort(harm, kind="stable")[:k]}  # fmt: skip
+        curves = {"full data": t.loop_curve(full_model, "test")}
+        for label, drop in drops.items():
+            curves[label] = t.loop_curve(t.train(keep=_keep(t.n_train, drop)), "test")
+        rng = np.random.default_rng(cfg.seed + 2 + 1000 * s)
+        draws = [t.loop_curve(t.train(keep=_keep(t.n_train, rng.choice(t.n_train, size=k, replace=False))), "test")
+                 for _ in range(cfg.depth_random_draws)]  # fmt: skip
+        curves["random removed (mean)"] = {r: float(np.mean([d[r] for d in draws])) for r in draws[0]}
+        noisy = t.noisy_labels()
+        per_seed.append({
+            "seed": s, "curves": curves, "random_draws": draws, "removed": {lab: d.tolist() for lab, d in drops.items()},
+            "random_spread": {r: {"sd": float(np.std([d[r] for d in draws], ddof=1)) if len(draws) > 1 else 0.0,
+                                  "min": min(d[r] for d in draws), "max": max(d[r] for d in draws)} for r in draws[0]},
+            "mislabeled_share": None if noisy is None else {
+                label: float(noisy[drop].mean()) for label, drop in drops.items()} | {"training set": float(noisy.mean())},
+        })  # fmt: skip
+    budgets = list(per_seed[0]["curves"]["full data"])
+    labels = list(per_seed[0]["curves"])
+    mean_curves = {lab: {r: float(np.mean([p["curves"][lab][r] for p in per_seed])) for r in budgets} for lab in labels}
+    versus_random: dict[str, Any] = {}
+    for lab in ("most late-step removed", "most early-step removed", HARMFUL, "full data"):
+        versus_random[lab] = {}
+        for r in budgets:
+            d = np.array([p["curves"][lab][r] - p["curves"]["random removed (mean)"][r] for p in per_seed])
+            versus_random[lab][r] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+                                     "min": float(d.min()), "max": float(d.max()), "n_above": int((d > 0).sum()),
+                                     "n_below": int((d < 0).sum()), "per_seed": d.tolist()}  # fmt: skip
+    late_vs_harmful = {}
+    for r in budgets:
+        d = np.array([p["curves"]["most late-step removed"][r] - p["curves"][HARMFUL][r] for p in per_seed])
+        late_vs_harmful[r] = {"mean": float(d.mean()), "min": float(d.min()), "max": float(d.max()),
+                              "n_above": int((d > 0).sum()), "n_below": int((d < 0).sum()), "per_seed": d.tolist()}  # fmt: skip
+    overlap = [len(set(p["removed"]["most late-step removed"]) & set(p["removed"][HARMFUL])) / k for p in per_seed]
+    return {
+        "late_vs_harmful": late_vs_harmful, "late_harmful_overlap": overlap,
+        "k": k, "split_step": split, "trained_depth": task.loops,
+        "ranking": "signed late minus early SDI (steps > split_step minus the rest)",
+        "ranking_queries": "query", "evaluation_set": "test", "seeds": list(cfg.depth_seeds),
+        "random_draws": cfg.depth_random_draws, "budgets": budgets, "curves": mean_curves,
+        "versus_random": versus_random, "per_seed": per_seed,
+    }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__,
+            "python": platform.python_version()}  # fmt: skip
 
 
 def evaluate(cfg: EvalConfig, out: Path, task: EvalTask | None = None, what: str = "all") -> dict[str, Any]:
-    """Run the evaluation (``what``: all, counterfactual, lds, removal) and write its outputs into ``out``."""
-    task = task or EvalTask()
+    """Run the evaluation (``what``: all, counterfactual, lds, removal, depth) and write its outputs into ``out``."""
+    task = task or MajorityTask()
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is faster than two fighting over it
@@ -213,38 +303,52 @@ def evaluate(cfg: EvalConfig, out: Path, task: EvalTask | None = None, what: str
 
 def _evaluate(cfg: EvalConfig, out: Path, task: EvalTask, what: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"task": dataclasses.asdict(task), "config": dataclasses.asdict(cfg)}
+    cfg.method_keys()  # unknown methods fail before any work
+    results: dict[str, Any] = {
+        "task": {"name": task.name, "description": task.description, **dataclasses.asdict(task)},
+        "config": dataclasses.asdict(cfg), "data": task.overlap(), "machine": _machine(), "section_seconds": {},
+    }  # fmt: skip
+    sections = results["section_seconds"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = Path(tmp) / "checkpoints"
         t_train = time.perf_counter()
-        full_model = train(task, record=ckpt_dir)
+        full_model = task.train(record=ckpt_dir)
         results["train_seconds"] = time.perf_counter() - t_train
-        base = query_losses(full_model, task).numpy()
-        results["full_data"] = {"query_loss_mean": float(base.mean()), "loop_curve": loop_curve(full_model, task)}
+        base = task.query_losses(full_model).numpy()
+        results["full_data"] = {
+            "query_loss_mean": float(base.mean()),
+            "test_loss_mean": float(task.query_losses(full_model, "test").mean()),
+            "loop_curve_test": task.loop_curve(full_model, "test"),
+            "loop_curve_query": task.loop_curve(full_model, "query"),
+        }
         if what in ("all", "counterfactual"):
+            t1 = time.perf_counter()
             results["step_counterfactual"] = run_counterfactual(task, cfg, ckpt_dir)
+            sections["step counterfactual"] = time.perf_counter() - t1
         if what in ("all", "lds", "removal"):
+            t1 = time.perf_counter()
             scores = method_scores(task, cfg, ckpt_dir)
+            sections["scores"] = time.perf_counter() - t1
             if what in ("all", "lds"):
+                t1 = time.perf_counter()
                 results["lds"] = run_lds(task, cfg, scores)
-                methods = results["lds"]["methods"]
-                results["lds_adam_vs_plain"] = {
-                    "adam": methods["TracIn, Adam-preconditioned"]["mean"],
-                    "plain": methods["TracIn (exact, all checkpoints)"]["mean"],
-                    "difference_per_query": bootstrap_ci(
-                        np.array(methods["TracIn, Adam-preconditioned"]["per_query"])
-                        - np.array(methods["TracIn (exact, all checkpoints)"]["per_query"]), seed=cfg.seed),
-                }  # fmt: skip
-                agree = spearman(scores["TracIn (exact, all checkpoints)"].ravel(),
-                                 scores["step-resolved: sum_t SDI_t, truncated BPTT as trained"].ravel())  # fmt: skip
-                results["lds"]["conservation_rank_agreement"] = float(agree)
+                sections["lds"] = time.perf_counter() - t1
             if what in ("all", "removal"):
+                t1 = time.perf_counter()
                 results["removal"] = run_removal(task, cfg, scores, base)
-            if what == "all":
-                results["depth_curation"] = run_depth_curation(task, cfg, scores)
+                sections["removal"] = time.perf_counter() - t1
+    if what in ("all", "depth"):
+        t1 = time.perf_counter()
+        results["depth_curation"] = run_depth_curation(task, cfg)
+        sections["depth curation"] = time.perf_counter() - t1
     results["seconds"] = time.perf_counter() - t0
+    results["verdicts"] = verdicts(results)
     atomic_write_json(results, out / "results.json")
     from looptrace.apps.evaluation.report import write_report
 
     write_report(results, out)
     return results
+
+
+__all__ = ["TASKS", "EvalConfig", "evaluate", "method_scores", "run_counterfactual", "run_depth_curation",
+           "run_lds", "run_removal"]  # fmt: skip

@@ -1,57 +1,35 @@
-"""The evaluation task: a looped transformer that trains in about a second, so that it can be retrained
-hundreds of times.
+"""The evaluation tasks: small looped models that train in a fraction of a second, so that they can be
+retrained hundreds of times on two cores.
 
-Majority of 7 bits with 10 % of the training labels flipped (so that examples differ in what they
-teach), a looped residual MLP block (read-in Linear(7, d), h_t = h_{t-1} + MLP(LN(h_{t-1} + e)) for
-t = 1..tau, read-out Linear(d, 2)), trained full batch with AdamW and truncated BPTT (the last k = 2 of
-4 steps), as recurrent-depth models are. It is small on purpose: a training takes a fraction of a
-second, so the evaluation can retrain hundreds of times on two cores. Every run is a pure function of
-(kept examples, seed): the same initialisation and the same data order.
+A task is a frozen dataclass with the interface :class:`EvalTask` documents (model, data, train,
+query losses, loop curve, losses); :data:`TASKS` names them, so a second task (say a small looped
+transformer with attention) is one class and one entry.
+
+The built-in task, :class:`MajorityTask`: majority of ``bits`` (odd) bits with 10 % of the training
+labels flipped (so that examples differ in what they teach); a **looped residual MLP** (read-in
+Linear(bits, d), h_t = h_{t-1} + MLP(LN(h_{t-1} + e)) for t = 1..tau, read-out Linear(d, 2); no attention)
+trained full batch with AdamW and truncated BPTT (the last k = 2 of 4 steps), as recurrent-depth models
+are. Queries are inputs the training set does not contain: with 11 bits there are 2048 inputs, the 400
+training examples cover under a fifth of them, and the query and held-out test inputs are drawn without
+replacement from the inputs not in the training set, so no query repeats a training input or another
+query. Every run is a pure function
+of (kept examples, seed): the same initialisation and the same data order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import looptrace as lt
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalTask:
-    """The task, its model and its training (recorded in results.json)."""
-
-    n_train: int = 200
-    n_query: int = 60
-    bits: int = 7
-    label_noise: float = 0.1
-    d_model: int = 32
-    loops: int = 4
-    bptt_k: int = 2
-    steps: int = 120
-    lr: float = 1e-2
-    ckpt_every: int = 12
-    seed: int = 0
-
-    def model(self) -> LoopedMLP:
-        torch.manual_seed(self.seed)
-        return LoopedMLP(self.bits, self.d_model, self.loops, self.bptt_k)
-
-    def data(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Train (with flipped labels) and query (clean) examples: (bits [n, 7], labels [n])."""
-        out = {}
-        for role, n, noise, seed in (("train", self.n_train, self.label_noise, 0), ("query", self.n_query, 0.0, 1)):
-            g = torch.Generator().manual_seed(self.seed * 1000 + seed)
-            x = torch.randint(0, 2, (n, self.bits), generator=g)
-            y = (x.sum(1) * 2 > self.bits).long()
-            flip = torch.rand(n, generator=g) < noise
-            out[role] = (x, torch.where(flip, 1 - y, y))
-        return out
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Block(nn.Module):
@@ -80,13 +58,13 @@ class LoopedMLP(nn.Module):
     def forward(self, x: torch.Tensor, n_loops: int | None = None, bptt_k: int | None = -1) -> torch.Tensor:
         r = n_loops or self.loops
         k = self.bptt_k if bptt_k == -1 else bptt_k
-        e = self.read_in(x.to(self.head.weight.dtype) * 2 - 1)  # bits as +-1
+        e = self.read_in(x.to(self.head.weight.dtype) * 2 - 1)  # bits as +-1: [B, d]
         h = torch.zeros_like(e)
         for t in range(1, r + 1):
             h = self.core(h, e)
             if k is not None and t <= r - k:
                 h = h.detach()  # truncated BPTT: only the last k steps get gradient
-        return self.head(h)
+        return self.head(h)  # [B, 2]
 
 
 def logits(model: nn.Module, x: torch.Tensor, loops: int | None = None, bptt_k: int | None = -1) -> torch.Tensor:
@@ -105,48 +83,160 @@ def full_bptt_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits(model, x, bptt_k=None), y, reduction="none")
 
 
-def margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loops: int | None = None) -> torch.Tensor:
-    out = logits(model, x, loops)
-    return out.gather(1, y[:, None])[:, 0] - out.gather(1, (1 - y)[:, None])[:, 0]
+def _codes(x: torch.Tensor) -> list[int]:
+    """Each row of bits as one integer (to compare inputs)."""
+    weights = 2 ** torch.arange(x.shape[1], dtype=torch.int64)
+    return (x.to(torch.int64) * weights).sum(1).tolist()
 
 
-def train(
-    task: EvalTask, keep: torch.Tensor | None = None, record: Path | None = None, weights: torch.Tensor | None = None
-) -> LoopedMLP:
-    """Train on the kept training examples (bool mask, default all; or per-example ``weights``); with
-    ``record``, TracIn checkpoints are written there every ``ckpt_every`` steps."""
-    data = task.data()
-    x, y = data["train"]
-    w = torch.ones(len(x)) if weights is None else weights.float()
-    if keep is not None:
-        w = w * keep.float()
-    model = task.model()
-    opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.0)
-    recorder = lt.CheckpointRecorder(record, every=task.ckpt_every, body=model.core) if record is not None else None
-    total = w.sum().clamp_min(1.0)
-    for _ in range(task.steps):
-        loss = (loss_fn(model, (x, y)) * w).sum() / total
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if recorder is not None:
-            recorder.step(model, opt)
-    return model.eval()
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """What the harness needs from a task; :class:`MajorityTask` is the built-in one.
+
+    A task is frozen and recorded in results.json (``dataclasses.asdict``); ``seed`` draws the data and
+    the initialisation, so ``dataclasses.replace(task, seed=s)`` is an independent replicate.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    n_train: int = 400
+    n_query: int = 60
+    n_test: int = 1000
+    loops: int = 4
+    bptt_k: int = 2
+    steps: int = 60
+    lr: float = 1e-2
+    ckpt_every: int = 6
+    seed: int = 0
+    budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+
+    # --- what a task defines ------------------------------------------------------------------------
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def data(self) -> dict[str, Batch]:
+        """``{"train", "query", "test"}``: (inputs, labels). Queries and test inputs are unseen in training."""
+        raise NotImplementedError
+
+    def step_module(self, model: nn.Module) -> nn.Module:
+        return model.core  # type: ignore[return-value]
+
+    loss_fn = staticmethod(loss_fn)
+    full_bptt_loss = staticmethod(full_bptt_loss)
+
+    # --- shared by every task -----------------------------------------------------------------------
+    def train(self, keep: torch.Tensor | None = None, record: Path | None = None) -> nn.Module:
+        """Train on the kept training examples (bool mask, default all); with ``record``, TracIn
+        checkpoints are written there every ``ckpt_every`` steps. Full batch, so the run depends only on
+        (kept examples, seed)."""
+        x, y = self.data()["train"]
+        w = torch.ones(len(x)) if keep is None else keep.float()
+        model = self.model()
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
+        recorder = (
+            lt.CheckpointRecorder(record, every=self.ckpt_every, body=self.step_module(model))
+            if record is not None
+            else None
+        )
+        total = w.sum().clamp_min(1.0)
+        for _ in range(self.steps):
+            loss = (self.loss_fn(model, (x, y)) * w).sum() / total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if recorder is not None:
+                recorder.step(model, opt)
+        return model.eval()
+
+    @torch.no_grad()
+    def query_losses(self, model: nn.Module, role: str = "query") -> torch.Tensor:
+        return self.loss_fn(model, self.data()[role])
+
+    @torch.no_grad()
+    def loop_curve(self, model: nn.Module, role: str = "test") -> dict[str, float]:
+        """Accuracy on ``role``'s examples at each test-time loop budget."""
+        x, y = self.data()[role]
+        return {str(r): float((logits(model, x, loops=r).argmax(-1) == y).float().mean()) for r in self.budgets}
+
+    def overlap(self) -> dict[str, int]:
+        """How the sets relate: distinct inputs per set, and inputs shared between sets (0 by construction)."""
+        d = {role: set(_codes(x)) for role, (x, _) in self.data().items()}
+        return {
+            "input_space": self.input_space(),
+            **{f"distinct_{role}": len(s) for role, s in d.items()},
+            "query_in_train": len(d["query"] & d["train"]),
+            "test_in_train": len(d["test"] & d["train"]),
+            "test_in_query": len(d["test"] & d["query"]),
+        }
+
+    def input_space(self) -> int:
+        raise NotImplementedError
+
+    def noisy_labels(self) -> np.ndarray | None:
+        """``[N]`` bool: which training labels were corrupted on purpose (``None``: the task plants none)."""
+        return None
 
 
-@torch.no_grad()
-def query_losses(model: nn.Module, task: EvalTask) -> torch.Tensor:
-    x, y = task.data()["query"]
-    return F.cross_entropy(logits(model, x), y, reduction="none")
+@dataclasses.dataclass(frozen=True)
+class MajorityTask(EvalTask):
+    """Majority of ``bits`` bits, label noise on the training set, a looped residual MLP."""
+
+    name: ClassVar[str] = "majority"
+    description: ClassVar[str] = "majority of bits, looped residual MLP (no attention)"
+    bits: int = 11
+    label_noise: float = 0.1
+    d_model: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits % 2 == 0:
+            raise lt.ConfigError(f"bits must be odd (a majority with no ties), got {self.bits}")
+        if self.n_query + self.n_test > 2**self.bits - self.n_train:
+            raise lt.ConfigError(f"{self.bits} bits have too few inputs outside the training set for the queries")
+
+    def model(self) -> LoopedMLP:
+        torch.manual_seed(self.seed)
+        return LoopedMLP(self.bits, self.d_model, self.loops, self.bptt_k)
+
+    def input_space(self) -> int:
+        return 2**self.bits
+
+    def data(self) -> dict[str, Batch]:
+        """Train (labels flipped with probability ``label_noise``; inputs may repeat) and the unseen sets:
+        query and test inputs are distinct, and none is a training input."""
+        return _majority_data(self.bits, self.n_train, self.n_query, self.n_test, self.label_noise, self.seed)
+
+    def noisy_labels(self) -> np.ndarray:
+        x, y = self.data()["train"]
+        return ((x.sum(1) * 2 > self.bits).long() != y).numpy()
 
 
-@torch.no_grad()
-def loop_curve(model: nn.Module, task: EvalTask, budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 8)) -> dict[str, float]:
-    """Query accuracy at each test-time loop budget."""
-    x, y = task.data()["query"]
-    return {str(r): float((logits(model, x, loops=r).argmax(-1) == y).float().mean()) for r in budgets}
+_DATA_CACHE: dict[tuple[Any, ...], dict[str, Batch]] = {}
 
 
-def flip_fraction(task: EvalTask) -> float:
-    x, y = task.data()["train"]
-    return float(((x.sum(1) * 2 > task.bits).long() != y).float().mean())
+def _majority_data(bits: int, n_train: int, n_query: int, n_test: int, noise: float, seed: int) -> dict[str, Batch]:
+    key = (bits, n_train, n_query, n_test, noise, seed)
+    if key not in _DATA_CACHE:
+        g = torch.Generator().manual_seed(seed * 1000)
+        x = torch.randint(0, 2, (n_train, bits), generator=g)
+        y = (x.sum(1) * 2 > bits).long()
+        flip = torch.rand(n_train, generator=g) < noise
+        out = {"train": (x, torch.where(flip, 1 - y, y))}
+        seen = set(_codes(x))
+        unseen: list[int] = []
+        g = torch.Generator().manual_seed(seed * 1000 + 1)
+        while len(unseen) < n_query + n_test:  # rejection: distinct inputs outside the training set
+            for c in torch.randint(0, 2**bits, (2 * (n_query + n_test),), generator=g).tolist():
+                if c not in seen and len(unseen) < n_query + n_test:
+                    seen.add(c)
+                    unseen.append(c)
+        codes = torch.tensor(unseen, dtype=torch.int64)
+        xs = (codes[:, None] >> torch.arange(bits)) & 1
+        ys = (xs.sum(1) * 2 > bits).long()
+        out["query"] = (xs[:n_query], ys[:n_query])
+        out["test"] = (xs[n_query:], ys[n_query:])
+        _DATA_CACHE[key] = out
+    return _DATA_CACHE[key]
+
+
+#: The tasks ``looptrace eval --task NAME`` offers.
+TASKS: dict[str, type[EvalTask]] = {MajorityTask.name: MajorityTask}

@@ -1,0 +1,144 @@
+"""What fitting K-FAC / EK-FAC costs next to one featurisation pass of the training set (issue #24, item 4).
+
+Times (medians over ``--repeats`` rounds; ratios are medians of per-round ratios) on two looped models,
+one CPU thread:
+
+* ``featurize``: one default featurisation pass of the training set (``SketchSpec()``, totals only), what
+  every store and ``lt.attribute`` pay per checkpoint anyway;
+* ``fit_kfac`` / ``fit_ekfac``: :func:`looptrace.curvature.fit_curvature` (pass 1: Kronecker factors; pass 2:
+  exact per-example tied gradients, for EK-FAC and the diagonal blocks of LayerNorm parameters);
+* ``query_plain`` / ``query_ekfac``: the query side, plain per-step features vs EK-FAC-preconditioned ones
+  (exact per-step gradients, preconditioned, sketched), per query example.
+
+Run: ``PYTHONPATH=src python benchmarks/curvature_cost.py --out benchmarks/results/curvature-cost.json``. The
+machine's load average is recorded: on a shared machine the ratios, which time both sides under the same
+load, are more meaningful than the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import looptrace as lt
+from looptrace.apps.evaluation.task import EvalTask, loss_fn
+from looptrace.curvature import fit_curvature, preconditioned_features
+from looptrace.models.looped import LoopedConfig, LoopedTransformer
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
+
+def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any], list[Any]]]:
+    task = EvalTask()
+    mlp = task.model()
+    data = task.data()
+    tr = [(data["train"][0][i : i + 64], data["train"][1][i : i + 64]) for i in range(0, task.n_train, 64)]
+    qu = [(data["query"][0][:16], data["query"][1][:16])]
+    torch.manual_seed(0)
+    cfg = LoopedConfig(vocab_size=32, d_model=64, n_heads=4, n_core=1, n_loops=8, max_len=32, injection="additive")
+    gpt = LoopedTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randint(0, 32, (256, 32), generator=g), torch.randint(0, 32, (256, 32), generator=g)
+    tr2 = [(xs[i : i + 32], ys[i : i + 32]) for i in range(0, 256, 32)]
+    qu2 = [(xs[:16], ys[:16])]
+    return {
+        "evaluation task (looped residual MLP, d=32, tau=4, N=200)": (mlp, mlp.core, loss_fn, tr, qu),
+        "looped transformer (d=64, 1 block, tau=8, L=32, N=256)": (gpt, gpt.core, _lm_loss, tr2, qu2),
+    }
+
+
+def _row(model: torch.nn.Module, core: torch.nn.Module, lfn: Any, tr: list[Any], qu: list[Any], repeats: int) -> dict:
+    """Medians over rounds; each round times every operation once, in turn, so that a change of load on a
+    shared machine hits all of them alike."""
+    kw: dict[str, Any] = dict(step_module=core, verify=False)
+    n_query = sum(len(b[0]) for b in qu)
+    curv = fit_curvature(model, tr, lfn, **kw)
+    ops: dict[str, Callable[[], Any]] = {
+        "featurize": lambda: lt.featurize(model, tr, lfn, per_step=False, **kw),
+        "fit_kfac": lambda: fit_curvature(model, tr, lfn, kinds=("kfac",), **kw),
+        "fit_ekfac": lambda: fit_curvature(model, tr, lfn, kinds=("ekfac",), **kw),
+        "query_plain": lambda: lt.featurize(model, qu, lfn, **kw),
+        "query_ekfac": lambda: preconditioned_features(model, qu, lfn, lambda g: curv.precondition(g, "ekfac"), **kw),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for _ in range(repeats):
+        for name, fn in ops.items():
+            times[name].append(_timed(fn, 1))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "featurize": med["featurize"],
+        "fit_kfac": med["fit_kfac"],
+        "fit_ekfac": med["fit_ekfac"],
+        "query_plain_per_example": med["query_plain"] / n_query,
+        "query_ekfac_per_example": med["query_ekfac"] / n_query,
+        "body_parameters": curv.dim,
+        "fit_kfac_over_featurize": statistics.median(
+            a / b for a, b in zip(times["fit_kfac"], times["featurize"], strict=True)
+        ),
+        "fit_ekfac_over_featurize": statistics.median(
+            a / b for a, b in zip(times["fit_ekfac"], times["featurize"], strict=True)
+        ),
+        "query_ekfac_over_plain": statistics.median(
+            a / b for a, b in zip(times["query_ekfac"], times["query_plain"], strict=True)
+        ),
+    }
+
+
+def measure(repeats: int) -> dict[str, Any]:
+    return {name: _row(*setup, repeats) for name, setup in _models().items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    load_before = os.getloadavg()
+    rows = measure(args.repeats)
+    worst = max(max(r["fit_kfac_over_featurize"], r["fit_ekfac_over_featurize"]) for r in rows.values())
+    res = {
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "threads": 1,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        },
+        "repeats": args.repeats,
+        "seconds": rows,
+        "worst_fit_over_featurize": worst,
+        "fit_within_two_featurisation_passes": bool(worst <= 2.0),
+    }
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

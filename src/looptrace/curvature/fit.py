@@ -1,0 +1,426 @@
+"""Fitting K-FAC / EK-FAC factors of a looped body on a training set: two passes.
+
+Pass 1 (forward + backward of the fitting loss, no per-example work): a forward hook on every body
+``nn.Linear`` keeps each call's input rows ``a`` and its output; autograd is asked for the outputs'
+gradients, the rows' backprop signals ``g`` (not for the weights'); every call is one loop step (or one of several uses within a step), so the rows
+of every step and every token are pooled into ``A`` and ``S`` (:mod:`looptrace.curvature.blocks`). A row
+whose signal is exactly zero (a step cut by truncated BPTT, a step after an example's read-out) adds
+nothing to the tied gradient and is left out of ``A``.
+
+Pass 2 (EK-FAC, and the diagonal blocks): the per-example *tied* gradients (summed over steps) in each
+Linear's Kronecker eigenbasis, squared and averaged. The same hooks rotate each call's rows into the
+eigenbasis and sum ``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed
+in the parameter basis; the first batch is checked against the exact per-example tied gradients
+(:func:`looptrace.featurize` with the exact spec), and rows that are not batch-first take that exact route.
+The other body parameters' squared gradients come from one exact featurisation of just the modules that
+own them.
+
+The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
+user's loss with targets *sampled from the model* (for a softmax output, :func:`sampled_cross_entropy`).
+Sampling draws from torch's default generator, which the fit seeds per batch from ``(seed, batch index)``
+(forked, so the caller's random state is untouched): both passes see the same targets, and a fit is
+reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from looptrace.capture.tracer import BodyParam, body_parameters, check_ties
+from looptrace.curvature.blocks import KINDS, DiagonalBlock, KroneckerBlock
+from looptrace.curvature.factors import Curvature
+from looptrace.errors import ConfigError
+from looptrace.featurize import LossFn, check_loader_order, featurize, resolve_body, validate_losses
+from looptrace.sketch.spec import SketchSpec
+
+Fisher = Literal["true", "empirical"]
+
+
+def sampled_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits [..., C]`` against targets drawn from ``softmax(logits)`` (no gradient
+    through the draw), one loss per position ``[...]``: the building block of a true-Fisher ``fisher_loss``.
+    Average the positions of each example as your loss does."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        target = torch.multinomial(torch.softmax(flat.float(), dim=-1), 1)[:, 0]
+    return nn.functional.cross_entropy(flat, target, reduction="none").reshape(logits.shape[:-1])
+
+
+def resolve_fisher(fisher: str | None, fisher_loss: LossFn | None, loss_fn: LossFn) -> tuple[Fisher, LossFn]:
+    """Which Fisher, and the loss that fits it. ``fisher=None``: ``"true"`` when ``fisher_loss`` (targets
+    sampled from the model) is given, else ``"empirical"`` (a general per-example loss gives no way to sample
+    targets)."""
+    if fisher is None:
+        fisher = "true" if fisher_loss is not None else "empirical"
+    if fisher == "true":
+        if fisher_loss is None:
+            raise ConfigError(
+                "fisher='true' samples targets from the model: pass fisher_loss=(model, batch) -> per-example loss "
+                "on sampled targets (e.g. built on looptrace.curvature.sampled_cross_entropy), or fisher='empirical'"
+            )
+        return "true", fisher_loss
+    if fisher == "empirical":
+        if fisher_loss is not None:
+            raise ConfigError("fisher='empirical' uses loss_fn on the data's targets; drop fisher_loss or use 'true'")
+        return "empirical", loss_fn
+    raise ConfigError(f"fisher must be 'true', 'empirical' or None, got {fisher!r}")
+
+
+@dataclasses.dataclass
+class _Seeded:
+    """The fitting loss with torch's generator seeded from (seed, batch index) around every call."""
+
+    loss_fn: LossFn
+    seed: int
+    device: torch.device
+    index: int = 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed * 1_000_003 + self.index)
+            return self.loss_fn(model, batch)
+
+
+@dataclasses.dataclass
+class _RowStats:
+    """Running sums of ``a a^T`` and ``g g^T`` over one Linear's rows (float64)."""
+
+    a: torch.Tensor
+    s: torch.Tensor
+    bias: bool
+    rows: int = 0
+
+    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        live = g2.ne(0).any(1)  # rows with no backprop signal contribute nothing to the tied gradient
+        if not bool(live.all()):
+            x2, g2 = x2[live], g2[live]
+        if self.bias:
+            x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
+        self.a += (x2.T @ x2).double()  # a sum over one call's rows in the model's dtype, accumulated in float64
+        self.s += (g2.T @ g2).double()
+        self.rows += int(x2.shape[0])
+
+
+def body_linears(model: nn.Module, roots: list[nn.Module], params: list[BodyParam]) -> list[tuple[str, nn.Linear]]:
+    """The body's ``nn.Linear`` modules that own their weight (and bias) alone: each gets a Kronecker block.
+    A Linear whose weight another body module also owns (two modules, one tensor) gets diagonal blocks."""
+    body_ids = {id(bp.param) for bp in params}
+    mod_names = {id(m): n for n, m in model.named_modules()}
+    owners: dict[int, set[int]] = {}
+    for root in roots:
+        for mod in root.modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), set()).add(id(mod))
+    out: list[tuple[str, nn.Linear]] = []
+    seen: set[int] = set()
+    for root in roots:
+        for mod in root.modules():
+            if id(mod) in seen or type(mod) is not nn.Linear:
+                continue
+            seen.add(id(mod))
+            own = [mod.weight] + ([mod.bias] if mod.bias is not None else [])
+            if all(id(p) in body_ids and owners[id(p)] == {id(mod)} for p in own):
+                out.append((mod_names.get(id(mod), type(mod).__name__), mod))
+    return out
+
+
+@contextlib.contextmanager
+def _fitting(model: nn.Module, params: list[BodyParam], train_mode: bool) -> Iterator[None]:
+    was_training = model.training
+    flags = [(bp.param, bp.param.requires_grad) for bp in params]
+    try:
+        model.train(train_mode)
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _linear_rows(
+    model: nn.Module, batch: Any, loss: _Seeded, linears: list[tuple[str, nn.Linear]]
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """One forward and backward of the fitting loss: per call of a body Linear that received gradient, its
+    index, input rows ``x`` and output gradient ``g``. Autograd is asked for the calls' outputs only (not the
+    weights: no weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped."""
+    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def hook(i: int, args: Any, kwargs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            calls.append((i, (args[0] if args else kwargs["input"]).detach(), output))
+
+    handles = [mod.register_forward_hook(lambda m, a, k, o, i=i: hook(i, a, k, o), with_kwargs=True)
+               for i, (_, mod) in enumerate(linears)]  # fmt: skip
+    try:
+        with torch.enable_grad():
+            losses = validate_losses(loss(model, batch), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        return losses.detach(), []
+    grads = torch.autograd.grad(losses.sum(), [c[2] for c in calls], allow_unused=True)
+    rows = [(i, x, g) for (i, x, _), g in zip(calls, grads, strict=True) if g is not None]
+    return losses.detach(), rows
+
+
+def _kronecker_pass(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss: _Seeded,
+    linears: list[tuple[str, nn.Linear]],
+    device: torch.device,
+) -> tuple[list[_RowStats], int]:
+    """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear."""
+    stats = []
+    for _, mod in linears:
+        d_in = mod.in_features + (1 if mod.bias is not None else 0)
+        z = torch.zeros
+        stats.append(_RowStats(z(d_in, d_in, dtype=torch.float64, device=device),
+                               z(mod.out_features, mod.out_features, dtype=torch.float64, device=device),
+                               mod.bias is not None))  # fmt: skip
+    n = 0
+    for index, batch in enumerate(loader):
+        loss.index = index
+        losses, rows = _linear_rows(model, batch, loss, linears)
+        for i, x, g in rows:
+            stats[i].add(x, g)
+        n += int(losses.shape[0])
+    return stats, n
+
+
+def fit_curvature(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    *,
+    step_module: nn.Module | None = None,
+    body: nn.Module | Sequence[nn.Module] | None = None,
+    kinds: Sequence[str] = KINDS,
+    fisher: Fisher | None = None,
+    fisher_loss: LossFn | None = None,
+    seed: int = 0,
+    train_mode: bool = False,
+    checkpoint: str | None = None,
+    verify: bool | str = "first",
+    **featurize_kwargs: Any,
+) -> Curvature:
+    """K-FAC / EK-FAC factors of the body at the model's current weights, fitted on ``loader``.
+
+    Args:
+        model: the looped model, at the weights to fit the curvature of.
+        loader: the fitting (training) set, in batches.
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses on the data's targets (the empirical
+            Fisher's).
+        step_module: as for :func:`looptrace.featurize`.
+        body: as for :func:`looptrace.featurize`.
+        kinds: ``"kfac"`` and/or ``"ekfac"``; EK-FAC needs the second pass, K-FAC only when the body has
+            parameters outside Linear layers (their diagonal blocks).
+        fisher: ``"true"``, ``"empirical"`` or ``None`` (see :func:`resolve_fisher`).
+        fisher_loss: the per-example loss on targets sampled from the model (true Fisher).
+        seed: seeds the target sampling of a true Fisher.
+        train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
+        verify: check the exact per-example gradients of pass 2 against autograd (as :func:`looptrace.featurize`):
+            ``"first"`` batch, ``True`` every batch, ``False`` never. Catches rows that are not batch-first.
+        featurize_kwargs: passed to the pass-2 featurisation (``tau``, ``recompute``, ``fallback``, ...).
+
+    Returns:
+        :class:`Curvature` with every body parameter in exactly one block (eigendecomposed in float64).
+    """
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad or not kinds:
+        raise ConfigError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+    kind_set = tuple(k for k in KINDS if k in kinds)
+    which, fit_loss = resolve_fisher(fisher, fisher_loss, loss_fn)
+    roots = resolve_body(model, step_module, body)
+    params = body_parameters(model, roots)
+    if not params:
+        raise ConfigError("the loop body has no parameters to fit curvature for")
+    check_ties(model, roots, params)
+    check_loader_order(loader)
+    device = params[0].param.device
+    linears = body_linears(model, roots, params)
+    names = {id(bp.param): bp.name for bp in params}
+    seeded = _Seeded(fit_loss, seed, device)
+    with _fitting(model, params, train_mode):
+        stats, n = _kronecker_pass(model, loader, seeded, linears, device)
+    if n == 0:
+        raise ConfigError("the fitting loader yielded no examples")
+    kron = []
+    for (mname, mod), st in zip(linears, stats, strict=True):
+        if st.rows == 0:
+            raise ConfigError(f"body layer {mname!r} got no gradient on the fitting set; it cannot get a K-FAC block")
+        blk = KroneckerBlock(mname, names[id(mod.weight)], None if mod.bias is None else names[id(mod.bias)],
+                             st.a / st.rows, st.s / n, st.rows)  # fmt: skip
+        blk.eigendecompose()
+        kron.append(blk)
+    in_kron = {b.weight for b in kron} | {b.bias for b in kron if b.bias is not None}
+    layout = sorted((bp.name, tuple(bp.param.shape)) for bp in params)
+    diag = [DiagonalBlock(name, torch.zeros(shape, dtype=torch.float64, device=device))
+            for name, shape in layout if name not in in_kron]  # fmt: skip
+    curv = Curvature(layout, kron, diag, which, n, kind_set, checkpoint)
+    if "ekfac" in kind_set or diag:
+        _eigen_pass(model, loader, seeded, curv, linears, roots, params, step_module, train_mode, "ekfac" in kind_set,
+                    verify, loss_fn, featurize_kwargs)  # fmt: skip
+    return curv
+
+
+def _eigen_pass(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss: _Seeded,
+    curv: Curvature,
+    linears: list[tuple[str, nn.Linear]],
+    roots: list[nn.Module],
+    params: list[BodyParam],
+    step_module: nn.Module | None,
+    train_mode: bool,
+    ekfac: bool,
+    verify: bool | str,
+    check_loss: LossFn,
+    featurize_kwargs: dict[str, Any],
+) -> None:
+    """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block and E_n[g_n^2] for the diagonal ones, from the
+    per-example tied gradients G_n.
+
+    Kronecker blocks: hooks on the Linear layers group each call's rows by example (the batch is the rows'
+    first axis), rotate them into the eigenbasis and add ``(Q_S^T g)(Q_A^T a)^T`` over the calls, so the tied
+    gradient is never formed in the parameter basis. The first batch is checked against the exact
+    per-example tied gradients (:func:`looptrace.featurize`, exact spec, itself checked against autograd when
+    ``verify`` asks, with ``check_loss``: the data's targets, since a sampled loss draws other targets for the
+    examples run alone); a body whose rows are not batch-first, or that fails the check, takes that exact route
+    for every batch. Diagonal blocks: the exact
+    per-example gradients of just the modules that own them."""
+    if ekfac:
+        for blk in curv.kronecker:
+            blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
+    kw = {k: v for k, v in featurize_kwargs.items() if k not in ("sketch", "per_step", "verify", "checkpoint")}
+    kw.update(step_module=step_module, train_mode=train_mode)
+    owners = _diagonal_owners(roots, params, {d.name for d in curv.diagonal})
+    hooks_ok = True
+    for index, batch in enumerate(loader):
+        loss.index = index
+        check = verify is True or (verify == "first" and index == 0)
+        if not ekfac and not (curv.diagonal and check):
+            break
+        if ekfac:
+            got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode) if hooks_ok else None
+            if got is None or index == 0:
+                if check:
+                    featurize(model, [batch], check_loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
+                              verify=True, **kw)  # fmt: skip
+                exact = _rotated_exact(model, batch, loss, curv, roots, {**kw, "verify": False})
+                tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
+                if got is not None and not all(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+                                               for a, b in zip(got, exact, strict=True)):  # fmt: skip
+                    got = None
+                if got is None:
+                    hooks_ok = False
+                    got = exact
+            for blk, add in zip(curv.kronecker, got, strict=True):
+                assert blk.ekfac is not None
+                blk.ekfac += add
+        if curv.diagonal and check and not ekfac:
+            featurize(model, [batch], check_loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
+                      verify=True, **kw)  # fmt: skip
+    if curv.diagonal:  # one featurisation of the (few) diagonal parameters over the whole loader
+        f = featurize(model, _indexed(loader, loss), loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
+                      verify=False, **kw)  # fmt: skip
+        at = {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
+        g = f.total.double()
+        for dia in curv.diagonal:
+            s0, sn = at[dia.name]
+            dia.diag += g[:, s0 : s0 + sn].square().sum(0).reshape(dia.diag.shape).to(dia.diag.device)
+    for blk in curv.kronecker if ekfac else []:
+        assert blk.ekfac is not None
+        blk.ekfac /= curv.n
+    if ekfac and curv.kronecker:
+        curv.ekfac_route = "rows" if hooks_ok else "exact"
+    for dia in curv.diagonal:
+        dia.diag /= curv.n
+
+
+def _indexed(loader: Iterable[Any], loss: _Seeded) -> Iterator[Any]:
+    """The loader's batches, telling the seeded loss which batch it is on (the same draws as pass 1)."""
+    for index, batch in enumerate(loader):
+        loss.index = index
+        yield batch
+
+
+def _diagonal_owners(roots: list[nn.Module], params: list[BodyParam], names: set[str]) -> list[nn.Module]:
+    """The modules that directly own the diagonal blocks' parameters (a smaller body for their gradients)."""
+    wanted = {id(bp.param) for bp in params if bp.name in names}
+    out: list[nn.Module] = []
+    for root in roots:
+        for mod in root.modules():
+            if any(id(p) in wanted for p in mod.parameters(recurse=False)) and all(mod is not o for o in out):
+                out.append(mod)
+    return out
+
+
+def _rotated_exact(
+    model: nn.Module, batch: Any, loss: _Seeded, curv: Curvature, roots: list[nn.Module], kw: dict[str, Any]
+) -> list[torch.Tensor]:
+    """Per Kronecker block, sum_n (Q_S^T G_n Q_A)^2 over the batch, from exact per-example tied gradients."""
+    f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False, **kw)
+    g = f.total.double()
+    off = curv.offsets
+    out = []
+    for blk in curv.kronecker:
+        d_out = blk.shape[0]
+        w0, wn = off[blk.weight]
+        parts = [g[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out)]
+        if blk.bias is not None:
+            b0, bn = off[blk.bias]
+            parts.append(g[:, b0 : b0 + bn].reshape(-1, d_out, 1))
+        out.append(blk.rotate(torch.cat(parts, dim=2).to(blk.a_cov.device)).square().sum(0))
+    return out
+
+
+def _rotated_by_hooks(
+    model: nn.Module,
+    batch: Any,
+    loss: _Seeded,
+    curv: Curvature,
+    linears: list[tuple[str, nn.Linear]],
+    params: list[BodyParam],
+    train_mode: bool,
+) -> list[torch.Tensor] | None:
+    """As :func:`_rotated_exact`, from rows rotated before the outer product: ``Q_S^T G_n Q_A =
+    sum_r (Q_S^T g_r)(Q_A^T a_r)^T`` over example n's rows in every call. ``None`` if some call's rows are not
+    batch-first."""
+    from looptrace import batching
+
+    size = batching.leading_size(batch)
+    with _fitting(model, params, train_mode):
+        _, rows = _linear_rows(model, batch, loss, linears)
+    acc: list[torch.Tensor | None] = [None] * len(linears)
+    for i, x, g in rows:
+        blk = curv.kronecker[i]
+        assert blk.q_a is not None and blk.q_s is not None
+        if size is None or x.dim() < 2 or x.shape[0] != size or g.shape[0] != size:
+            return None
+        xa = x.reshape(size, -1, x.shape[-1])
+        if blk.bias is not None:
+            xa = torch.cat([xa, xa.new_ones(*xa.shape[:2], 1)], dim=2)
+        q_s, q_a = blk.q_s.to(x.dtype), blk.q_a.to(x.dtype)  # the model's precision; accumulated in float64
+        rotated = (g.reshape(size, -1, g.shape[-1]) @ q_s).transpose(1, 2) @ (xa @ q_a)
+        prev = acc[i]
+        acc[i] = rotated if prev is None else prev + rotated  # summed over calls (steps) before squaring
+    return [
+        torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
+        if a is None
+        else a.double().square().sum(0)
+        for blk, a in zip(curv.kronecker, acc, strict=True)
+    ]

@@ -1,0 +1,93 @@
+"""Curvature beside a feature store: `looptrace fit-curvature`, `looptrace score --precondition`, equal to
+``lt.attribute(..., precondition=...)``; factors of another body or train set are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import looptrace as lt
+from looptrace.cli import main
+from looptrace.store import FeatureStore, score_to_disk
+from looptrace.store.curvature import curvature_path, fit_curvature_to_store, preconditioned_queries
+from tests.conftest import assert_close
+from tests.store_fixtures import loss_fn, make_dataset, make_model, save_checkpoints
+
+FACTORIES = ["--model", "tests.store_fixtures:make_model", "--loss", "tests.store_fixtures:loss_fn",
+             "--dataset", "tests.store_fixtures:make_dataset", "--step-module", "core"]  # fmt: skip
+
+
+def _cli_store(tmp_path: Path) -> tuple[Path, list[str]]:
+    cks = save_checkpoints(str(tmp_path))
+    store = tmp_path / "store"
+    args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
+            "--store", str(store)]  # fmt: skip
+    for c in cks:
+        args += ["--checkpoint", c]
+    assert main(args) == 0
+    return store, cks
+
+
+def _attribute(cks: list[str], precondition: str, damping: float | None = None) -> lt.Attribution:
+    model = make_model()
+    loader = lambda role: torch.utils.data.DataLoader(make_dataset(role), batch_size=7)  # noqa: E731
+    return lt.attribute(model, [lt.Checkpoint(c) for c in cks], loader("train"), loader("query"), loss_fn,
+                        step_module=model.core, sketch=lt.SketchSpec(dim=64), precondition=precondition,
+                        damping=damping)  # fmt: skip
+
+
+@pytest.mark.parametrize("precondition, damping", [("ekfac", None), ("kfac", 1e-3), ("gauss-newton", None)])
+def test_cli_preconditioned_scores_equal_attribute(tmp_path, precondition: str, damping: float | None) -> None:
+    """featurize -> fit-curvature -> score --precondition gives attribute's preconditioned SDI (float32 store,
+    so 1e-4 relative). Catches factors of the wrong checkpoint, the store's query features used unpreconditioned,
+    or a damping flag that does not reach the blocks."""
+    store, cks = _cli_store(tmp_path)
+    train_shards = sorted((store / "ck000" / "train").glob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in train_shards}
+    if precondition != "gauss-newton":
+        assert main(["fit-curvature", "--store", str(store), "--batch-size", "5"]) == 0
+        assert curvature_path(FeatureStore.open(store), 1).exists()
+    out = tmp_path / "sdi.npy"
+    extra = [] if damping is None else ["--damping", str(damping)]
+    assert main(["score", "--store", str(store), "--out", str(out), "--precondition", precondition, *extra]) == 0
+    res = _attribute(cks, precondition, damping)
+    got = torch.from_numpy(np.load(out)).double()
+    scale = float(res.sdi.abs().max())
+    assert_close(got, res.sdi.double(), f"store {precondition} SDI vs attribute", rtol=1e-4, atol=1e-5 * scale)
+    assert before == {p: p.stat().st_mtime_ns for p in train_shards}, "the training shards were rewritten"
+    plain = torch.from_numpy(np.load(score_to_disk(FeatureStore.open(store), tmp_path / "plain.npy"))).double()
+    assert float((plain - got).abs().max()) > 1e-3 * scale, "preconditioned scores equal the plain ones"
+
+
+def test_curvature_of_another_train_set_or_body_is_refused(tmp_path) -> None:
+    store, cks = _cli_store(tmp_path)
+    model = make_model()
+    checkpoints = [lt.Checkpoint(c) for c in cks]
+    with pytest.raises(lt.SpecMismatchError, match="training set"):
+        fit_curvature_to_store(model, checkpoints, make_dataset("train", n=30), loss_fn, store, step_module=model.core)
+    with pytest.raises(lt.SpecMismatchError, match="checkpoints"):
+        fit_curvature_to_store(model, checkpoints[:1], make_dataset("train"), loss_fn, store, step_module=model.core)
+    fit_curvature_to_store(model, checkpoints, make_dataset("train"), loss_fn, store, step_module=model.core)
+    st = FeatureStore.open(store)
+    side = curvature_path(st, 0).with_name("ck000.safetensors.json")
+    side.write_text(side.read_text().replace(st.manifest["model_fingerprint"], "0" * 16))
+    with pytest.raises(lt.SpecMismatchError, match="another model body"):
+        preconditioned_queries(st, "ekfac", model=model, checkpoints=checkpoints, dataset=make_dataset("query"),
+                               loss_fn=loss_fn, step_module=model.core)  # fmt: skip
+
+
+def test_score_flags_are_checked(tmp_path, capsys) -> None:
+    store, _ = _cli_store(tmp_path)
+    assert main(["score", "--store", str(store), "--out", str(tmp_path / "x.npy"), "--damping", "0.1"]) == 2
+    assert "--damping needs --precondition" in capsys.readouterr().err
+    assert main(["score", "--store", str(store), "--out", str(tmp_path / "x.npy"), "--precondition", "ekfac"]) == 2
+    assert "fit them first" in capsys.readouterr().err
+
+
+def test_fit_curvature_has_help(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["fit-curvature", "--help"])
+    assert e.value.code == 0 and "--fisher-loss" in capsys.readouterr().out
