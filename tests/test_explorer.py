@@ -344,3 +344,11 @@ def test_explore_refuses_a_dataset_that_is_not_the_stores(store_dir: Path, tmp_p
     assert main(["explore", "--store", str(store_dir), "--out", str(out), "--k", "2"]) == 0
     assert "not the one the store was filled with" in capsys.readouterr().err
     assert all(e["tokens"] is None for e in _embedded(out)["train"].values())
+
+
+def test_screenshot_without_chromium_says_how_to_install_it(tmp_path) -> None:
+    """Catches a missing browser surfacing as FileNotFoundError from subprocess instead of our error."""
+    from looptrace.explore import screenshot
+
+    with pytest.raises(lt.ConfigError, match="apt-get install -y chromium"):
+        screenshot(tmp_path / "x.html", tmp_path / "x.png", chromium=str(tmp_path / "no-such-browser"))

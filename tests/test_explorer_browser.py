@@ -354,3 +354,12 @@ def test_clicks_the_step_selector_and_keys_change_the_view(pages) -> None:
         assert browser.js("document.getElementById('lt-errors').textContent") == ""
     finally:
         browser.close()
+
+
+def test_screenshot_photographs_the_page_at_a_query_and_step(pages, tmp_path) -> None:
+    """``looptrace.explore.screenshot`` writes a PNG of the page (the docs' screenshots are made with it).
+    Catches a broken Chromium command line (no file, or not a PNG)."""
+    from looptrace.explore import screenshot
+
+    png = screenshot(pages["text"][0], tmp_path / "page.png", query=1, step=2, chromium=CHROMIUM, window=(900, 700))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

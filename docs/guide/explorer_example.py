@@ -18,8 +18,6 @@ docs/guide/explorer.png.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from torch import nn
 
 import looptrace as lt
 from looptrace.apps.tasks.text import BPETokenizer, arithmetic_problems, render
-from looptrace.explore import explorer_data, write_explorer
+from looptrace.explore import explorer_data, screenshot, write_explorer
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,14 +197,7 @@ def main() -> None:
     print(f"wrote {html}")
     q = data["queries"][0]
     step = int(np.argmax(q["energy"])) + 1  # the query's busiest loop step
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-             f"--user-data-dir={profile}", "--window-size=1360,1720", f"--screenshot={args.out}",
-             html.resolve().as_uri() + f"#query=0&step={step}"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+    screenshot(html, args.out, query=0, step=step, chromium=args.chromium, window=(1360, 1720))
     print(f"wrote {args.out} (query 0 at loop step {step})")
 
 

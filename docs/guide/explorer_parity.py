@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from looptrace.apps.demo import shipped_run, write_parity_explorer
+from looptrace.explore import screenshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,14 +40,7 @@ def main() -> None:
     if blob is not None:
         q = json.loads(blob.group(1))["queries"][args.query]
         step = int(np.argmax(q["energy"])) + 1  # the query's busiest loop step
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-             f"--user-data-dir={profile}", "--window-size=1360,1500", f"--screenshot={args.out}",
-             html.resolve().as_uri() + f"#query={args.query}&step={step}"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+    screenshot(html, args.out, query=args.query, step=step, chromium=args.chromium)
     print(f"wrote {args.out} (query {args.query} at loop step {step})")
 
 

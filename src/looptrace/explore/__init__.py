@@ -6,6 +6,6 @@ JSON-able dict; ``write_explorer`` writes it as a page that opens from disk with
 """
 
 from looptrace.explore.data import explorer_data
-from looptrace.explore.page import render_explorer, write_explorer
+from looptrace.explore.page import render_explorer, screenshot, write_explorer
 
-__all__ = ["explorer_data", "render_explorer", "write_explorer"]
+__all__ = ["explorer_data", "render_explorer", "screenshot", "write_explorer"]

@@ -20,7 +20,7 @@ from looptrace.errors import ConfigError
 from looptrace.explore.data import FORMAT
 from looptrace.io import atomic_write_bytes
 
-__all__ = ["render_explorer", "write_explorer"]
+__all__ = ["render_explorer", "screenshot", "write_explorer"]
 
 _SIZE = "@@LOOPTRACE_EXPLORER_SIZE@@"
 
@@ -129,3 +129,33 @@ def write_explorer(data: dict[str, Any], path: str | os.PathLike[str], title: st
     path = Path(path)
     atomic_write_bytes(path, render_explorer(data, title).encode())
     return path
+
+
+def screenshot(
+    page: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    query: int = 0,
+    step: int | None = None,
+    chromium: str = "/usr/bin/chromium",
+    window: tuple[int, int] = (1360, 1500),
+) -> Path:
+    """Photograph an explorer page with headless Chromium (``apt-get install -y chromium`` on Debian), opened on
+    ``query`` and, when given, loop ``step`` (1-based; the page's ``#query=Q&step=T`` address). For docs and
+    reports; the page itself needs no browser to be written."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which(chromium) is None:
+        raise ConfigError(f"headless Chromium not found at {chromium!r}: `apt-get install -y chromium` (Debian), or pass "
+                          "chromium= the path of a Chrome or Chromium binary")  # fmt: skip
+    where = f"#query={query}" + (f"&step={step}" if step is not None else "")
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}", f"--screenshot={png}",
+             Path(page).resolve().as_uri() + where],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    return Path(png)
