@@ -352,3 +352,9 @@ def test_screenshot_without_chromium_says_how_to_install_it(tmp_path) -> None:
 
     with pytest.raises(lt.ConfigError, match="apt-get install -y chromium"):
         screenshot(tmp_path / "x.html", tmp_path / "x.png", chromium=str(tmp_path / "no-such-browser"))
+
+
+def test_write_explorer_creates_missing_directories(tmp_path) -> None:
+    """Catches the page's folder having to exist beforehand (a FileNotFoundError from the atomic write)."""
+    page = write_explorer(explorer_data(np.ones((3, 2, 4)), k=2), tmp_path / "new" / "deeper" / "explorer.html")
+    assert page.exists() and "</html>" in page.read_text()

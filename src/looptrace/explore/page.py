@@ -18,7 +18,7 @@ from typing import Any
 
 from looptrace.errors import ConfigError
 from looptrace.explore.data import FORMAT
-from looptrace.io import atomic_write_bytes
+from looptrace.io import atomic_write_bytes, make_dirs
 
 __all__ = ["render_explorer", "screenshot", "write_explorer"]
 
@@ -127,7 +127,9 @@ def write_explorer(data: dict[str, Any], path: str | os.PathLike[str], title: st
     token heatmap, and one training example's steps x positions matrix.
     """
     path = Path(path)
-    atomic_write_bytes(path, render_explorer(data, title).encode())
+    page = render_explorer(data, title).encode()
+    make_dirs(path.parent)
+    atomic_write_bytes(path, page)
     return path
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from looptrace.apps.studies.verdicts import Docs, row, span
+from looptrace.apps.studies.rules import Docs, row, span
 
 #: the lowest margin autocorrelation at the period (and SDI autocorrelation) read as "periodic"
 PERIODIC = 0.5

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from looptrace.apps.studies.verdicts import Docs, row, span
+from looptrace.apps.studies.rules import Docs, row, span
 
 #: a growth whose step-to-step factors stay within this ratio of each other reads as geometric
 GEOMETRIC_SPREAD = 1.5

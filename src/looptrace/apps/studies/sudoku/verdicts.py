@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from looptrace.apps.studies.verdicts import Docs, row, span
+from looptrace.apps.studies.rules import Docs, row, span
 
 #: significance level of the per-seed tests (the paper's, appendix D.4)
 ALPHA = 0.05
