@@ -12,16 +12,16 @@ import torch
 
 import looptrace as lt
 from looptrace.apps.evaluation.curvature import CurvatureEvalConfig, aggregate, compare, estimator_scores
-from looptrace.apps.evaluation.task import EvalTask, full_bptt_loss, loss_fn, train
+from looptrace.apps.evaluation.task import MajorityTask, full_bptt_loss, loss_fn
 from tests.conftest import assert_close
 
-TINY = EvalTask(n_train=24, n_query=6, d_model=8, steps=12, ckpt_every=6)
+TINY = MajorityTask(bits=7, n_train=24, n_query=6, n_test=20, d_model=8, steps=12, ckpt_every=6)
 
 
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cv") / "checkpoints"
-    train(TINY, record=path)
+    TINY.train(record=path)
     return path
 
 

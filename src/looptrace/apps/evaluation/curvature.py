@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import looptrace as lt
-from looptrace.apps.evaluation.task import EvalTask, full_bptt_loss, logits, loss_fn, query_losses, train
+from looptrace.apps.evaluation.task import EvalTask, full_bptt_loss, logits, loss_fn
 from looptrace.curvature import fit_curvature, gauss_newton, sampled_cross_entropy
 from looptrace.evaluation import bootstrap_ci, lds
 from looptrace.influence.checkpoints import load_into
@@ -82,7 +82,7 @@ def subsets(task: EvalTask, cfg: CurvatureEvalConfig) -> tuple[np.ndarray, np.nd
     (minus each query's loss after training on the subset)."""
     rng = np.random.default_rng(cfg.seed)
     masks = rng.random((cfg.subsets, task.n_train)) < cfg.subset_fraction
-    outcomes = np.stack([-query_losses(train(task, keep=torch.from_numpy(m)), task).numpy() for m in masks])
+    outcomes = np.stack([-task.query_losses(task.train(keep=torch.from_numpy(m))).numpy() for m in masks])
     return masks, outcomes
 
 
@@ -98,7 +98,7 @@ def estimator_scores(task: EvalTask, ckpt_dir: Path, cfg: CurvatureEvalConfig) -
         acc: dict[str, list[np.ndarray]] = {}  # name -> per-checkpoint eta_k-weighted scores
         for ck in cks:
             load_into(model, ck.state, ck.name)
-            kw: dict[str, Any] = dict(step_module=model.core, sketch=exact, verify=False)
+            kw: dict[str, Any] = dict(step_module=task.step_module(model), sketch=exact, verify=False)
             g = lt.featurize(model, tr, lfn, per_step=False, **kw).total.double()  # [N, P]
             phi = lt.featurize(model, qu, lfn, **kw).per_step
             assert phi is not None
@@ -112,7 +112,7 @@ def estimator_scores(task: EvalTask, ckpt_dir: Path, cfg: CurvatureEvalConfig) -
                 add(f"gauss-newton | damping {scale:g}x", gauss_newton(g, phi, damping_scale=scale))
             for fisher in cfg.fishers:
                 fl = sampled_loss(variant == "full BPTT") if fisher == "true" else None
-                curv = fit_curvature(model, tr, lfn, step_module=model.core, fisher_loss=fl, verify=False)
+                curv = fit_curvature(model, tr, lfn, step_module=task.step_module(model), fisher_loss=fl, verify=False)
                 for kind in ("kfac", "ekfac"):
                     for scale in cfg.damping_scales:
                         pre = curv.precondition(phi, kind, damping_scale=scale)  # type: ignore[arg-type]
@@ -196,7 +196,7 @@ def compare(task: EvalTask, cfg: CurvatureEvalConfig, kronfluence_python: str | 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = Path(tmp) / "checkpoints"
-        train(task, record=ckpt_dir)
+        task.train(record=ckpt_dir)
         t1 = time.perf_counter()
         scores = estimator_scores(task, ckpt_dir, cfg)
         t_scores = time.perf_counter() - t1
