@@ -3,6 +3,8 @@ brute-force twins, the sampled-depth task, and the statistics behind docs/result
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -298,3 +300,55 @@ def test_the_pair_counterfactual_measures_what_sdi_predicts_and_fails_on_reverse
     rev = np.linalg.norm(measured["steps"] - predicted[:, ::-1]) / np.linalg.norm(predicted)
     assert rev > 0.1, f"reversed steps agree too ({rev:.2e}): the measurement cannot tell steps apart"
     np.testing.assert_allclose(again["steps"], measured["steps"][:2], rtol=1e-10, atol=1e-18)
+
+
+def test_the_applications_command_runs_end_to_end(tmp_path) -> None:
+    """`looptrace eval applications --smoke`: the sampled-depth task trained over two seeds, the horizon rules, the
+    pair counterfactual, the removals and the curation wired together; every section of results.json filled, its
+    verdicts derived from its numbers, the figures and report written. Catches a section dropped from the run or a
+    verdict computed before its numbers."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from looptrace.apps.evaluation.applications.verdicts import verdicts
+    from looptrace.cli import main
+
+    assert main(["eval", "applications", "--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("horizon", "cancellation", "curation", "verdicts", "config", "machine", "seconds"):
+        assert key in res, f"results.json lost its {key!r} section (keys: {sorted(res)})"
+    h = res["horizon"]["majority-depth"]
+    assert h["seeds"] == 2 and set(h["families"]) >= {"fixed", "horizon_peak", "stable", "confident", "oracle"}
+    assert -1.0 <= h["rank_correlation"]["peak_pseudo"]["mean"] <= 1.0
+    assert res["verdicts"] == verdicts(res)
+    for fig in ("fig_horizon_majority-depth.png", "fig_cancellation_pairs.png", "fig_add_back.png", "report.html"):
+        assert (tmp_path / fig).exists(), f"{fig} was not written"
+
+
+_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "applications"
+
+
+@pytest.mark.skipif(not (_RESULTS / "results.json").exists(), reason="no committed applications run")
+def test_the_committed_application_verdicts_follow_from_their_numbers() -> None:
+    """Every verdict of docs/results/applications (fields of results.json, quoted by the README through
+    placeholders) is what :func:`verdicts` derives from the committed numbers, and planting a rank correlation
+    whose interval lies at 1 or a flag the counterfactual always confirms changes the words. Catches a verdict left
+    behind when the numbers changed, or a template that writes a verdict itself."""
+    import json
+
+    from looptrace.apps.evaluation.applications.verdicts import verdicts
+
+    r = json.loads((_RESULTS / "results.json").read_text())
+    assert r["verdicts"] == verdicts(r), "results.json's verdicts do not follow from its numbers: rerun the command"
+    planted = json.loads(json.dumps(r))
+    for h in planted["horizon"].values():
+        h["rank_correlation"]["peak_pseudo"].update(mean=1.0, lo=1.0, hi=1.0)
+    assert verdicts(planted)["horizon"]["tasks"]["majority-depth"]["rank_pseudo"] == "tracks"
+    fl = planted["cancellation"]["summary"]["pairs"]["flagged"]
+    fl["cancels"].update(mean=1.0, lo=1.0, hi=1.0)
+    assert verdicts(planted)["cancellation"]["flag"] == "right"
+    fl["cancels"].update(mean=0.1, lo=0.0, hi=0.2)
+    assert verdicts(planted)["cancellation"]["flag"] == "mostly wrong"
+    template = (_RESULTS / "README.template.md").read_text()
+    for word in ("does not work", "works only", "tracks the", "mostly right", "mostly wrong", "not distinguishable"):
+        assert word not in template, f"the template writes the verdict {word!r} itself; quote it from verdicts"
