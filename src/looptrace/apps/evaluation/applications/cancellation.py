@@ -208,4 +208,10 @@ def summarize(per_seed_pairs: list[dict[str, Any]], per_seed_removal: list[dict[
             "full_abs": seed_interval([abs(x[full]) - abs(y[full]) for x, y in zip(a, c, strict=True)], n_boot, seed),
         }  # fmt: skip
     out["removal"]["budgets"] = {"intermediate": mid, "full": full}
+    out["removal"]["k"] = per_seed_removal[0]["k"]
+    out["removal"]["selection"] = {  # what the removed sets are, averaged over seeds
+        name: {key: float(np.mean([r["selection"][name][key] for r in per_seed_removal]))
+               for key in per_seed_removal[0]["selection"][name] if per_seed_removal[0]["selection"][name][key] is not None}
+        for name in per_seed_removal[0]["selection"]
+    }  # fmt: skip
     return out

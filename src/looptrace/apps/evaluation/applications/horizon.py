@@ -197,6 +197,8 @@ def analyze(runs: Sequence[QueryRun], cfg: HorizonConfig) -> dict[str, Any]:
     same = [float(np.mean(app.influence_horizons(r.energy["pseudo"], cfg.default_frac)
                           == app.influence_horizons(r.energy["label"], cfg.default_frac))) for r in runs]  # fmt: skip
     corr["pseudo_equals_label_share"] = float(np.mean(same))
+    corr["horizon_at_tau_share"] = float(np.mean([np.mean(app.influence_horizons(r.energy["pseudo"], cfg.default_frac) >= steps)
+                                                  for r in runs]))  # fmt: skip
     out["rank_correlation"] = corr
 
     # --- accuracy vs loops ----------------------------------------------------------------------------------
@@ -272,7 +274,11 @@ def analyze(runs: Sequence[QueryRun], cfg: HorizonConfig) -> dict[str, Any]:
     diffs = np.array([p["difference"] for p in pop])
     out["population"] = {"per_seed": pop, "within_one_step": int((np.abs(diffs) <= 1).sum()),
                          "mean_difference": float(diffs.mean()), "n_over": int((diffs > 1).sum()),
-                         "n_under": int((diffs < -1).sum())}  # fmt: skip
+                         "n_under": int((diffs < -1).sum()),
+                         "mean_horizon": float(np.mean([p["horizon"] for p in pop])),
+                         "mean_saturation": float(np.mean([p["saturation"] for p in pop])),
+                         "mean_horizon_by_fraction": {str(f): float(np.mean([p["horizons_by_fraction"][str(f)] for p in pop]))
+                                                      for f in cfg.fracs}}  # fmt: skip
     secs = [r.seconds for r in runs if r.seconds]
     if secs:
         out["cost"] = {k: float(np.mean([s[k] for s in secs])) for k in secs[0]}

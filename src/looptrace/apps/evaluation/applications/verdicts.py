@@ -84,8 +84,20 @@ def _horizon_task(h: dict[str, Any]) -> dict[str, Any]:
         out["why"] = (
             "its horizon does not rank queries by the loops they need, and stopping there saves no loops over a fixed budget"
         )
+    if out["rank_stable"] in ("tracks", "weakly tracks") and out["verdict"] != WORKS:
+        out["why"] += "; the free baseline that stops once the prediction stops changing " + out["rank_stable"].replace(
+            "tracks", "tracks the needed budget"
+        )
+    cost = h.get("cost")
+    if cost is not None:
+        out["cost"] = ("costs more per query than running every loop" if cost["horizon_over_loops"] > 1
+                       else "costs less per query than running every loop")  # fmt: skip
     pop = h["population"]
     n = len(pop["per_seed"])
+    never = sum(p["horizon"] >= h["steps"] for p in pop["per_seed"])
+    out["median_energy_dies_out"] = (
+        "in no seed" if never == n else "in every seed" if never == 0 else f"in {n - never} of {n} seeds"
+    )
     out["population"] = (f"within one step of the saturation budget in {pop['within_one_step']} of {n} seeds" if pop["within_one_step"] < n
                          else "within one step of the saturation budget in every seed")  # fmt: skip
     out["population_direction"] = ("later than" if pop["mean_difference"] > 1 else "earlier than" if pop["mean_difference"] < -1
@@ -109,6 +121,14 @@ def _horizon(h: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _share_word(ci: dict[str, Any]) -> str:
+    """How often a property of the flagged pairs holds: its interval's lower end at least :data:`FLAG_RIGHT`
+    ("in nearly every flagged pair"), its mean at least a half ("in most"), or less ("in a minority")."""
+    if ci["lo"] >= FLAG_RIGHT:
+        return "in nearly every flagged pair"
+    return "in most flagged pairs" if ci["mean"] >= 0.5 else "in a minority of flagged pairs"
+
+
 def _cancellation(c: dict[str, Any]) -> dict[str, Any]:
     p, rem = c["summary"]["pairs"], c["summary"]["removal"]
     out: dict[str, Any] = {}
@@ -117,6 +137,9 @@ def _cancellation(c: dict[str, Any]) -> dict[str, Any]:
         return {"verdict": DOES_NOT, "why": "no pair was flagged", "flag": "never raised"}
     prec = fl["cancels"]
     out["flag"] = "right" if prec["lo"] >= FLAG_RIGHT else "mostly right" if prec["mean"] >= 0.5 else "mostly wrong"
+    out["opposite"] = _share_word(fl["opposite"])  # measured steps of both signs
+    out["small_sum"] = _share_word(fl["small_sum"])  # measured per-step effects summing to little
+    out["tied_small"] = _share_word(fl["tied_small"])  # the update at every step (what TracIn predicts) small
     base = p.get("unflagged")
     out["base_rate"] = None if base is None else base["cancels"]["mean"]
     mid = rem["cancelling-control"]["intermediate_abs"]
@@ -125,7 +148,11 @@ def _cancellation(c: dict[str, Any]) -> dict[str, Any]:
                                "moves the intermediate budgets no differently from")  # fmt: skip
     out["full"] = word(full, "moves the full budget's loss more than", "moves the full budget's loss less than",
                        "moves the full budget's loss no differently from")  # fmt: skip
+    out["intermediate_vs_random"] = word(rem["cancelling-random"]["intermediate_abs"],
+                                         "moves the intermediate budgets more than", "moves the intermediate budgets less than",
+                                         "moves the intermediate budgets no differently from")  # fmt: skip
     claim = mid["lo"] > 0 and full["lo"] <= 0
+    signs = fl["opposite"]["lo"] >= FLAG_RIGHT or fl["opposite"]["mean"] >= 0.5
     if out["flag"] in ("right", "mostly right") and claim:
         out["verdict"] = WORKS
         out["why"] = (
@@ -140,6 +167,11 @@ def _cancellation(c: dict[str, Any]) -> dict[str, Any]:
         out["why"] = (
             "the flagged pairs mostly do not cancel when measured, yet removing the cancelling examples moves intermediate budgets"
         )
+    elif signs:
+        out["verdict"] = "works only for the signs of the steps, not for the cancellation"
+        out["why"] = ("the flagged pairs' measured per-step effects do change sign, but in most of them they do not sum to "
+                      "little: the first-order SDI cancels more exactly than the loop does; and removing the most cancelling "
+                      "examples moves the loop-budget curve no more than removing examples with as little TracIn")  # fmt: skip
     else:
         out["verdict"] = DOES_NOT
         out["why"] = (
@@ -175,6 +207,15 @@ def _curation(d: dict[str, Any]) -> dict[str, Any]:
         out["why"] = (
             "removing the most late-step examples helps more than random removal and more than TracIn's own ranking"
         )
+    elif late["lo"] > 0 and vs_harm["hi"] < 0:
+        out["verdict"] = "works only as a weaker version of TracIn's ranking of harmful examples"
+        mislabeled = d.get("mislabeled", {}).get("most late-step removed", 0.0) > 0.5
+        out["why"] = (
+            "removing the most late-step examples beats random removal, but "
+            + ("they are mostly mislabelled examples, which TracIn's ranking of the most harmful examples (a score "
+               "without steps) finds too, and removing those does better" if mislabeled
+               else "removing TracIn's most harmful examples (a score without steps) does better")
+        )  # fmt: skip
     elif late["lo"] > 0:
         out["verdict"] = "works only as well as TracIn's ranking of harmful examples"
         out["why"] = ("removing the most late-step examples beats random removal, but removing TracIn's most harmful "
