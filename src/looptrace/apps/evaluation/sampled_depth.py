@@ -10,11 +10,11 @@ al. 2025), and the default sizes are larger (15 bits, 800 training examples, 200
 test inputs) so that a few hundred queries' per-step predictions can be read at every budget
 ``1..loops``. ``loops`` is the largest depth the sampler may draw and the analysis horizon tau.
 
-Measured while choosing it (the numbers are in ``docs/results/applications/results.json``, field
-``task_choice``): with full BPTT, or with the 11-bit task, almost every query is right from one loop on,
-so there is nothing for a test-time compute rule to allocate; with truncated BPTT and sampled depth a
-tenth or more of the queries need two to six loops. The task is still easy: a majority vote is linear, so
-the loops refine a decision the read-in nearly makes.
+Measured while choosing it (``task_choice`` in ``docs/results/applications/results.json``): with full BPTT
+almost every held-out input is right from one loop on, so there is nothing for a test-time compute rule to
+allocate; with truncated BPTT and sampled depth about a tenth of them need two or more loops (on 11 bits
+as on 15; 15 bits leave room for distinct training, query and test inputs at these sizes). The task is
+still easy: a majority vote is linear, so the loops refine a decision the read-in nearly makes.
 """
 
 from __future__ import annotations

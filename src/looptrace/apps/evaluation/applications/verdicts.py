@@ -53,6 +53,8 @@ def _horizon_task(h: dict[str, Any]) -> dict[str, Any]:
         for f in ("horizon_peak", "horizon_share"):
             ci = saved.get(f"{b}-{f}")
             out[f"{f}_vs_{b}"] = _saves(ci, "the baseline")
+    never = [fam[f]["label"] for f in fam if not fam[f]["reaches_target"]]
+    out["never_reach_target"] = "; ".join(never) if never else "none"
     best = max(("horizon_peak", "horizon_share"), key=lambda f: fam[f]["best_gain_vs_fixed"]["mean"])
     out["best_horizon_rule"] = fam[best]["label"]
     g = fam[best]["best_gain_vs_fixed"]
