@@ -195,7 +195,7 @@ def analyze(runs: Sequence[QueryRun], cfg: HorizonConfig) -> dict[str, Any]:
                                          for r, n in zip(runs, needed, strict=True)])) for s in cfg.shares},
     }  # fmt: skip
     corr["sweep_best"] = {  # the most favourable setting of each horizon, chosen after the fact (optimistic)
-        k: {"param": max(v, key=lambda q, v=v: v[q]), "rho": max(v.values())} for k, v in corr["sweep"].items()
+        k: {"param": max(v, key=v.__getitem__), "rho": max(v.values())} for k, v in corr["sweep"].items()
     }
     same = [float(np.mean(app.influence_horizons(r.energy["pseudo"], cfg.default_frac)
                           == app.influence_horizons(r.energy["label"], cfg.default_frac))) for r in runs]  # fmt: skip
