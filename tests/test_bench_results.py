@@ -26,12 +26,6 @@ def _rendering() -> tuple[str, str]:
     return markdown(latest, RESULTS), (RESULTS / "README.md").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="looptrace bench renders README.md from the in-memory results, whose section_seconds are in run order, "
-    "and writes latest.json with sorted keys, so the 'Time by section' line of the committed page cannot be "
-    "rendered from the committed JSON (apps/bench/report.py: render the sections in an order the JSON keeps)",
-)
 def test_the_benchmark_page_is_the_rendering_of_latest_json() -> None:
     """Catches a number edited by hand in benchmarks/results/README.md, or a latest.json committed without the page
     regenerated from it."""
@@ -41,7 +35,8 @@ def test_the_benchmark_page_is_the_rendering_of_latest_json() -> None:
 
 def test_the_benchmark_page_matches_latest_json_but_for_the_order_of_its_section_times() -> None:
     """Every line of the page is the rendering of latest.json, the 'Time by section' line up to the order of its
-    entries (see the xfail above). Catches a hand-edited number or a stale page."""
+    entries (a page rendered before the JSON's keys were sorted may list them in run order). Catches a hand-edited
+    number or a stale page, and says which line."""
     want, have = _rendering()
     want_lines, have_lines = want.splitlines(), have.splitlines()
     assert len(want_lines) == len(have_lines), "the page and the rendering of latest.json differ in length"

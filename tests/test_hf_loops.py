@@ -21,7 +21,7 @@ import torch
 import looptrace as lt
 from looptrace.sketch.plan import SketchPlan
 from tests.conftest import assert_close
-from tests.hf_fixtures import INKLING_LOOP, TextData, make_hrm, make_inkling
+from tests.hf_fixtures import INKLING_LOOP, INKLING_TYPES, TextData, make_hrm, make_inkling
 from tests.loop_oracle import body_names, oracle_per_pass, tied_gradients
 
 transformers = pytest.importorskip("transformers")
@@ -118,6 +118,17 @@ def test_find_step_module_returns_inkling_s_looped_layer_range() -> None:
     assert isinstance(step, list) and step == list(model.model.layers[s:e])
     loop = lt.find_loop(model, batch)
     assert loop.passes == 3 and loop.body == [*step, model.model.message_input] and not loop.others
+
+
+def test_find_step_module_returns_a_one_layer_inkling_range_as_a_list() -> None:
+    """A loop range of one decoder layer is still the range (``layers[2:3]``, a list), not the bare layer: the
+    other layers of the stack run once. Catches the one-layer case collapsing to a module (the contract is the
+    layer range)."""
+    model = make_inkling(loop_layer_index_start=2, loop_layer_index_end=3, layer_types=INKLING_TYPES)
+    batch = _batches(2, 2)[0]
+    with pytest.warns(RuntimeWarning, match=r"message_input"):
+        step = lt.find_step_module(model, batch)
+    assert isinstance(step, list) and step == list(model.model.layers[2:3]), step
 
 
 @pytest.mark.slow

@@ -74,7 +74,8 @@ def find_step_module(
     Runs one forward (without gradients, in eval mode, hooks removed afterwards) and counts the calls of
     every module. For a Hugging Face ALBERT with one shared layer group that is the layer group; for
     HRM-Text its L stack (``model.model.L_module``, the loop that runs most); for Inkling-2-Loop the list of
-    its looped decoder layers (``list(model.model.layers[start:end])``); for a looped transformer, its
+    its looped decoder layers (``list(model.model.layers[start:end])``, a list even when the range holds one
+    layer: a looped range of a layer stack is always returned as a list); for a looped transformer, its
     recurrent core. ``run(model, batch)`` runs the forward (default :func:`run_model`). Raises
     :class:`StepError` when no parameter-owning module repeats, or when two loops are equally plausible.
     Warns, naming them, when other modules repeat too: modules tied to the passes (pass them in ``body=``
@@ -169,8 +170,25 @@ def find_loop(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any]
             tied.append(m)  # called in every pass after the first, never after the last: tied to the passes
         elif len(calls[id(m)]) > 1:
             others.append((m, len(calls[id(m)])))
-    step: nn.Module | list[nn.Module] = best[0] if len(best) == 1 else list(best)
+    # a range of a layer stack is a list, even of one layer (Inkling with loop_layer_index_end = start + 1): the
+    # loop is "layers[a:b]" there; a shared module with no once-called siblings (ALBERT's group) is itself
+    alone = len(best) == 1 and not _in_layer_stack(best[0], model, calls)
+    step: nn.Module | list[nn.Module] = best[0] if alone else list(best)
     return Loop(step, [*best, *tied], passes, tied, others, names)
+
+
+def _in_layer_stack(module: nn.Module, model: nn.Module, calls: dict[int, list[int]]) -> bool:
+    """Whether ``module`` is one layer of a stack (a ``ModuleList`` / ``Sequential``) whose other layers with
+    parameters ran fewer times than it: a looped range inside a deeper stack."""
+    for parent in model.modules():
+        if isinstance(parent, nn.ModuleList | nn.Sequential) and any(c is module for c in parent.children()):
+            return any(
+                c is not module
+                and any(True for _ in c.parameters())
+                and 0 < len(calls.get(id(c), ())) < len(calls[id(module)])
+                for c in parent.children()
+            )
+    return False
 
 
 def _lockstep_groups(modules: list[nn.Module], calls: dict[int, list[int]]) -> list[list[nn.Module]]:

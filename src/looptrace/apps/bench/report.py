@@ -82,6 +82,12 @@ def markdown(r: dict[str, Any], out_dir: Path = RESULTS) -> str:
         "latest.json).",
         "",
         *_sections_line(r),
+        "What changed since the previous page (issue #29): the largest-batch ratio is given without recomputation "
+        "beside the one with it, so neither is compared with the paper's figure measured without it; every fidelity "
+        "figure carries its spread over seeds; each workload (the trained parity model among them, when its run is "
+        "shipped) has its own slope and worst step; every speed-up says over how many timing rounds, with their "
+        "range; and the default sketch is now planned by width (`method='auto'`), measured in `widths.md`.",
+        "",
         "## Every loop step is measured",
         "",
         "Share of the body-gradient norm carried by each loop step (exact per-step gradients, mean over examples); "
