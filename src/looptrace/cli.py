@@ -115,10 +115,15 @@ def _cmd_upgrade_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from looptrace.apps.evaluation.harness import EvalConfig, evaluate
+    import dataclasses
 
-    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
-    res = evaluate(cfg, Path(args.out), what=args.what)
+    from looptrace.apps.evaluation.harness import TASKS, EvalConfig, evaluate
+
+    task = TASKS[args.task]
+    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig().sized_for(task)
+    python = args.kronfluence_python or os.environ.get("LOOPTRACE_KRONFLUENCE_PYTHON") or None
+    cfg = dataclasses.replace(cfg, kronfluence_python=python)
+    res = evaluate(cfg, Path(args.out), task=task(), what=args.what)
     print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -394,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")
     ev.add_argument("--out", default="docs/results/eval", help="output directory")
+    from looptrace.apps.evaluation.task import TASKS
+
+    ev.add_argument("--task", default="majority", choices=sorted(TASKS), help="the evaluation task")
+    ev.add_argument(
+        "--kronfluence-python",
+        default=None,
+        help="a Python with kronfluence installed: its EK-FAC, K-FAC and identity join the tables as peers "
+        "(default: $LOOPTRACE_KRONFLUENCE_PYTHON; unset: no peers)",
+    )
     ev.set_defaults(func=_cmd_eval)
 
     f = sub.add_parser(
