@@ -32,6 +32,7 @@ COMMANDS = [
     "score",
     "topk",
     "inspect",
+    "explore",
 ]
 STUDY_CALLS = {
     "train": ["train", "parity"],
@@ -171,6 +172,8 @@ def test_user_model_end_to_end(bare: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("FAISS is not installed") == 1 and "Traceback" not in out.stderr, out.stderr
     assert _run([lt_, "inspect", "--store", "st"], tmp_path, env).returncode == 0
+    out = _run([lt_, "explore", "--store", "st", "--out", "e.html", "--k", "2"], tmp_path, env)  # assets in the wheel
+    assert out.returncode == 0 and 'id="lt-data"' in (tmp_path / "e.html").read_text(), out.stderr[-3000:]
 
     sys.path.insert(0, str(tmp_path))  # the same featurisation here, with every extra: the same numbers
     try:

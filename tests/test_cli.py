@@ -8,7 +8,7 @@ from looptrace.cli import build_parser, load_attr, main
 
 
 @pytest.mark.parametrize(
-    "cmd", ["train", "demo", "analyze", "report", "bench", "featurize", "score", "topk", "inspect"]
+    "cmd", ["train", "demo", "analyze", "report", "bench", "featurize", "score", "topk", "inspect", "explore"]
 )
 def test_every_subcommand_has_help(cmd: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from looptrace.cli import main
 
@@ -25,6 +26,11 @@ def test_demo_quick_writes_report(tmp_path) -> None:
     ):
         assert (out / name).exists(), name
     assert not list(out.rglob("*.partial"))
+    page = (out / "explorer.html").read_text()
+    assert "<script" in page and not re.search(r"(src|href)\s*=\s*[\"']?https?://", page), "not self-contained"
+    assert '"positions":true' in page.replace(" ", ""), (
+        "the demo's explorer has no token heatmaps (per-position values)"
+    )
 
 
 def test_train_cli_tiny_and_resume(tmp_path) -> None:

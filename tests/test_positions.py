@@ -276,3 +276,29 @@ def test_a_store_keeps_positions_ragged_and_scores_them(tmp_path) -> None:
     assert len(top.proponent_positions[0][0]) == lengths[best]
     assert main(["topk", "--store", str(tmp_path / "s"), "--k", "1", "--positions", "--out",
                  str(tmp_path / "t.json")]) == 0  # fmt: skip
+
+
+def test_the_explorer_reads_positions_from_a_store(tmp_path) -> None:
+    """A store filled with ``positions=1`` gives the explorer token heatmaps whose values are ``lt.attribute``'s
+    ``sdi_positions``. Catches: the store hook returning nothing, positions paired with the wrong query or step,
+    eta missing."""
+    from looptrace.explore.stores import explorer_from_store
+    from looptrace.store import featurize_to_store
+
+    model = _model(True)
+    xs = _batch(4, 10, [5, 3, 4, 2])
+    train = torch.utils.data.TensorDataset(*xs)
+    query = torch.utils.data.TensorDataset(*_batch(2, 11))
+    cks = [lt.Checkpoint(model.state_dict(), lr=0.5)]
+    spec = lt.SketchSpec.exact()
+    store = featurize_to_store(model, cks, {"train": train, "query": query}, loss_fn, tmp_path / "s",
+                               step_module=model.core, sketch=spec, batch_size=2, positions=1)  # fmt: skip
+    data = explorer_from_store(store, datasets={"train": train, "query": query}, k=2)
+    assert data["positions"] is True, data.get("positions_note")
+    res = lt.attribute(model, cks, [xs], [_batch(2, 11)], loss_fn, step_module=model.core, sketch=spec,
+                       train_positions=True)  # fmt: skip
+    entry = data["queries"][0] if isinstance(data["queries"], list) else data["queries"]["0"]
+    row = entry["overall"]["proponents"][0]
+    i = row["train"]
+    want = res.sdi_positions[i, 0].sum(0)[: len(row["positions"])]
+    np.testing.assert_allclose(row["positions"], want.numpy(), rtol=1e-4, atol=1e-7)

@@ -25,6 +25,13 @@ def test_train_then_analyze_then_report(tmp_path, monkeypatch, task: str) -> Non
         assert all(r["conservation_max_abs"] < 1e-3 for r in results["full_bptt"])
         trunc = results["truncated_bptt"]
         assert all(r["nonzero_steps"] <= r["bptt_k"] for r in trunc), "truncated BPTT must leave only k steps with SDI"
+        # signed values come from the exact run; the sketch is only measured against it (a sketch as the
+        # primary run, or the comparison dropped, fails here)
+        assert results["sketch"]["method"] == "exact" and results["comparison"]["exact"] is True
+        by_r = {r["r"]: r for r in results["full_bptt"]}
+        for row in results["exact_vs_sketch"]:
+            assert row["exact_tracin_sum"] == pytest.approx(by_r[row["r"]]["tracin_sum"], rel=1e-12, abs=1e-15)
+            assert row["sdi_rel_error_of_sketch"] > 0, "the sketched run must differ from the exact one"
     assert main(["report", "--run", str(run)]) == 0
 
 

@@ -313,6 +313,93 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explore_datasets(store: Any, notes: list[str]) -> dict[str, Any]:
+    """The datasets a store was filled with, rebuilt from its ``featurize_args.json`` (``--dataset`` factory or
+    ``--run``), for their token ids; ``{}`` (and a note saying why) when they cannot be rebuilt."""
+    path = Path(store.root, "featurize_args.json")
+    if not path.exists():
+        notes.append("no token ids: the store has no featurize_args.json (it was not filled by `looptrace featurize`)")
+        return {}
+    recorded = json.loads(path.read_text())
+    roles = [r for r in ("train", "query") if store.n(r)]
+    try:
+        if recorded.get("dataset"):
+            make = load_attr(str(recorded["dataset"]), "the store's --dataset")
+            return {r: make(r) for r in roles}
+        if recorded.get("run"):
+            from looptrace.apps.catalog import open_run
+            from looptrace.apps.catalog import study as get_study
+
+            run = open_run(recorded["run"])
+            sets = get_study(run.study).influence_sets(
+                run, recorded.get("n_train", 512), recorded.get("n_query", 256), recorded.get("loops")
+            )
+            return {r: sets.datasets[r] for r in roles}
+    except (LooptraceError, ImportError, OSError) as exc:
+        notes.append(f"no token ids: the store's datasets cannot be rebuilt here ({exc})")
+        return {}
+    notes.append("no token ids: featurize_args.json names no --dataset or --run")
+    return {}
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    import warnings
+
+    from looptrace.explore import write_explorer
+    from looptrace.explore.stores import explorer_from_store, parse_queries
+    from looptrace.store import FeatureStore
+
+    store = FeatureStore.open(args.store)
+    decode = load_attr(args.decode, "--decode") if args.decode else None
+    notes: list[str] = []
+    datasets = _explore_datasets(store, notes)
+    out = Path(args.out)
+    data = explorer_from_store(
+        store, datasets=datasets, decode=decode, k=args.k, readout_step=args.readout_step,
+        queries=parse_queries(args.queries, store.n("query")), max_numbers=args.max_numbers,
+        scratch=out.parent, notes=notes, source={"decoder": args.decode},
+    )  # fmt: skip
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=1)
+    write_explorer(data, out, title=args.title or f"looptrace explorer · {store.root.resolve().name}")
+    atomic_write_bytes(Path(str(out) + ".json"), json.dumps(_args_dict(args), indent=2, default=str).encode())
+    b = data["bound"]
+    heat = (
+        "with token heatmaps" if data["positions"] else "without token heatmaps: the store has no per-position features"
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {b['queries_embedded']} of {b['n_query']} queries, {heat})")
+    return 0
+
+
+def _add_explore_parser(sub: Any) -> None:
+    from looptrace.explore.data import DEFAULT_MAX_NUMBERS
+
+    ex = sub.add_parser(
+        "explore", help="write a self-contained HTML explorer of a store's attributions (top-k per query and step)"
+    )
+    ex.add_argument("--store", required=True, help="a filled feature store")
+    ex.add_argument("--out", default="explorer.html", help="the HTML file to write (opens from disk, no network)")
+    ex.add_argument(
+        "--decode",
+        default=None,
+        help="package.module:function mapping one example's token ids (a 1-D tensor) to a list of token strings "
+        "(default: token ids as numbers)",
+    )
+    ex.add_argument("--k", type=int, default=10, help="proponents and opponents kept per query, overall and per step")
+    ex.add_argument("--readout-step", type=int, default=None, help="the model's read-out step (default: the last)")
+    ex.add_argument(
+        "--queries", default=None, help="which queries to embed, e.g. 0:50,60 (default: all, within --max-numbers)"
+    )
+    ex.add_argument(
+        "--max-numbers",
+        type=int,
+        default=DEFAULT_MAX_NUMBERS,
+        help="cap on the numbers embedded (about 8-12 bytes each in the file); queries past it are left out",
+    )
+    ex.add_argument("--title", default=None, help="the page's title (default: from the store's name)")
+    ex.set_defaults(func=_cmd_explore)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from looptrace.apps.catalog import studies
 
@@ -515,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what a feature store holds")
     ins.add_argument("--store", required=True)
     ins.set_defaults(func=_cmd_inspect)
+    _add_explore_parser(sub)
     for sp in sub.choices.values():  # `looptrace featurize ... --debug` works as well as `looptrace --debug featurize`
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return p

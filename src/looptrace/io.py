@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (read in 4 MiB blocks): the checksum sidecars record."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def partial_path(path: Path) -> Path:

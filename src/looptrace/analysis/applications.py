@@ -30,12 +30,30 @@ def influence_horizon(energy: np.ndarray, frac: float = 0.05) -> int:
     return int(above[-1] + 1) if above.size else 0
 
 
-def cancellation_pairs(sdi: np.ndarray, ratio: float = 0.1, top: int = 20) -> list[dict[str, float]]:
-    """Pairs (i, j) with |TracIn| < ratio * sum_t |SDI_t|, strongest cancellation first."""
+def cancellation_scores(sdi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair: (TracIn, mass sum_t |SDI_t|, cancellation 1 - |TracIn| / mass), each ``[..., N, M]``.
+
+    The cancellation is 0 when every step acts with one sign (or the mass is 0) and near 1 when the steps
+    almost cancel (a small TracIn hiding large step-resolved influence)."""
     s = np.asarray(sdi, dtype=np.float64)
     tracin = s.sum(-1)
     mass = np.abs(s).sum(-1)
     score = np.where(mass > 0, 1 - np.abs(tracin) / np.maximum(mass, 1e-300), 0.0)
+    return tracin, mass, score
+
+
+def query_cancellation(sdi: np.ndarray) -> np.ndarray:
+    """Per query, the share of its step-resolved influence that cancels across steps: ``[N, M, tau] -> [M]``,
+    1 - sum_i |TracIn_ij| / sum_i sum_t |SDI_ijt| (the pairs' cancellations weighted by their mass; 0 where
+    the query has no mass)."""
+    tracin, mass, _ = cancellation_scores(sdi)
+    total = mass.sum(0)
+    return np.where(total > 0, 1 - np.abs(tracin).sum(0) / np.maximum(total, 1e-300), 0.0)
+
+
+def cancellation_pairs(sdi: np.ndarray, ratio: float = 0.1, top: int = 20) -> list[dict[str, float]]:
+    """Pairs (i, j) with |TracIn| < ratio * sum_t |SDI_t|, strongest cancellation first."""
+    tracin, mass, score = cancellation_scores(sdi)
     mask = (np.abs(tracin) < ratio * mass) & (mass > 0)
     idx = np.argwhere(mask)
     order = np.argsort(-(score[mask] * mass[mask]))[:top]

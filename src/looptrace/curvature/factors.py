@@ -13,7 +13,6 @@ the sidecar, so a factor file counts only once its sidecar exists (as feature sh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch
 
 from looptrace.curvature.blocks import DAMPING_SCALE, DiagonalBlock, Kind, KroneckerBlock, _check_kind
 from looptrace.errors import ConfigError, CorruptFileError, SpecMismatchError
-from looptrace.io import RESUME, atomic_write_bytes, make_dirs, writing
+from looptrace.io import RESUME, atomic_write_bytes, make_dirs, sha256_file, writing
 
 FORMAT = "looptrace-curvature"
 VERSION = 1
@@ -178,14 +177,6 @@ class Curvature:
         curv = cls(params, kron, diag, side["fisher"], int(side["n"]), tuple(side["kinds"]), side["checkpoint"],
                    side.get("ekfac_route"))  # fmt: skip
         return curv, side
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sidecar(path: Path) -> Path:

@@ -11,18 +11,11 @@ from typing import Any
 import numpy as np
 
 from looptrace.errors import CorruptFileError
+from looptrace.io import sha256_file
 
 __all__ = ["dataset_fingerprint", "read_safetensors", "sha256_file"]
 
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "BF16": None}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:

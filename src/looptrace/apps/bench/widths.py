@@ -22,6 +22,7 @@ Writes ``benchmarks/results/widths.json`` and ``widths.md``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
@@ -204,7 +205,7 @@ def run(cfg: WidthsConfig, out_dir: Path = RESULTS, venv: Path | None = Path(".b
     res["headline"] = headline(res)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(res, out_dir / "widths.json")
-    atomic_write_bytes(out_dir / "widths.md", markdown(res).encode())
+    atomic_write_bytes(out_dir / "widths.md", markdown(json.loads((out_dir / "widths.json").read_text())).encode())
     return res
 
 

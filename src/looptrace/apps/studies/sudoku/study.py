@@ -4,6 +4,7 @@ difficulty, memorisation vs difficulty and the late-step influence mass of easy 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from looptrace.apps.studies.common import batches, stratified
 from looptrace.apps.studies.sudoku import difficulty as dif
 from looptrace.apps.studies.sudoku.task import SudokuTask
 from looptrace.apps.tasks import sudoku
-from looptrace.io import atomic_write_json
+from looptrace.errors import ConfigError
+from looptrace.io import atomic_write_bytes, atomic_write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,16 +197,18 @@ def run_sudoku_study(run: Run, out: Path, cfg: SudokuStudyConfig) -> dict[str, A
 def comparison(results: dict[str, Any]) -> dict[str, Any]:
     """The figures the write-up sets beside the paper's, under fixed names (the groups' and bins' labels depend
     on the run's difficulty range): Table 1, the correlations, the quartile statement and Fig. 2A's compute
-    sensitivity of the easiest and hardest held-out bins."""
+    sensitivity of the easiest and hardest held-out bins. Works on a results dict read back from JSON, whose
+    keys are sorted as strings: groups, bins and budgets are put in order by their numbers, not their keys."""
     t1 = results["table1_full"]
-    easy, hard = list(t1["groups"])
-    bins = list(t1["test_bins"])
+    easy, hard = sorted(t1["groups"], key=lambda g: not g.startswith("easy"))  # the easy group first
+    bins = _by_number(t1["test_bins"])
     easy_bin, hard_bin = bins[0], bins[-1]
     mem, shares, late = t1["memorisation"], t1["shares"], t1["late_mass_between_groups"]
     sens = results["fig2a"]["compute_sensitivity"]["cell"]
-    held = list(sens)
+    held = _by_number(sens)
     corr = results["correlations"]
-    budgets = list(results["in_distribution"]["board_accuracy"])
+    budgets = _by_number(results["in_distribution"]["board_accuracy"])
+    decay = energy_decay(results["energy_by_bin"], results["late_from_step"])
     return {
         "easy_group": easy, "hard_group": hard, "easy_test_bin": easy_bin, "hard_test_bin": hard_bin,
         "n_easy": t1["groups"][easy], "n_hard": t1["groups"][hard],
@@ -218,6 +222,7 @@ def comparison(results: dict[str, Any]) -> dict[str, Any]:
         "share_easy_test_easy_train": shares[easy_bin][easy], "share_easy_test_hard_train": shares[easy_bin][hard],
         "share_hard_test_easy_train": shares[hard_bin][easy], "share_hard_test_hard_train": shares[hard_bin][hard],
         "share_hard_test_p": shares[hard_bin].get("paired_p", float("nan")),
+        "share_easy_test_p": shares[easy_bin].get("paired_p", float("nan")),
         "late_easy_test_easy_train": late[easy_bin][easy], "late_easy_test_hard_train": late[easy_bin][hard],
         "late_hard_test_easy_train": late[hard_bin][easy], "late_hard_test_hard_train": late[hard_bin][hard],
         "late_hard_test_p": late[hard_bin].get("paired_p", float("nan")),
@@ -228,6 +233,33 @@ def comparison(results: dict[str, Any]) -> dict[str, Any]:
         "board_accuracy_at_1": results["in_distribution"]["board_accuracy"][budgets[0]],
         "board_accuracy_at_max": results["in_distribution"]["board_accuracy"][budgets[-1]],
         "cell_accuracy_hard_split_at_max": results["cell_accuracy"][budgets[-1]],
+        **decay,
+    }  # fmt: skip
+
+
+def _by_number(keys: Any) -> list[str]:
+    """Keys like "8", "16" or "34-35" in the order of their (first) number."""
+    return sorted(keys, key=lambda k: int(str(k).split("-")[0]))
+
+
+def energy_decay(energy: dict[str, dict[str, list[float]]], late_from: int) -> dict[str, Any]:
+    """Fig. 2B in two numbers, from the median energy curve of the easiest and the hardest test bin: the late
+    fraction of each (sum over steps t >= ``late_from`` of the median energy over its sum over all steps: a
+    slower decay gives a larger one) and the hardest bin's late energy over the easiest's (above one: "higher
+    SDI energy deeper into the recurrence"). Medians of the bins, not per-query values (those are not kept)."""
+    names = _by_number(energy)
+    easy, hard = np.asarray(energy[names[0]]["median"]), np.asarray(energy[names[-1]]["median"])
+    k = late_from - 1  # 0-based first late step
+
+    def late_fraction(e: np.ndarray) -> float:
+        return float(e[k:].sum() / max(float(e.sum()), 1e-300))
+
+    return {
+        "energy_easiest_bin": names[0], "energy_hardest_bin": names[-1],
+        "energy_late_fraction_easiest": late_fraction(easy), "energy_late_fraction_hardest": late_fraction(hard),
+        "energy_late_fraction_hardest_minus_easiest": late_fraction(hard) - late_fraction(easy),
+        "energy_late_ratio_hardest_over_easiest": float(hard[k:].sum() / max(float(easy[k:].sum()), 1e-300)),
+        "energy_first_step_ratio_hardest_over_easiest": float(hard[0] / max(float(easy[0]), 1e-300)),
     }  # fmt: skip
 
 
@@ -235,8 +267,16 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The spread over training seeds of the figures the write-up compares with the paper."""
 
     def spread(values: list[float]) -> dict[str, Any]:
+        """Mean, sd and the 95% interval of the mean over runs (Student t, n - 1 degrees of freedom: the run
+        is the unit of replication), and in how many runs the value is positive."""
+        from scipy import stats
+
         v = np.asarray(values, dtype=np.float64)
-        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+        n = len(v)
+        sd = float(v.std(ddof=1)) if n > 1 else 0.0
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n) if n > 1 else float("nan")
+        return {"mean": float(v.mean()), "sd": sd, "values": v.tolist(), "n": n,
+                "ci95": [float(v.mean()) - half, float(v.mean()) + half], "positive_in": int((v > 0).sum())}  # fmt: skip
 
     out: dict[str, Any] = {"runs": len(results)}
     budgets = list(results[0]["in_distribution"]["board_accuracy"])
@@ -268,7 +308,7 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["share_hard_minus_easy_train"] = hard_minus_easy("shares")
     sens = [x["fig2a"]["compute_sensitivity"]["cell"] for x in results]
     out["compute_sensitivity_cell"] = {b: spread([s[b] for s in sens if b in s]) for b in sens[0]}
-    comps = [x.get("comparison") or comparison(x) for x in results]
+    comps = [comparison(x) for x in results]  # from each run's numbers, never a stored (possibly older) copy
     out["comparison"] = {k: spread([c[k] for c in comps]) for k, v in comps[0].items() if isinstance(v, (int, float))}
     out["comparison"]["sensitivity_hardest_minus_easiest"] = spread(
         [c["sensitivity_cell_hardest"] - c["sensitivity_cell_easiest"] for c in comps]
@@ -279,5 +319,32 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["comparison"]["late_hard_minus_easy_on_hard_test"] = spread(
         [c["late_hard_test_hard_train"] - c["late_hard_test_easy_train"] for c in comps]
     )
+    out["comparison"]["share_hard_minus_easy_on_easy_test"] = spread(
+        [c["share_easy_test_hard_train"] - c["share_easy_test_easy_train"] for c in comps]
+    )
+    out["comparison"]["late_hard_minus_easy_on_easy_test"] = spread(
+        [c["late_easy_test_hard_train"] - c["late_easy_test_easy_train"] for c in comps]
+    )
     out["labels"] = {k: v for k, v in comps[0].items() if isinstance(v, str)}
+    return out
+
+
+def rederive(directory: Path) -> Path:
+    """Recompute each run's ``comparison`` and the spread over runs (``seeds.json``) from the ``results.json``
+    files already in ``directory`` (one sub-directory per run, in name order), without the models: what
+    ``looptrace analyze sudoku --run A --run B ... --out DIR`` writes after its SDI, when only the derived
+    figures changed."""
+    runs = sorted(p.parent for p in directory.glob("*/results.json"))
+    if not runs:
+        raise ConfigError(
+            f"{directory} holds no */results.json: run `looptrace analyze sudoku --run ... --out {directory}`"
+        )
+    results = []
+    for run_dir in runs:
+        res = json.loads((run_dir / "results.json").read_text())
+        res["comparison"] = comparison(res)
+        atomic_write_json(res, run_dir / "results.json")
+        results.append(res)
+    out = directory / "seeds.json"  # written the way the CLI writes it
+    atomic_write_bytes(out, json.dumps(aggregate_seeds(results), indent=2, default=str).encode())
     return out
