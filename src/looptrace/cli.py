@@ -120,7 +120,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from looptrace.apps.evaluation.harness import TASKS, EvalConfig, evaluate
 
     task = TASKS[args.task]
-    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig().sized_for(task)
+    default = EvalConfig.curvature() if args.what == "curvature" else EvalConfig().sized_for(task)
+    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else default
     python = args.kronfluence_python or os.environ.get("LOOPTRACE_KRONFLUENCE_PYTHON") or None
     cfg = dataclasses.replace(cfg, kronfluence_python=python)
     res = evaluate(cfg, Path(args.out), task=task(), what=args.what)
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "counterfactual", "lds", "removal", "depth"],
+        choices=["all", "counterfactual", "lds", "removal", "depth", "curvature"],
         help="which evaluation",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")

@@ -125,6 +125,29 @@ def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str,
     }
 
 
+def removal_summary(removal: dict[str, Any], best: str, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The best curvature-aware estimator in the removal test at the largest k: its query-loss rise, TracIn's,
+    kronfluence EK-FAC's (if run) and random removal's, and its paired per-query differences with each."""
+    at = removal["at_largest_k"]
+
+    def row(key: str) -> dict[str, Any]:
+        li = at[key]["loss_increase"]
+        return {"key": key, "label": at[key]["label"], "mean": li["mean"], "lo": li["lo"], "hi": li["hi"],
+                "prediction_flips": at[key]["prediction_flips"]}  # fmt: skip
+
+    refs = {"tracin": "tracin" if "tracin" in at else None, "random": "random",
+            "kronfluence_ekfac": next((k for k in PEER_EKFAC if k in at), None)}  # fmt: skip
+    paired = {}
+    for name, ref in refs.items():
+        if ref is not None:
+            diff = np.asarray(at[best]["per_query"]) - np.asarray(at[ref]["per_query"])
+            paired[name] = {"a": best, "b": ref, **bootstrap_ci(diff, n_boot=n_boot, seed=seed),
+                            "a_higher_queries": int((diff > 0).sum())}  # fmt: skip
+    return {"k": at[best]["k"], "queries": len(removal["queries"]), "best": row(best),
+            "references": {name: None if ref is None else row(ref) for name, ref in refs.items()},
+            "paired": paired}  # fmt: skip
+
+
 def sweep_table(methods: dict[str, Any]) -> dict[str, Any]:
     """Mean LDS per estimator and variant over the damping scales (0.1 is the default entry)."""
     out: dict[str, Any] = {}

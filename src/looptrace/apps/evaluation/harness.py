@@ -84,6 +84,14 @@ class EvalConfig:
                             "ekfac_full", "gauss_newton_full"))  # fmt: skip
 
     @classmethod
+    def curvature(cls) -> EvalConfig:
+        """``looptrace eval curvature``: every registered method's LDS (the curvature groups and, with
+        kronfluence's Python, the peers among them) on 100 subsets, the removal test for TracIn, the best
+        curvature-aware estimator and kronfluence's EK-FAC, and the plain and preconditioned step counterfactuals."""
+        return cls(subsets=100, removal_queries=16, removal_fractions=(0.05, 0.1), random_draws=2,
+                   removal_methods=("tracin",))  # fmt: skip
+
+    @classmethod
     def smoke(cls) -> EvalConfig:
         """Seconds: CI checks that the harness runs, not what it finds."""
         return cls(subsets=6, removal_queries=2, removal_fractions=(0.05,), random_draws=1, counterfactual_train=3,
@@ -350,7 +358,9 @@ def _machine() -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, out: Path, task: EvalTask | None = None, what: str = "all") -> dict[str, Any]:
-    """Run the evaluation (``what``: all, counterfactual, lds, removal, depth) and write its outputs into ``out``."""
+    """Run the evaluation (``what``: all, counterfactual, lds, removal, depth, or curvature: the step
+    counterfactual, LDS, removal and the curvature comparison without the depth curation) and write its outputs
+    into ``out``."""
     task = task or MajorityTask()
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -381,18 +391,18 @@ def _evaluate(cfg: EvalConfig, out: Path, task: EvalTask, what: str) -> dict[str
             "loop_curve_test": task.loop_curve(full_model, "test"),
             "loop_curve_query": task.loop_curve(full_model, "query"),
         }
-        if what in ("all", "counterfactual"):
+        if what in ("all", "counterfactual", "curvature"):
             t1 = time.perf_counter()
             results["step_counterfactual"] = run_counterfactual(task, cfg, ckpt_dir)
             sections["step counterfactual"] = time.perf_counter() - t1
-        if what in ("all", "lds", "removal"):
+        if what in ("all", "lds", "removal", "curvature"):
             t1 = time.perf_counter()
             ctx = ScoreContext(task, ckpt_dir, peer_python=cfg.kronfluence_python)
             scores = method_scores(task, cfg, ckpt_dir, ctx)
             sections["scores"] = time.perf_counter() - t1
             if ctx.peer_meta:
                 results["peers"] = ctx.peer_meta
-            if what in ("all", "lds"):
+            if what in ("all", "lds", "curvature"):
                 t1 = time.perf_counter()
                 results["lds"] = run_lds(task, cfg, scores)
                 sections["lds"] = time.perf_counter() - t1
@@ -404,11 +414,15 @@ def _evaluate(cfg: EvalConfig, out: Path, task: EvalTask, what: str) -> dict[str
             if comparison is not None:
                 results["curvature"] = comparison
             best: str | None = None if comparison is None else comparison["best"]["key"]
-            if what in ("all", "removal"):
+            if what in ("all", "removal", "curvature"):
                 t1 = time.perf_counter()
-                results["removal"] = run_removal(task, cfg, scores, base, extra=() if best is None else (best,))
+                peer = None if comparison is None else comparison["references"]["kronfluence_ekfac"]
+                extra = tuple(k for k in (best, None if peer is None else peer["key"]) if k is not None)
+                results["removal"] = run_removal(task, cfg, scores, base, extra=extra)
                 sections["removal"] = time.perf_counter() - t1
-            if comparison is not None and best is not None and what == "all":
+                if comparison is not None and best is not None:
+                    comparison["removal"] = curvature.removal_summary(results["removal"], best, cfg.n_boot, cfg.seed)
+            if comparison is not None and best is not None and what in ("all", "curvature"):
                 t1 = time.perf_counter()
                 comparison["counterfactual"] = run_counterfactual(task, cfg, ckpt_dir, curvature.preconditioner(best))
                 sections["curvature counterfactual"] = time.perf_counter() - t1

@@ -177,6 +177,9 @@ def _curvature(c: dict[str, Any]) -> dict[str, Any]:
                                        for name, p in d["paired"].items()}}
                      for kind, d in c["defaults"].items()},
     }  # fmt: skip
+    if "removal" in c:
+        out["removal"] = {name: _interval_word(p, "more than", "less than", "not distinguishable from")
+                          for name, p in c["removal"]["paired"].items()}  # fmt: skip
     if "counterfactual" in c:
         out["counterfactual"] = _counterfactual(c["counterfactual"])
     return out
