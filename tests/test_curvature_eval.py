@@ -105,14 +105,21 @@ def test_compare_picks_the_best_and_the_verdicts_follow() -> None:
 
 
 def test_summarize_every_task() -> None:
-    """``done_when_on_every_task`` is the conjunction over the tasks (None where one cannot be checked).
-    Catches ``any`` for ``all`` (break it in ``summarize.every``)."""
+    """``done_when_on_every_task`` is the conjunction over the tasks, and the replication checks the primary
+    run's choice on another seed's numbers. Catches ``any`` for ``all`` (break it in ``summarize.every``) and
+    a replicate judged by its own best instead of the primary's choice (break: ``key = other[...]["best"]``)."""
     good = {"tracin": 0.3, "ekfac": 0.4, "kronfluence_ekfac": 0.35}
     bad = {"tracin": 0.3, "ekfac": 0.32, "kronfluence_ekfac": 0.35}
     runs = {}
     for name, means in (("a", good), ("b", bad)):
         lds = _lds_table(means)
-        res: dict[str, Any] = {"task": {"description": name}, "lds": lds, "curvature": compare(lds, n_boot=200)}
+        res: dict[str, Any] = {
+            "task": {"description": name, "seed": 0},
+            "lds": lds,
+            "train_seconds": 1.0,
+            "seconds": 9.0,
+            "curvature": compare(lds, n_boot=200),
+        }
         res["verdicts"] = verdicts(res)
         runs[name] = res
     s = summarize(runs)
@@ -120,3 +127,10 @@ def test_summarize_every_task() -> None:
     assert s["done_when_on_every_task"] is False
     both_good = summarize({"a": runs["a"], "c": copy.deepcopy(runs["a"])})
     assert both_good["done_when_on_every_task"] is True
+    # replication: a's choice (ekfac) checked on another seed where it falls below the peer
+    lds = _lds_table({"tracin": 0.3, "ekfac": 0.32, "kfac": 0.5, "kronfluence_ekfac": 0.35}, seed=1)
+    other = {"task": {"description": "a", "seed": 1}, "lds": lds, "curvature": compare(lds, n_boot=200)}
+    rep = summarize({"a": runs["a"]}, {"a": [other]})["tasks"]["a"]["replication"]
+    assert rep["seeds"] == [1] and rep["per_seed"][0]["key"] == "ekfac"
+    assert rep["per_seed"][0]["ge_tracin"] is True and rep["per_seed"][0]["ge_kronfluence_ekfac"] is False
+    assert rep["holds_every_seed"] is False and rep["holds_seeds"] == 0

@@ -124,7 +124,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else default
     python = args.kronfluence_python or os.environ.get("LOOPTRACE_KRONFLUENCE_PYTHON") or None
     cfg = dataclasses.replace(cfg, kronfluence_python=python)
-    res = evaluate(cfg, Path(args.out), task=task(), what=args.what)
+    res = evaluate(cfg, Path(args.out), task=dataclasses.replace(task(), seed=args.task_seed), what=args.what)
     print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -490,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     from looptrace.apps.evaluation.task import TASKS
 
     ev.add_argument("--task", default="majority", choices=sorted(TASKS), help="the evaluation task")
+    ev.add_argument("--task-seed", type=int, default=0, help="the task's seed (its data and initialisation)")
     ev.add_argument(
         "--kronfluence-python",
         default=None,

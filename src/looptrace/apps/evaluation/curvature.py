@@ -197,22 +197,54 @@ def preconditioner(key: str) -> Callable[[EvalTask, nn.Module], Callable[[torch.
     return build
 
 
-def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def replicate(primary: dict[str, Any], other: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The estimator chosen on the primary run (its best curvature-aware one) on another task seed's run: its
+    LDS beside TracIn's and kronfluence EK-FAC's there, paired, and whether the "Done when" holds there too
+    (a choice made on one seed, checked on data and initialisations it never saw)."""
+    key = primary["curvature"]["best"]["key"]
+    methods = other["lds"]["methods"]
+    c = other["curvature"]
+    peer = None if c["references"]["kronfluence_ekfac"] is None else c["references"]["kronfluence_ekfac"]["key"]
+    row = {"task_seed": other["task"]["seed"], "key": key, "mean": methods[key]["mean"], "lo": methods[key]["lo"],
+           "hi": methods[key]["hi"], "tracin": methods["tracin"]["mean"],
+           "kronfluence_ekfac": None if peer is None else methods[peer]["mean"],
+           "own_best": c["best"]["key"], "own_best_mean": c["best"]["mean"],
+           "paired": {name: _paired(methods, key, ref, n_boot, seed)
+                      for name, ref in (("tracin", "tracin"), ("kronfluence_ekfac", peer)) if ref is not None}}  # fmt: skip
+    row["ge_tracin"] = bool(row["mean"] >= row["tracin"])
+    row["ge_kronfluence_ekfac"] = None if peer is None else bool(row["mean"] >= row["kronfluence_ekfac"])
+    row["holds"] = None if peer is None else bool(row["ge_tracin"] and row["ge_kronfluence_ekfac"])
+    return row
+
+
+def summarize(
+    results: dict[str, dict[str, Any]], replicas: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """Both tasks' curvature comparisons side by side, and the "Done when" over all of them (every verdict a field
-    computed here from the numbers)."""
+    computed here from the numbers). ``replicas``: per task, runs on other task seeds, where the estimator
+    chosen on the primary run is checked again (:func:`replicate`)."""
     tasks: dict[str, Any] = {}
     for name, r in results.items():
         c = r["curvature"]
         m = r["lds"]["methods"]
+        reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
+        holds = [x["holds"] for x in reps]
         tasks[name] = {
-            "description": r["task"]["description"], "subsets": r["lds"]["subsets"], "queries": r["lds"]["queries"],
+            "description": r["task"]["description"], "task_seed": r["task"]["seed"], "subsets": r["lds"]["subsets"],
+            "queries": r["lds"]["queries"], "n_candidates": c["n_candidates"], "train_seconds": r["train_seconds"],
+            "seconds": r["seconds"],
             "best": c["best"], "references": c["references"], "paired": c["paired"], "done_when": c["done_when"],
-            "split_half": c["split_half"], "defaults": c["defaults"],
+            "split_half": c["split_half"], "defaults": c["defaults"], "sweep": c["sweep"], "fisher": c["fisher"],
             "table": {k: {"label": v["label"], "mean": v["mean"], "lo": v["lo"], "hi": v["hi"], "group": v["group"]}
                       for k, v in m.items()},
             "tied_body_finding": (r.get("peers") or {}).get("tied_body_finding"),
+            "removal": c.get("removal"),
             "counterfactual": c.get("counterfactual"),
+            "plain_counterfactual": r.get("step_counterfactual"),
             "verdicts": r["verdicts"].get("curvature"),
+            "replication": {"seeds": [x["task_seed"] for x in reps], "per_seed": reps,
+                            "holds_every_seed": None if not reps or None in holds else all(holds),
+                            "holds_seeds": sum(bool(h) for h in holds)},
         }  # fmt: skip
 
     def every(path: tuple[str, ...]) -> bool | None:
@@ -224,10 +256,32 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             vals.append(v)
         return None if any(v is None for v in vals) else all(vals)
 
+    def word(path: tuple[str, ...]) -> str:
+        """Where a flag holds, in words: on every task, on none, or on the named ones only."""
+        flags = {}
+        for name, t in tasks.items():
+            v: Any = t
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            flags[name] = v
+        if any(v is None for v in flags.values()):
+            missing = [n for n, v in flags.items() if v is None]
+            return f"cannot be checked on {', '.join(missing)}"
+        yes = [n for n, v in flags.items() if v]
+        return ("holds on every task" if len(yes) == len(flags) else "holds on no task" if not yes else
+                f"holds on {', '.join(yes)} only")  # fmt: skip
+
     return {
         "tasks": tasks,
+        "words": {
+            "done_when": word(("done_when", "holds")),
+            "split_half": word(("split_half", "holds")),
+            "replicated": word(("replication", "holds_every_seed")),
+            "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
+        },
         "done_when_on_every_task": every(("done_when", "holds")),
         "split_half_on_every_task": every(("split_half", "holds")),
+        "replicated_on_every_task": every(("replication", "holds_every_seed")),
         "defaults_on_every_task": {k: every(("defaults", k, "holds")) for k in DEFAULTS},
         "tied_body_finding_on_every_task": every(("tied_body_finding", "equals_last_step_train_gradient")),
     }
@@ -236,10 +290,23 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="both tasks' curvature comparisons in one JSON")
     p.add_argument("--summary", required=True, help="output JSON (e.g. docs/results/eval/curvature-summary.json)")
-    p.add_argument("results", nargs="+", help="results.json of each task's `looptrace eval` run")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="results.json of each task's `looptrace eval curvature` run; per task "
+        "the first is the primary run, later ones (other task seeds) replicate its choice",
+    )
     args = p.parse_args(argv)
     runs = [json.loads(Path(f).read_text()) for f in args.results]
-    summary = summarize({r["task"]["name"]: r for r in runs})
+    primary: dict[str, dict[str, Any]] = {}
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:  # per task: the first run given is the primary, the others its replicates on other seeds
+        name = r["task"]["name"]
+        if name in primary:
+            replicas.setdefault(name, []).append(r)
+        else:
+            primary[name] = r
+    summary = summarize(primary, replicas)
     atomic_write_json(summary, Path(args.summary))
     print(json.dumps({k: v for k, v in summary.items() if k != "tasks"}, indent=1))
     return 0
