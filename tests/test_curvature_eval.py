@@ -4,6 +4,7 @@ verdict fields follow its numbers."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,104 @@ def test_summarize_every_task() -> None:
     assert rep["seeds"] == [1] and rep["per_seed"][0]["key"] == "ekfac"
     assert rep["per_seed"][0]["ge_tracin"] is True and rep["per_seed"][0]["ge_kronfluence_ekfac"] is False
     assert rep["holds_every_seed"] is False and rep["holds_seeds"] == 0
+
+
+# --- the committed numbers: docs/results/eval/curvature-summary.json and the runs it is computed from
+
+EVAL = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval"
+SUMMARY = EVAL / "curvature-summary.json"
+
+
+def _committed_runs() -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The primary run (task seed 0) of each task and its replicates (other seeds), as the summary reads them."""
+    primary: dict[str, Any] = {}
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((EVAL / "curvature").glob("*/seed*/results.json"), key=lambda p: (p.parent.parent.name,
+                                                                                          int(p.parent.name[4:]))):  # fmt: skip
+        r = json.loads(path.read_text())
+        name = r["task"]["name"]
+        if r["task"]["seed"] == 0:
+            primary[name] = r
+        else:
+            replicas.setdefault(name, []).append(r)
+    return primary, replicas
+
+
+@pytest.mark.skipif(not SUMMARY.exists(), reason="no committed curvature summary")
+def test_committed_curvature_verdicts_follow_from_their_numbers() -> None:
+    """Every verdict of the committed curvature comparison is re-derived from the committed numbers: each run's
+    comparison from its LDS table, its verdict words from the comparison, and the summary (the README's and the
+    guide's source) from the runs. Catches a verdict or a summary that no longer matches its numbers (a rule
+    changed, a run replaced without re-summarising, a number edited by hand)."""
+    primary, replicas = _committed_runs()
+    assert set(primary) == {"majority", "count-attention"}, f"primary runs found: {sorted(primary)}"
+    for r in [*primary.values(), *(x for xs in replicas.values() for x in xs)]:
+        name = f"{r['task']['name']} seed {r['task']['seed']}"
+        assert r["lds"]["subsets"] >= 100, f"{name}: only {r['lds']['subsets']} subsets"
+        again = compare(r["lds"], r["config"]["n_boot"], r["config"]["seed"])
+        assert again is not None
+        for key, value in again.items():
+            assert r["curvature"][key] == value, f"{name}: curvature.{key} does not follow from lds (rerun the summary)"
+        assert r["verdicts"] == verdicts(r), f"{name}: the verdicts do not follow from the numbers"
+        best = r["curvature"]["best"]["key"]
+        m = r["lds"]["methods"]
+        assert all(m[best]["mean"] >= m[k]["mean"] for k in m if m[k]["group"] in ("curvature", "damping sweep",
+                                                                                   "fisher"))  # fmt: skip
+    committed = json.loads(SUMMARY.read_text())
+    assert json.loads(json.dumps(summarize(primary, replicas))) == committed, (
+        "docs/results/eval/curvature-summary.json is not the summary of the committed runs: rerun "
+        "`python -m looptrace.apps.evaluation.curvature --summary ...`"
+    )
+    for task, t in committed["tasks"].items():
+        ref = t["references"]
+        assert t["done_when"]["holds"] == (t["best"]["mean"] >= ref["tracin"]["mean"] and
+                                           t["best"]["mean"] >= ref["kronfluence_ekfac"]["mean"]), task  # fmt: skip
+
+
+@pytest.mark.skipif(not SUMMARY.exists(), reason="no committed curvature summary")
+def test_a_planted_peer_flips_the_committed_verdict() -> None:
+    """Raising kronfluence EK-FAC's per-query LDS above the best estimator's in a committed run flips its "Done
+    when" to "does not hold": the re-derivation above can fail."""
+    primary, _ = _committed_runs()
+    r = copy.deepcopy(primary["majority"])
+    m = r["lds"]["methods"]
+    best = r["curvature"]["best"]["key"]
+    for key in ("kronfluence_ekfac", "kronfluence_ekfac_full"):
+        m[key]["per_query"] = [x + 1.0 for x in m[best]["per_query"]]
+        m[key]["mean"] = m[best]["mean"] + 1.0
+    c = compare(r["lds"], 200, 0)
+    assert c is not None and c["done_when"]["holds"] is False
+    assert verdicts({"curvature": c})["curvature"]["done_when"] == "does not hold"
+
+
+def test_count_attention_task_is_registered_and_sound(tmp_path: Path) -> None:
+    """The attention task: offered by ``looptrace eval --task``, its queries and test inputs distinct and unseen,
+    its query labels clean, its training labels flipped at about the set rate, and its curvature methods ``lt.attribute``'s. Catches a query leaking into the training set, a
+    label rule that ignores the counts (break: ``>`` -> ``>=`` in clean_labels makes ties label 1), the read-out
+    at the first position (which attends to nothing but itself), and a task that cannot be scored."""
+    import looptrace.apps.evaluation  # noqa: F401  (registers the task)
+    from looptrace.apps.evaluation.task import TASKS
+
+    cls = TASKS["count-attention"]
+    task = cls(n_train=64, n_query=8, n_test=40, steps=12, ckpt_every=6, d_model=8)
+    d = task.overlap()
+    assert d["query_in_train"] == d["test_in_train"] == d["test_in_query"] == 0
+    assert d["distinct_query"] == 8 and d["distinct_test"] == 40
+    x, y = task.data()["query"]
+    assert torch.equal(y, ((x == 0).sum(1) > (x == 1).sum(1)).long())
+    ties = task.clean_labels(torch.tensor([[0, 1, 2, 2], [0, 0, 1, 2], [1, 1, 0, 2]]))
+    assert ties.tolist() == [0, 1, 0]
+    flipped = cls(n_train=2000, n_query=8, n_test=8).noisy_labels().mean()
+    assert abs(flipped - 0.1) < 4 * (0.1 * 0.9 / 2000) ** 0.5, f"label noise {flipped:.3f}, set 0.1"
+    model = task.train(record=tmp_path / "ck")
+    xq = task.data()["query"][0]
+    moved = xq.clone()
+    moved[:, -1] = (moved[:, -1] + 1) % task.vocab  # only the last position's read-out sees the last token
+    assert not torch.allclose(task.logits(model, xq), task.logits(model, moved))
+    ctx = ScoreContext(task, tmp_path / "ck")
+    got = torch.from_numpy(METHODS["ekfac_last"].scores(ctx))
+    m = task.model()
+    want = lt.attribute(m, lt.load_checkpoints(tmp_path / "ck")[-1:], ctx.train, ctx.query, task.loss_fn,
+                        step_module=task.step_module(m), sketch=lt.SketchSpec.exact(), verify=False,
+                        precondition="ekfac").tracin.double()  # fmt: skip
+    assert_close(got, want, "ekfac_last on count-attention", rtol=1e-6, atol=1e-9 * float(want.abs().max()))

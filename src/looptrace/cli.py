@@ -124,6 +124,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else default
     python = args.kronfluence_python or os.environ.get("LOOPTRACE_KRONFLUENCE_PYTHON") or None
     cfg = dataclasses.replace(cfg, kronfluence_python=python)
+    if args.subsets is not None:
+        cfg = dataclasses.replace(cfg, subsets=args.subsets)
     res = evaluate(cfg, Path(args.out), task=dataclasses.replace(task(), seed=args.task_seed), what=args.what)
     print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev.add_argument("--task", default="majority", choices=sorted(TASKS), help="the evaluation task")
     ev.add_argument("--task-seed", type=int, default=0, help="the task's seed (its data and initialisation)")
+    ev.add_argument("--subsets", type=int, default=None, help="retrained subsets for the LDS (default: the sizes')")
     ev.add_argument(
         "--kronfluence-python",
         default=None,

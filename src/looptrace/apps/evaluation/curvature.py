@@ -238,6 +238,7 @@ def summarize(
             "table": {k: {"label": v["label"], "mean": v["mean"], "lo": v["lo"], "hi": v["hi"], "group": v["group"]}
                       for k, v in m.items()},
             "tied_body_finding": (r.get("peers") or {}).get("tied_body_finding"),
+            "peer": {k: v for k, v in (r.get("peers") or {}).items() if k != "tied_body_finding"},
             "removal": c.get("removal"),
             "counterfactual": c.get("counterfactual"),
             "plain_counterfactual": r.get("step_counterfactual"),

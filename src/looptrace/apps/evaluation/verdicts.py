@@ -182,6 +182,10 @@ def _curvature(c: dict[str, Any]) -> dict[str, Any]:
                           for name, p in c["removal"]["paired"].items()}  # fmt: skip
     if "counterfactual" in c:
         out["counterfactual"] = _counterfactual(c["counterfactual"])
+        for side in ("test", "train"):
+            out["counterfactual"][side]["smallest_eta_error_max"] = max(
+                c["counterfactual"][side]["rel_error_smallest_eta"]
+            )
     return out
 
 
