@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="all",
         choices=["all", "counterfactual", "lds", "removal", "depth", "curvature"],
-        help="which evaluation",
+        help="which evaluation (curvature: 100 subsets, the curvature-aware estimators and the peers in the LDS, "
+        "removal and step counterfactuals for the best of them; no depth curation)",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")

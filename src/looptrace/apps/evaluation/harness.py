@@ -19,6 +19,11 @@ confidence intervals over distinct queries and, where a ranking drives retrainin
   ones, retrain, and read the loop-budget curve on held-out test inputs the ranking never saw, for
   several seeds.
 
+* the **curvature comparison** (issue #24; :mod:`~looptrace.apps.evaluation.curvature`): the best of the
+  registered curvature-aware estimators against TracIn and kronfluence's EK-FAC on the LDS subsets, chosen
+  also on half of them, then through the removal test and the step counterfactual in its own geometry
+  (``looptrace eval curvature``: everything but the depth curation, on 100 subsets).
+
 Writes results.json (with ``verdicts``, every verdict word derived from the numbers by
 :mod:`~looptrace.apps.evaluation.verdicts`), figures and an HTML report; ``docs/results/eval/README.md``
 is rendered from results.json.
