@@ -214,6 +214,7 @@ def replicate(primary: dict[str, Any], other: dict[str, Any], n_boot: int = 2000
     row["ge_tracin"] = bool(row["mean"] >= row["tracin"])
     row["ge_kronfluence_ekfac"] = None if peer is None else bool(row["mean"] >= row["kronfluence_ekfac"])
     row["holds"] = None if peer is None else bool(row["ge_tracin"] and row["ge_kronfluence_ekfac"])
+    row["own_done_when"] = c["done_when"]["holds"]  # that seed's own best against both, chosen on that seed
     return row
 
 
@@ -229,6 +230,7 @@ def summarize(
         m = r["lds"]["methods"]
         reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
         holds = [x["holds"] for x in reps]
+        own = [c["done_when"]["holds"], *(x["own_done_when"] for x in reps)]  # each seed's own best against both
         tasks[name] = {
             "description": r["task"]["description"], "task_seed": r["task"]["seed"], "subsets": r["lds"]["subsets"],
             "queries": r["lds"]["queries"], "n_candidates": c["n_candidates"], "train_seconds": r["train_seconds"],
@@ -245,7 +247,9 @@ def summarize(
             "verdicts": r["verdicts"].get("curvature"),
             "replication": {"seeds": [x["task_seed"] for x in reps], "per_seed": reps,
                             "holds_every_seed": None if not reps or None in holds else all(holds),
-                            "holds_seeds": sum(bool(h) for h in holds)},
+                            "holds_seeds": sum(bool(h) for h in holds),
+                            "n_seeds": len(own), "own_done_when_seeds": sum(bool(h) for h in own),
+                            "own_done_when_every_seed": None if None in own else all(own)},
         }  # fmt: skip
 
     def every(path: tuple[str, ...]) -> bool | None:
@@ -278,6 +282,8 @@ def summarize(
             "done_when": word(("done_when", "holds")),
             "split_half": word(("split_half", "holds")),
             "replicated": word(("replication", "holds_every_seed")),
+            "done_when_every_seed": word(("replication", "own_done_when_every_seed")),
+            "tied_body": word(("tied_body_finding", "equals_last_step_train_gradient")),
             "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
         },
         "done_when_on_every_task": every(("done_when", "holds")),
