@@ -77,8 +77,12 @@ def profiles(n_train: int | None = None, kinds: tuple[str | None, ...] = KINDS) 
         out[name]["sign_agreement_with_plain"] = float(np.mean(np.sign(q) == np.sign(plain)))
         out[name]["peak_step"] = int(np.argmax(np.abs(q)) + 1)
     curv = [k for k in raw if k != "plain"]
-    study = json.loads(STUDY.read_text())["profile_variants"]["all_exact"]["profile"] if STUDY.exists() else None
-    same = study is not None and len(trainset) == cfg.n_train and len(study) == len(raw["plain"])
+    study = np.asarray(json.loads(STUDY.read_text())["profile_variants"]["all_exact"]["profile"] if STUDY.exists()
+                       else [], dtype=np.float64)  # fmt: skip
+    check = None
+    if len(trainset) == cfg.n_train and study.shape == raw["plain"].shape:
+        check = {"what": "max |plain - the parity study's all_exact profile| / max |that profile| (the same computation)",
+                 "relative_difference": float(np.abs(raw["plain"] - study).max() / np.abs(study).max())}  # fmt: skip
     return {
         "what": "summed SDI profile of the parity study's training sample on the probe 0101..., every checkpoint of "
         "the shipped run, exact features, lt.attribute defaults for each precondition (damping=None, empirical "
@@ -92,12 +96,7 @@ def profiles(n_train: int | None = None, kinds: tuple[str | None, ...] = KINDS) 
         "profiles": out,
         "min_correlation_with_plain": min(out[k]["correlation_with_plain"] for k in curv) if curv else None,
         "same_peak_as_plain": {k: out[k]["peak_step"] == out["plain"]["peak_step"] for k in curv},
-        "plain_vs_parity_study": None
-        if not same
-        else {
-            "what": "max |plain - the parity study's all_exact profile| / max |that profile| (the same computation)",
-            "relative_difference": float(np.abs(raw["plain"] - np.asarray(study)).max() / np.abs(study).max()),
-        },
+        "plain_vs_parity_study": check,
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
 
