@@ -236,3 +236,28 @@ def test_count_attention_task_is_registered_and_sound(tmp_path: Path) -> None:
                         step_module=task.step_module(m), sketch=lt.SketchSpec.exact(), verify=False,
                         precondition="ekfac").tracin.double()  # fmt: skip
     assert_close(got, want, "ekfac_last on count-attention", rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
+PARITY = EVAL / "curvature" / "parity-profile.json"
+
+
+@pytest.mark.skipif(not PARITY.exists(), reason="no committed parity profile")
+def test_committed_parity_profile_shapes_follow_from_the_profiles() -> None:
+    """The parity profile's comparison fields (correlation with the plain profile, step of largest magnitude,
+    sign agreement, up to the read-out) are re-derived from the committed profiles. Catches a field computed
+    over every step instead of those up to the read-out, or a summary not updated after a rerun."""
+    r = json.loads(PARITY.read_text())
+    readout = r["readout"]
+    plain = np.asarray(r["profiles"]["plain"]["profile"])[:readout]
+    for name, p in r["profiles"].items():
+        q = np.asarray(p["profile"])[:readout]
+        assert len(p["profile"]) == r["tau"] > readout
+        assert p["correlation_with_plain"] == pytest.approx(float(np.corrcoef(q, plain)[0, 1]), abs=1e-12), name
+        assert p["peak_step"] == int(np.argmax(np.abs(q)) + 1), name
+        assert p["sign_agreement_with_plain"] == pytest.approx(float(np.mean(np.sign(q) == np.sign(plain)))), name
+    curv = [k for k in r["profiles"] if k != "plain"]
+    assert r["min_correlation_with_plain"] == min(r["profiles"][k]["correlation_with_plain"] for k in curv)
+    assert r["same_peak_as_plain"] == {k: r["profiles"][k]["peak_step"] == r["profiles"]["plain"]["peak_step"]
+                                       for k in curv}  # fmt: skip
+    if r["plain_vs_parity_study"] is not None:  # the full sample: the plain profile is the parity study's
+        assert r["plain_vs_parity_study"]["relative_difference"] < 1e-4
