@@ -107,6 +107,17 @@ def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str,
             defaults[kind] = {**_row(methods, key), **reaches(key),
                               "paired": {name: _paired(methods, key, ref, n_boot, seed) for name, ref in
                                          (("tracin", tracin), ("kronfluence_ekfac", peer)) if ref is not None}}  # fmt: skip
+    fixed = [k for k in cands if methods[k].get("group") == "curvature"]  # the set: default damping
+    default_damping: dict[str, Any] | None = None
+    if fixed:
+        b = _best(methods, fixed)
+        default_damping = {
+            "what": "the same comparison over the issue's candidates only (kfac / ekfac / gauss-newton, all checkpoints "
+            "or the final one, as trained or full BPTT) at lt.attribute's default damping and Fisher",
+            "n_candidates": len(fixed), "best": _row(methods, b), **reaches(b),
+            "paired": {name: _paired(methods, b, ref, n_boot, seed)
+                       for name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)) if ref is not None},
+        }  # fmt: skip
     return {
         "n_candidates": len(cands),
         "candidates": "every scored method of the groups curvature, damping sweep and fisher",
@@ -119,6 +130,7 @@ def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str,
             "kronfluence EK-FAC's (the better of its two losses) and >= plain TracIn's, same subsets",
         },
         "split_half": split,
+        "default_damping": default_damping,
         "defaults": defaults,
         "sweep": sweep_table(methods),
         "fisher": fisher_table(methods),
@@ -215,6 +227,7 @@ def replicate(primary: dict[str, Any], other: dict[str, Any], n_boot: int = 2000
     row["ge_kronfluence_ekfac"] = None if peer is None else bool(row["mean"] >= row["kronfluence_ekfac"])
     row["holds"] = None if peer is None else bool(row["ge_tracin"] and row["ge_kronfluence_ekfac"])
     row["own_done_when"] = c["done_when"]["holds"]  # that seed's own best against both, chosen on that seed
+    row["own_default_damping"] = (c.get("default_damping") or {}).get("holds")
     return row
 
 
@@ -231,11 +244,13 @@ def summarize(
         reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
         holds = [x["holds"] for x in reps]
         own = [c["done_when"]["holds"], *(x["own_done_when"] for x in reps)]  # each seed's own best against both
+        own_dd = [(c.get("default_damping") or {}).get("holds"), *(x["own_default_damping"] for x in reps)]
         tasks[name] = {
             "description": r["task"]["description"], "task_seed": r["task"]["seed"], "subsets": r["lds"]["subsets"],
             "queries": r["lds"]["queries"], "n_candidates": c["n_candidates"], "train_seconds": r["train_seconds"],
             "seconds": r["seconds"],
             "best": c["best"], "references": c["references"], "paired": c["paired"], "done_when": c["done_when"],
+            "default_damping": c.get("default_damping"),
             "split_half": c["split_half"], "defaults": c["defaults"], "sweep": c["sweep"], "fisher": c["fisher"],
             "table": {k: {"label": v["label"], "mean": v["mean"], "lo": v["lo"], "hi": v["hi"], "group": v["group"]}
                       for k, v in m.items()},
@@ -249,7 +264,9 @@ def summarize(
                             "holds_every_seed": None if not reps or None in holds else all(holds),
                             "holds_seeds": sum(bool(h) for h in holds),
                             "n_seeds": len(own), "own_done_when_seeds": sum(bool(h) for h in own),
-                            "own_done_when_every_seed": None if None in own else all(own)},
+                            "own_done_when_every_seed": None if None in own else all(own),
+                            "own_default_damping_seeds": sum(bool(h) for h in own_dd),
+                            "own_default_damping_every_seed": None if None in own_dd else all(own_dd)},
         }  # fmt: skip
 
     def every(path: tuple[str, ...]) -> bool | None:
@@ -283,6 +300,8 @@ def summarize(
             "split_half": word(("split_half", "holds")),
             "replicated": word(("replication", "holds_every_seed")),
             "done_when_every_seed": word(("replication", "own_done_when_every_seed")),
+            "default_damping": word(("default_damping", "holds")),
+            "default_damping_every_seed": word(("replication", "own_default_damping_every_seed")),
             "tied_body": word(("tied_body_finding", "equals_last_step_train_gradient")),
             "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
         },

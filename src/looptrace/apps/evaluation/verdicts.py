@@ -167,6 +167,7 @@ def _curvature(c: dict[str, Any]) -> dict[str, Any]:
         "best_vs_tracin": _reach(c["done_when"]["ge_tracin"], "TracIn"),
         "best_vs_kronfluence_ekfac": _reach(c["done_when"]["ge_kronfluence_ekfac"], "kronfluence EK-FAC"),
         "split_half": _holds(c["split_half"]["holds"]),
+        "default_damping": _holds((c.get("default_damping") or {}).get("holds")),
         "split_half_vs_tracin": _reach(c["split_half"]["ge_tracin"], "TracIn"),
         "split_half_vs_kronfluence_ekfac": _reach(c["split_half"]["ge_kronfluence_ekfac"], "kronfluence EK-FAC"),
         "paired": {name: _interval_word(p, "higher than", "lower than", "not distinguishable from")
