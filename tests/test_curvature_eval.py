@@ -105,6 +105,17 @@ def test_compare_picks_the_best_and_the_verdicts_follow() -> None:
     assert compare(_lds_table({"tracin": 0.3})) is None
 
 
+def test_the_issue_candidate_set_is_judged_on_its_own() -> None:
+    """``default_damping`` judges only the default-damping, empirical-Fisher configurations: a damping-sweep
+    entry that beats the peer does not make it hold. Catches the sweep leaking into the issue's candidate set
+    (break: drop the group filter in ``compare``)."""
+    c = compare(_lds_table({"tracin": 0.3, "kfac": 0.32, "kfac_d1": 0.5, "kronfluence_ekfac": 0.35}), n_boot=200)
+    assert c is not None and c["best"]["key"] == "kfac_d1" and c["done_when"]["holds"] is True
+    dd = c["default_damping"]
+    assert dd["n_candidates"] == 1 and dd["best"]["key"] == "kfac" and dd["holds"] is False
+    assert verdicts({"curvature": c})["curvature"]["default_damping"] == "does not hold"
+
+
 def test_summarize_every_task() -> None:
     """``done_when_on_every_task`` is the conjunction over the tasks, and the replication checks the primary
     run's choice on another seed's numbers. Catches ``any`` for ``all`` (break it in ``summarize.every``) and
