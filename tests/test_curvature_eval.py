@@ -15,6 +15,7 @@ import torch
 import looptrace as lt
 from looptrace.apps.evaluation.curvature import compare, summarize
 from looptrace.apps.evaluation.methods import METHODS, ScoreContext
+from looptrace.apps.evaluation.parity_profile import peak_word
 from looptrace.apps.evaluation.task import MajorityTask
 from looptrace.apps.evaluation.verdicts import verdicts
 from tests.conftest import assert_close
@@ -270,5 +271,6 @@ def test_committed_parity_profile_shapes_follow_from_the_profiles() -> None:
     assert r["min_correlation_with_plain"] == min(r["profiles"][k]["correlation_with_plain"] for k in curv)
     assert r["same_peak_as_plain"] == {k: r["profiles"][k]["peak_step"] == r["profiles"]["plain"]["peak_step"]
                                        for k in curv}  # fmt: skip
+    assert r["peak_word"] == peak_word(r["same_peak_as_plain"])
     if r["plain_vs_parity_study"] is not None:  # the full sample: the plain profile is the parity study's
         assert r["plain_vs_parity_study"]["relative_difference"] < 1e-4

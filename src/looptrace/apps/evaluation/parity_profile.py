@@ -97,8 +97,19 @@ def profiles(n_train: int | None = None, kinds: tuple[str | None, ...] = KINDS) 
         "min_correlation_with_plain": min(out[k]["correlation_with_plain"] for k in curv) if curv else None,
         "same_peak_as_plain": {k: out[k]["peak_step"] == out["plain"]["peak_step"] for k in curv},
         "plain_vs_parity_study": check,
+        "peak_word": peak_word({k: out[k]["peak_step"] == out["plain"]["peak_step"] for k in curv}),
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
+
+
+def peak_word(same_peak: dict[str, bool]) -> str:
+    """Whether the preconditioners move the step of largest magnitude, in words (from ``same_peak_as_plain``)."""
+    moved = [k for k, same in same_peak.items() if not same]
+    if not moved:
+        return "stays at the plain profile's step for every preconditioner"
+    if len(moved) == len(same_peak):
+        return "moves away from the plain profile's step for every preconditioner"
+    return f"moves away from the plain profile's step for {', '.join(moved)} only"
 
 
 def main(argv: list[str] | None = None) -> int:
