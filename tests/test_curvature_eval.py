@@ -1,18 +1,23 @@
-"""The curvature comparison on the evaluation task: its scores are lt.attribute's, its verdicts follow its
-numbers."""
+"""The curvature comparison of ``looptrace eval``: its methods are lt.attribute with their settings, its
+verdict fields follow its numbers."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import looptrace as lt
-from looptrace.apps.evaluation.curvature import CurvatureEvalConfig, aggregate, compare, estimator_scores
-from looptrace.apps.evaluation.task import MajorityTask, full_bptt_loss, loss_fn
+from looptrace.apps.evaluation.curvature import compare, summarize
+from looptrace.apps.evaluation.methods import METHODS, ScoreContext
+from looptrace.apps.evaluation.parity_profile import peak_word
+from looptrace.apps.evaluation.task import MajorityTask
+from looptrace.apps.evaluation.verdicts import verdicts
 from tests.conftest import assert_close
 
 TINY = MajorityTask(bits=7, n_train=24, n_query=6, n_test=20, d_model=8, steps=12, ckpt_every=6)
@@ -25,39 +30,247 @@ def ckpt_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["TracIn", "kfac", "ekfac", "gauss-newton"])
-def test_comparison_scores_are_attributes(ckpt_dir: Path, kind: str) -> None:
-    """The comparison fits each checkpoint's curvature once and sweeps the damping on it; at the default
-    damping its scores must be lt.attribute's (all checkpoints and the final one, as trained and full BPTT).
-    Catches a checkpoint weighted by the wrong eta, the final checkpoint mislabelled, the losses swapped."""
-    cfg = CurvatureEvalConfig(damping_scales=(0.1,), fishers=("empirical",), batch_size=10)
-    scores = estimator_scores(TINY, ckpt_dir, cfg)
-    model = TINY.model()
-    data = TINY.data()
-    tr = [(data["train"][0][i : i + 10], data["train"][1][i : i + 10]) for i in range(0, TINY.n_train, 10)]
-    qu = [data["query"]]
+@pytest.mark.parametrize(
+    ("key", "kwargs", "last", "full"),
+    [
+        ("kfac_d1", {"precondition": "kfac", "damping_scale": 1.0}, False, False),
+        ("ekfac_last_full", {"precondition": "ekfac"}, True, True),
+        ("gauss_newton_full_d0.01", {"precondition": "gauss-newton", "damping_scale": 0.01}, False, True),
+    ],
+)
+def test_curvature_method_is_attribute_with_its_settings(
+    ckpt_dir: Path, key: str, kwargs: dict[str, Any], last: bool, full: bool
+) -> None:
+    """A registered curvature method's scores are ``lt.attribute(precondition=..., damping_scale=...)`` on its
+    checkpoints and loss. Catches a damping scale, loss or checkpoint choice dropped between the registry and
+    lt.attribute (break: ignore ``damping_scale`` in ScoreContext.attribution, or swap ``last_only``)."""
+    ctx = ScoreContext(TINY, ckpt_dir)
+    got = torch.from_numpy(METHODS[key].scores(ctx))
     cks = lt.load_checkpoints(ckpt_dir)
-    suffix = {"TracIn": "", "gauss-newton": " | damping 0.1x"}.get(kind, " | empirical Fisher | damping 0.1x")
-    for which, subset in (("all checkpoints", cks), ("final checkpoint", cks[-1:])):
-        for variant, lfn in (("as trained", loss_fn), ("full BPTT", full_bptt_loss)):
-            res = lt.attribute(model, subset, tr, qu, lfn, step_module=model.core, sketch=lt.SketchSpec.exact(),
-                               precondition=None if kind == "TracIn" else kind)  # fmt: skip
-            got = torch.from_numpy(scores[f"{kind} | {which} | {variant}{suffix}"])
-            want = res.tracin.double()
-            assert float(want.abs().max()) > 0
-            assert_close(got, want, f"{kind}, {which}, {variant}", rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    model = TINY.model()
+    lfn = TINY.full_bptt_loss if full else TINY.loss_fn
+    res = lt.attribute(model, cks[-1:] if last else cks, ctx.train, ctx.query, lfn, step_module=model.core,
+                       sketch=lt.SketchSpec.exact(), verify=False, **kwargs)  # fmt: skip
+    want = res.tracin.double()
+    assert float(want.abs().max()) > 0
+    assert_close(got, want, key, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+    plain = torch.from_numpy(METHODS["tracin"].scores(ctx))
+    assert float((got - plain).abs().max()) > 1e-3 * float(plain.abs().max()), f"{key} is plain TracIn"
 
 
-def test_compare_and_aggregate_verdicts_follow_the_numbers() -> None:
-    """A smoke run of the whole comparison; the verdict fields are recomputed here from the table."""
-    cfg = dataclasses.replace(CurvatureEvalConfig.smoke(), subsets=6)
-    res = compare(TINY, cfg)
-    table, summary = res["lds"], res["summary"]
-    tracin = table["TracIn | all checkpoints | as trained"]["mean"]
-    best = summary["best_curvature"]["name"]
-    assert table[best]["mean"] == max(v["mean"] for k, v in table.items() if not k.startswith("TracIn"))
-    assert summary["beats_tracin"] == (table[best]["mean"] >= tracin)
-    agg = aggregate([res, res])
-    assert agg["best_beats_tracin_every_run"] == summary["beats_tracin"]
-    assert agg["lds"][best]["runs"] == [table[best]["mean"]] * 2
-    assert np.isfinite(agg["best_curvature"]["mean"])
+def test_true_fisher_differs_from_empirical(ckpt_dir: Path) -> None:
+    """``ekfac_true`` fits on labels sampled from the model, so its scores differ from the empirical Fisher's.
+    Catches ``fisher="true"`` not reaching lt.attribute (break: drop the fisher_loss in ScoreContext)."""
+    ctx = ScoreContext(TINY, ckpt_dir)
+    emp, true = METHODS["ekfac"].scores(ctx), METHODS["ekfac_true"].scores(ctx)
+    assert np.abs(emp - true).max() > 1e-4 * np.abs(emp).max()
+
+
+def _lds_table(means: dict[str, float], m: int = 40, seed: int = 0) -> dict[str, Any]:
+    """An LDS section like run_lds writes: per-query LDS around each mean (noise 0.02), halves from the same."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for key, mu in means.items():
+        pq = mu + 0.02 * rng.standard_normal(m)
+        sh = mu + 0.02 * rng.standard_normal(m)
+        out[key] = {"label": key, "group": METHODS[key].group, "mean": float(pq.mean()), "lo": float(pq.mean() - 0.01),
+                    "hi": float(pq.mean() + 0.01), "per_query": pq.tolist(), "first_half": float(pq.mean()),
+                    "second_half": float(sh.mean()), "second_half_per_query": sh.tolist()}  # fmt: skip
+    return {"methods": out, "paired": {}, "subsets": 100, "queries": m}
+
+
+def test_compare_picks_the_best_and_the_verdicts_follow() -> None:
+    """The best candidate is the highest mean over the curvature groups (never TracIn or a peer), the "Done
+    when" flags are its comparisons with TracIn and the better kronfluence EK-FAC, and moving the peer above
+    it flips the verdict. Catches a peer counted as a candidate, the worse EK-FAC loss used as the reference,
+    or a flag computed on the wrong field (break: ``>=`` -> ``<=`` in ``reaches``)."""
+    means = {"tracin": 0.30, "kfac": 0.33, "ekfac_full": 0.36, "gauss_newton_d1": 0.31, "ekfac": 0.32, "ekfac_true": 0.2,
+             "kronfluence_ekfac": 0.34, "kronfluence_ekfac_full": 0.35, "kronfluence_identity": 0.5}  # fmt: skip
+    c = compare(_lds_table(means), n_boot=200)
+    assert c is not None
+    assert c["best"]["key"] == "ekfac_full"
+    assert c["references"]["kronfluence_ekfac"]["key"] == "kronfluence_ekfac_full"
+    assert c["done_when"]["holds"] is True
+    assert c["paired"]["tracin"]["lo"] > 0
+    assert c["defaults"]["kfac"]["ge_tracin"] is True and c["defaults"]["kfac"]["ge_kronfluence_ekfac"] is False
+    assert c["sweep"]["gauss_newton"]["best_scale"] == "1"
+    assert set(c["fisher"]) == {"ekfac"}
+    v = verdicts({"curvature": c})["curvature"]
+    assert v["done_when"] == "holds" and v["paired"]["tracin"].startswith("higher")
+    worse = dict(means, kronfluence_ekfac=0.40)
+    c2 = compare(_lds_table(worse), n_boot=200)
+    assert c2 is not None and c2["done_when"]["holds"] is False and c2["done_when"]["ge_tracin"] is True
+    assert verdicts({"curvature": c2})["curvature"]["done_when"] == "does not hold"
+    no_peer = compare(_lds_table({"tracin": 0.3, "kfac": 0.2}), n_boot=200)
+    assert no_peer is not None and no_peer["done_when"]["holds"] is None
+    assert compare(_lds_table({"tracin": 0.3})) is None
+
+
+def test_the_issue_candidate_set_is_judged_on_its_own() -> None:
+    """``default_damping`` judges only the default-damping, empirical-Fisher configurations: a damping-sweep
+    entry that beats the peer does not make it hold. Catches the sweep leaking into the issue's candidate set
+    (break: drop the group filter in ``compare``)."""
+    c = compare(_lds_table({"tracin": 0.3, "kfac": 0.32, "kfac_d1": 0.5, "kronfluence_ekfac": 0.35}), n_boot=200)
+    assert c is not None and c["best"]["key"] == "kfac_d1" and c["done_when"]["holds"] is True
+    dd = c["default_damping"]
+    assert dd["n_candidates"] == 1 and dd["best"]["key"] == "kfac" and dd["holds"] is False
+    assert verdicts({"curvature": c})["curvature"]["default_damping"] == "does not hold"
+
+
+def test_summarize_every_task() -> None:
+    """``done_when_on_every_task`` is the conjunction over the tasks, and the replication checks the primary
+    run's choice on another seed's numbers. Catches ``any`` for ``all`` (break it in ``summarize.every``) and
+    a replicate judged by its own best instead of the primary's choice (break: ``key = other[...]["best"]``)."""
+    good = {"tracin": 0.3, "ekfac": 0.4, "kronfluence_ekfac": 0.35}
+    bad = {"tracin": 0.3, "ekfac": 0.32, "kronfluence_ekfac": 0.35}
+    runs = {}
+    for name, means in (("a", good), ("b", bad)):
+        lds = _lds_table(means)
+        res: dict[str, Any] = {
+            "task": {"description": name, "seed": 0},
+            "lds": lds,
+            "train_seconds": 1.0,
+            "seconds": 9.0,
+            "curvature": compare(lds, n_boot=200),
+        }
+        res["verdicts"] = verdicts(res)
+        runs[name] = res
+    s = summarize(runs)
+    assert s["tasks"]["a"]["done_when"]["holds"] is True and s["tasks"]["b"]["done_when"]["holds"] is False
+    assert s["done_when_on_every_task"] is False
+    both_good = summarize({"a": runs["a"], "c": copy.deepcopy(runs["a"])})
+    assert both_good["done_when_on_every_task"] is True
+    # replication: a's choice (ekfac) checked on another seed where it falls below the peer
+    lds = _lds_table({"tracin": 0.3, "ekfac": 0.32, "kfac": 0.5, "kronfluence_ekfac": 0.35}, seed=1)
+    other = {"task": {"description": "a", "seed": 1}, "lds": lds, "curvature": compare(lds, n_boot=200)}
+    rep = summarize({"a": runs["a"]}, {"a": [other]})["tasks"]["a"]["replication"]
+    assert rep["seeds"] == [1] and rep["per_seed"][0]["key"] == "ekfac"
+    assert rep["per_seed"][0]["ge_tracin"] is True and rep["per_seed"][0]["ge_kronfluence_ekfac"] is False
+    assert rep["holds_every_seed"] is False and rep["holds_seeds"] == 0
+
+
+# --- the committed numbers: docs/results/eval/curvature-summary.json and the runs it is computed from
+
+EVAL = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval"
+SUMMARY = EVAL / "curvature-summary.json"
+
+
+def _committed_runs() -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The primary run (task seed 0) of each task and its replicates (other seeds), as the summary reads them."""
+    primary: dict[str, Any] = {}
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((EVAL / "curvature").glob("*/seed*/results.json"), key=lambda p: (p.parent.parent.name,
+                                                                                          int(p.parent.name[4:]))):  # fmt: skip
+        r = json.loads(path.read_text())
+        name = r["task"]["name"]
+        if r["task"]["seed"] == 0:
+            primary[name] = r
+        else:
+            replicas.setdefault(name, []).append(r)
+    return primary, replicas
+
+
+@pytest.mark.skipif(not SUMMARY.exists(), reason="no committed curvature summary")
+def test_committed_curvature_verdicts_follow_from_their_numbers() -> None:
+    """Every verdict of the committed curvature comparison is re-derived from the committed numbers: each run's
+    comparison from its LDS table, its verdict words from the comparison, and the summary (the README's and the
+    guide's source) from the runs. Catches a verdict or a summary that no longer matches its numbers (a rule
+    changed, a run replaced without re-summarising, a number edited by hand)."""
+    primary, replicas = _committed_runs()
+    assert set(primary) == {"majority", "count-attention"}, f"primary runs found: {sorted(primary)}"
+    for r in [*primary.values(), *(x for xs in replicas.values() for x in xs)]:
+        name = f"{r['task']['name']} seed {r['task']['seed']}"
+        assert r["lds"]["subsets"] >= 100, f"{name}: only {r['lds']['subsets']} subsets"
+        again = compare(r["lds"], r["config"]["n_boot"], r["config"]["seed"])
+        assert again is not None
+        for key, value in again.items():
+            assert r["curvature"][key] == value, f"{name}: curvature.{key} does not follow from lds (rerun the summary)"
+        assert r["verdicts"] == verdicts(r), f"{name}: the verdicts do not follow from the numbers"
+        best = r["curvature"]["best"]["key"]
+        m = r["lds"]["methods"]
+        assert all(m[best]["mean"] >= m[k]["mean"] for k in m if m[k]["group"] in ("curvature", "damping sweep",
+                                                                                   "fisher"))  # fmt: skip
+    committed = json.loads(SUMMARY.read_text())
+    assert json.loads(json.dumps(summarize(primary, replicas))) == committed, (
+        "docs/results/eval/curvature-summary.json is not the summary of the committed runs: rerun "
+        "`python -m looptrace.apps.evaluation.curvature --summary ...`"
+    )
+    for task, t in committed["tasks"].items():
+        ref = t["references"]
+        assert t["done_when"]["holds"] == (t["best"]["mean"] >= ref["tracin"]["mean"] and
+                                           t["best"]["mean"] >= ref["kronfluence_ekfac"]["mean"]), task  # fmt: skip
+
+
+@pytest.mark.skipif(not SUMMARY.exists(), reason="no committed curvature summary")
+def test_a_planted_peer_flips_the_committed_verdict() -> None:
+    """Raising kronfluence EK-FAC's per-query LDS above the best estimator's in a committed run flips its "Done
+    when" to "does not hold": the re-derivation above can fail."""
+    primary, _ = _committed_runs()
+    r = copy.deepcopy(primary["majority"])
+    m = r["lds"]["methods"]
+    best = r["curvature"]["best"]["key"]
+    for key in ("kronfluence_ekfac", "kronfluence_ekfac_full"):
+        m[key]["per_query"] = [x + 1.0 for x in m[best]["per_query"]]
+        m[key]["mean"] = m[best]["mean"] + 1.0
+    c = compare(r["lds"], 200, 0)
+    assert c is not None and c["done_when"]["holds"] is False
+    assert verdicts({"curvature": c})["curvature"]["done_when"] == "does not hold"
+
+
+def test_count_attention_task_is_registered_and_sound(tmp_path: Path) -> None:
+    """The attention task: offered by ``looptrace eval --task``, its queries and test inputs distinct and unseen,
+    its query labels clean, its training labels flipped at about the set rate, and its curvature methods ``lt.attribute``'s. Catches a query leaking into the training set, a
+    label rule that ignores the counts (break: ``>`` -> ``>=`` in clean_labels makes ties label 1), the read-out
+    at the first position (which attends to nothing but itself), and a task that cannot be scored."""
+    import looptrace.apps.evaluation  # noqa: F401  (registers the task)
+    from looptrace.apps.evaluation.task import TASKS
+
+    cls = TASKS["count-attention"]
+    task = cls(n_train=64, n_query=8, n_test=40, steps=12, ckpt_every=6, d_model=8)
+    d = task.overlap()
+    assert d["query_in_train"] == d["test_in_train"] == d["test_in_query"] == 0
+    assert d["distinct_query"] == 8 and d["distinct_test"] == 40
+    x, y = task.data()["query"]
+    assert torch.equal(y, ((x == 0).sum(1) > (x == 1).sum(1)).long())
+    ties = task.clean_labels(torch.tensor([[0, 1, 2, 2], [0, 0, 1, 2], [1, 1, 0, 2]]))
+    assert ties.tolist() == [0, 1, 0]
+    flipped = cls(n_train=2000, n_query=8, n_test=8).noisy_labels().mean()
+    assert abs(flipped - 0.1) < 4 * (0.1 * 0.9 / 2000) ** 0.5, f"label noise {flipped:.3f}, set 0.1"
+    model = task.train(record=tmp_path / "ck")
+    xq = task.data()["query"][0]
+    moved = xq.clone()
+    moved[:, -1] = (moved[:, -1] + 1) % task.vocab  # only the last position's read-out sees the last token
+    assert not torch.allclose(task.logits(model, xq), task.logits(model, moved))
+    ctx = ScoreContext(task, tmp_path / "ck")
+    got = torch.from_numpy(METHODS["ekfac_last"].scores(ctx))
+    m = task.model()
+    want = lt.attribute(m, lt.load_checkpoints(tmp_path / "ck")[-1:], ctx.train, ctx.query, task.loss_fn,
+                        step_module=task.step_module(m), sketch=lt.SketchSpec.exact(), verify=False,
+                        precondition="ekfac").tracin.double()  # fmt: skip
+    assert_close(got, want, "ekfac_last on count-attention", rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
+PARITY = EVAL / "curvature" / "parity-profile.json"
+
+
+@pytest.mark.skipif(not PARITY.exists(), reason="no committed parity profile")
+def test_committed_parity_profile_shapes_follow_from_the_profiles() -> None:
+    """The parity profile's comparison fields (correlation with the plain profile, step of largest magnitude,
+    sign agreement, up to the read-out) are re-derived from the committed profiles. Catches a field computed
+    over every step instead of those up to the read-out, or a summary not updated after a rerun."""
+    r = json.loads(PARITY.read_text())
+    readout = r["readout"]
+    plain = np.asarray(r["profiles"]["plain"]["profile"])[:readout]
+    for name, p in r["profiles"].items():
+        q = np.asarray(p["profile"])[:readout]
+        assert len(p["profile"]) == r["tau"] > readout
+        assert p["correlation_with_plain"] == pytest.approx(float(np.corrcoef(q, plain)[0, 1]), abs=1e-12), name
+        assert p["peak_step"] == int(np.argmax(np.abs(q)) + 1), name
+        assert p["sign_agreement_with_plain"] == pytest.approx(float(np.mean(np.sign(q) == np.sign(plain)))), name
+    curv = [k for k in r["profiles"] if k != "plain"]
+    assert r["min_correlation_with_plain"] == min(r["profiles"][k]["correlation_with_plain"] for k in curv)
+    assert r["same_peak_as_plain"] == {k: r["profiles"][k]["peak_step"] == r["profiles"]["plain"]["peak_step"]
+                                       for k in curv}  # fmt: skip
+    assert r["peak_word"] == peak_word(r["same_peak_as_plain"])
+    if r["plain_vs_parity_study"] is not None:  # the full sample: the plain profile is the parity study's
+        assert r["plain_vs_parity_study"]["relative_difference"] < 1e-4

@@ -166,6 +166,35 @@ def test_step_counterfactual_is_exact_where_first_order_is(side: str) -> None:
 
 
 @pytest.mark.parametrize("side", ["test", "train"])
+def test_preconditioned_step_counterfactual_is_exact_where_first_order_is(side: str) -> None:
+    """With ``precondition=P^-1`` (a random SPD matrix on the body's flat gradient), the prediction
+    ``eta * g . P^-1 phi_t`` must equal the loss change of the preconditioned step when the loss is linear in
+    the weights, on both sides, and differ from the plain prediction. Catches a preconditioner applied to the
+    prediction but not to the update, or the reverse (break: drop the ``_apply`` lines in step_counterfactual:
+    both sides fail)."""
+    model = LinearLoop(InjectOnly())
+    g = torch.Generator().manual_seed(1)
+    train, query = (
+        torch.randn(4, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    n = sum(p.numel() for p in model.core.parameters())
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    pinv = a @ a.T / n + 0.1 * torch.eye(n, dtype=torch.float64)  # symmetric positive definite, far from identity
+
+    def pre(x: torch.Tensor) -> torch.Tensor:
+        return x.double() @ pinv
+
+    res = step_counterfactual(model, model.core, _linear_loss, train, query, etas=[1.0, 0.1], side=side,
+                              precondition=pre)  # fmt: skip
+    plain = step_counterfactual(model, model.core, _linear_loss, train, query, etas=[1.0, 0.1], side=side)
+    assert np.abs(res["predicted"]).max() > 0
+    assert np.abs(res["predicted"] - plain["predicted"]).max() > 0.1 * np.abs(plain["predicted"]).max()
+    for eta, errs in res["rel_error"].items():
+        assert max(errs) < 1e-10, f"{side}: preconditioned step, linear loss, yet actual != prediction at {eta}: {errs}"
+
+
+@pytest.mark.parametrize("side", ["test", "train"])
 def test_step_counterfactual_error_falls_linearly_in_eta(side: str) -> None:
     """On a nonlinear looped transformer (float64) the error is second order: slope ~ 1 in log-log."""
     model = tiny_model(injection="concat")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from looptrace.apps.studies import verdicts as vd
-from looptrace.apps.writeup import bare_numbers, render
+from looptrace.apps.writeup import SECTIONS, bare_numbers, render, section_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "docs").rglob("README.template.md"))
@@ -44,6 +44,21 @@ def test_the_readme_results_section_is_rendered_from_its_template() -> None:
         "README.md's results section is stale: run `python -m looptrace.apps.writeup --readme`"
     )
     assert not bare_numbers(template), f"the results summary writes bare numbers: {bare_numbers(template)[:10]}"
+
+
+@pytest.mark.parametrize(("page", "template", "name"), SECTIONS, ids=[s[0] for s in SECTIONS])
+def test_generated_sections_are_rendered_from_their_templates(page: str, template: str, name: str) -> None:
+    """A hand-written page's generated section (the guide's LDS table) is the rendering of its template, which
+    writes no bare number. Catches a number typed into the page by hand, or a JSON changed without re-rendering."""
+    text = (ROOT / page).read_text()
+    start, end = section_markers(template, name)
+    assert start in text and end in text, f"{page} lost its generated section markers ({start} ... {end})"
+    section = text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+    src = ROOT / template
+    assert section == render(src.read_text(), src.parent).strip("\n"), (
+        f"{page}'s generated section is stale: run `python -m looptrace.apps.writeup --sections`"
+    )
+    assert not bare_numbers(src.read_text()), f"{template} writes bare numbers: {bare_numbers(src.read_text())[:10]}"
 
 
 def test_the_checks_catch_planted_numbers(tmp_path) -> None:

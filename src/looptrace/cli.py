@@ -117,11 +117,21 @@ def _cmd_upgrade_run(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.what == "applications":
         return _cmd_eval_applications(args)
-    from looptrace.apps.evaluation.harness import EvalConfig, evaluate
+    import dataclasses
 
+    from looptrace.apps.evaluation.harness import TASKS, EvalConfig, evaluate
+
+    if args.task not in TASKS:
+        raise ConfigError(f"unknown evaluation task {args.task!r}: choose one of {sorted(TASKS)}")
+    task = TASKS[args.task]
     out = Path(args.out or "docs/results/eval")
-    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else EvalConfig()
-    res = evaluate(cfg, out, what=args.what)
+    default = EvalConfig.curvature() if args.what == "curvature" else EvalConfig().sized_for(task)
+    cfg = EvalConfig.smoke() if args.smoke else EvalConfig.quick() if args.quick else default
+    python = args.kronfluence_python or os.environ.get("LOOPTRACE_KRONFLUENCE_PYTHON") or None
+    cfg = dataclasses.replace(cfg, kronfluence_python=python)
+    if args.subsets is not None:
+        cfg = dataclasses.replace(cfg, subsets=args.subsets)
+    res = evaluate(cfg, out, task=dataclasses.replace(task(), seed=args.task_seed), what=args.what)
     print(json.dumps({k: res[k] for k in ("verdicts", "seconds") if k in res}, indent=2, default=str))
     print(f"report: {out / 'report.html'}")
     return 0
@@ -499,14 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "counterfactual", "lds", "removal", "depth", "applications"],
-        help="which evaluation (applications: the paper's three applications checked against looping and "
-        "retraining, issue #27; not part of all)",
+        choices=["all", "counterfactual", "lds", "removal", "depth", "curvature", "applications"],
+        help="which evaluation (curvature: 100 subsets, the curvature-aware estimators and the peers in the LDS, "
+        "removal and step counterfactuals for the best of them; applications: the paper's three applications "
+        "checked against looping and retraining, issue #27; neither is part of all)",
     )
     ev.add_argument("--quick", action="store_true", help="50 subsets, fewer queries (under 10 minutes on 2 cores)")
     ev.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness runs (seconds)")
     ev.add_argument(
         "--out", default=None, help="output directory (default: docs/results/eval, or docs/results/applications)"
+    )
+    ev.add_argument("--task", default="majority", help="the evaluation task (majority, count-attention, ...)")
+    ev.add_argument("--task-seed", type=int, default=0, help="the task's seed (its data and initialisation)")
+    ev.add_argument("--subsets", type=int, default=None, help="retrained subsets for the LDS (default: the sizes')")
+    ev.add_argument(
+        "--kronfluence-python",
+        default=None,
+        help="a Python with kronfluence installed: its EK-FAC, K-FAC and identity join the tables as peers "
+        "(default: $LOOPTRACE_KRONFLUENCE_PYTHON; unset: no peers)",
     )
     ev.add_argument(
         "--sudoku-seed",

@@ -9,7 +9,8 @@ A write-up is a template (``README.template.md``) whose numbers are placeholders
 ``FILE:PATH|FORMAT``: ``FILE`` is relative to the template's directory (or to the repository root when it
 starts with ``/``), ``PATH`` walks the JSON with ``.key``, ``[index]`` and ``["key with spaces"]``,
 ``FORMAT`` is a Python format spec (default: ``str``) or ``len``. ``python -m looptrace.apps.writeup DIR ...``
-renders each ``DIR/README.template.md`` into ``DIR/README.md``; the tests check that the committed page is
+renders each ``DIR/README.template.md`` into ``DIR/README.md`` (``--sections``: the generated sections of
+hand-written pages, :data:`SECTIONS`); the tests check that the committed page is
 the rendering of its template and that the template writes no number outside a placeholder (except the
 references allowed by :data:`ALLOWED`: figure, table, section and appendix numbers, file names, code).
 """
@@ -115,14 +116,46 @@ def render_readme() -> Path:
     return readme
 
 
+#: Generated sections of hand-written pages: (page, template, marker name), paths relative to the repository.
+#: The page holds ``<!-- NAME: rendered from TEMPLATE -->`` ... ``<!-- NAME: end -->``; placeholders in the
+#: template are relative to the template's directory.
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("docs/guide/which-estimator.md", "docs/guide/which-estimator.lds.template.md", "lds"),
+)
+
+
+def section_markers(template: str, name: str) -> tuple[str, str]:
+    return f"<!-- {name}: rendered from {template} -->", f"<!-- {name}: end -->"
+
+
+def render_section(page: str, template: str, name: str) -> Path:
+    """Replace ``page``'s generated section ``name`` with the rendering of ``template``."""
+    target, src = ROOT / page, ROOT / template
+    start, end = section_markers(template, name)
+    text = target.read_text()
+    if start not in text or end not in text:
+        raise ConfigError(f"{page} has no {start} ... {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = render(src.read_text(), src.parent).strip("\n")
+    atomic_write_bytes(target, f"{head}{start}\n{body}\n{end}{tail}".encode())
+    return target
+
+
 def main(argv: list[str]) -> None:
     if argv == ["--readme"]:
         print(f"rendered {render_readme()}")
+        return
+    if argv == ["--sections"]:
+        for page, template, name in SECTIONS:
+            print(f"rendered {render_section(page, template, name)}")
         return
     for d in argv or [str(p.parent) for p in (ROOT / "docs").rglob("README.template.md")]:
         print(f"rendered {render_dir(Path(d))}")
     if not argv:
         print(f"rendered {render_readme()}")
+        for page, template, name in SECTIONS:
+            print(f"rendered {render_section(page, template, name)}")
 
 
 if __name__ == "__main__":

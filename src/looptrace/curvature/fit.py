@@ -7,13 +7,23 @@ of every step and every token are pooled into ``A`` and ``S`` (:mod:`looptrace.c
 whose signal is exactly zero (a step cut by truncated BPTT, a step after an example's read-out) adds
 nothing to the tied gradient and is left out of ``A``.
 
-Pass 2 (EK-FAC, and the diagonal blocks): the per-example *tied* gradients (summed over steps) in each
-Linear's Kronecker eigenbasis, squared and averaged. The same hooks rotate each call's rows into the
-eigenbasis and sum ``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed
-in the parameter basis; the first batch is checked against the exact per-example tied gradients
-(:func:`looptrace.featurize` with the exact spec), and rows that are not batch-first take that exact route.
-The other body parameters' squared gradients come from one exact featurisation of just the modules that
-own them.
+The diagonal blocks (body parameters outside Linear layers: norms, embeddings) are fitted in the same pass:
+forward hooks on the modules that own them save what their layer rule (:mod:`looptrace.capture.rules`)
+needs, autograd returns their outputs' gradients with the Linear outputs', and the rule turns each call's
+signal into per-example gradients, summed over the calls (the tied gradient) and squared. The first batch
+is checked against the exact per-example gradients (:func:`looptrace.featurize`, exact spec); a module with
+no rule, rows that are not batch-first, or a failed check send the diagonal blocks through one exact
+featurisation of just the modules that own them instead.
+
+Pass 2 (EK-FAC only): the per-example *tied* gradients (summed over steps) in each Linear's Kronecker
+eigenbasis, squared and averaged. The same hooks rotate each call's rows into the eigenbasis and sum
+``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed in the parameter
+basis; the first batch is checked against the exact per-example tied gradients, and rows that are not
+batch-first take that exact route.
+
+Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers)
+plus an exact featurisation of the first batch; EK-FAC adds the second pass. The measured ratios to one
+featurisation pass are in ``benchmarks/results/curvature-cost.json``.
 
 The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
 user's loss with targets *sampled from the model* (for a softmax output, :func:`sampled_cross_entropy`).
@@ -32,10 +42,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from looptrace.capture.rules import Rule, find_rule
 from looptrace.capture.tracer import BodyParam, body_parameters, check_ties
 from looptrace.curvature.blocks import KINDS, DiagonalBlock, KroneckerBlock
 from looptrace.curvature.factors import Curvature
 from looptrace.errors import ConfigError
+from looptrace.features import Features
 from looptrace.featurize import LossFn, check_loader_order, featurize, resolve_body, validate_losses
 from looptrace.sketch.spec import SketchSpec
 
@@ -148,31 +160,117 @@ def _fitting(model: nn.Module, params: list[BodyParam], train_mode: bool) -> Ite
             p.requires_grad_(flag)
 
 
+#: A diagonal-block owner fitted in pass 1: the module and its layer rule.
+DiagModule = tuple[nn.Module, Rule]
+
+
 def _linear_rows(
-    model: nn.Module, batch: Any, loss: _Seeded, linears: list[tuple[str, nn.Linear]]
-) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    model: nn.Module,
+    batch: Any,
+    loss: _Seeded,
+    linears: list[tuple[str, nn.Linear]],
+    diag: Sequence[DiagModule] = (),
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]], list[tuple[DiagModule, Any, torch.Tensor]]]:
     """One forward and backward of the fitting loss: per call of a body Linear that received gradient, its
-    index, input rows ``x`` and output gradient ``g``. Autograd is asked for the calls' outputs only (not the
-    weights: no weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped."""
+    index, input rows ``x`` and output gradient ``g``; per call of a diagonal-block owner, what its rule saved
+    and its output gradient. Autograd is asked for the calls' outputs only (not the weights: no
+    weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped."""
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    dcalls: list[tuple[DiagModule, Any, torch.Tensor]] = []
 
     def hook(i: int, args: Any, kwargs: Any, output: Any) -> None:
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             calls.append((i, (args[0] if args else kwargs["input"]).detach(), output))
 
+    def dhook(owner: DiagModule, args: Any, kwargs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            dcalls.append((owner, owner[1].capture(owner[0], args, kwargs, output), output))
+
     handles = [mod.register_forward_hook(lambda m, a, k, o, i=i: hook(i, a, k, o), with_kwargs=True)
                for i, (_, mod) in enumerate(linears)]  # fmt: skip
+    handles += [owner[0].register_forward_hook(lambda m, a, k, o, w=owner: dhook(w, a, k, o), with_kwargs=True)
+                for owner in diag]  # fmt: skip
     try:
         with torch.enable_grad():
             losses = validate_losses(loss(model, batch), batch)
     finally:
         for h in handles:
             h.remove()
-    if not calls:
-        return losses.detach(), []
-    grads = torch.autograd.grad(losses.sum(), [c[2] for c in calls], allow_unused=True)
-    rows = [(i, x, g) for (i, x, _), g in zip(calls, grads, strict=True) if g is not None]
-    return losses.detach(), rows
+    if not calls and not dcalls:
+        return losses.detach(), [], []
+    outs = [c[2] for c in calls] + [c[2] for c in dcalls]
+    grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+    rows = [(i, x, g) for (i, x, _), g in zip(calls, grads[: len(calls)], strict=True) if g is not None]
+    dgrads = [(w, saved, g) for (w, saved, _), g in zip(dcalls, grads[len(calls) :], strict=True) if g is not None]
+    return losses.detach(), rows, dgrads
+
+
+class _DenseSink:
+    """A layer rule's sink that materialises per-example gradients ``[B, numel]`` (float64) of the parameters it
+    is asked for, summed over every call of the batch (the tied gradient)."""
+
+    def __init__(self, names: dict[int, str], batch_size: int) -> None:
+        self.names, self.batch_size = names, batch_size
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def _add(self, param: torch.Tensor, g: torch.Tensor) -> None:
+        name = self.names.get(id(param))
+        if name is not None:
+            g = g.reshape(self.batch_size, -1).double()
+            self.grads[name] = g if name not in self.grads else self.grads[name] + g
+
+    def outer(self, param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        self._add(param, torch.einsum("blr,blc->brc", left, right))
+
+    def dense(self, param: torch.Tensor, g: torch.Tensor) -> None:
+        self._add(param, g)
+
+    def dense_tokens(self, param: torch.Tensor, g: torch.Tensor) -> None:
+        self._add(param, g.sum(1))
+
+    def rows(self, param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+        out = values.new_zeros(self.batch_size, param.shape[0], values.shape[-1])
+        self._add(param, out.scatter_add_(1, idx[..., None].expand_as(values), values))
+
+
+def _diag_grads(
+    dcalls: list[tuple[DiagModule, Any, torch.Tensor]], names: dict[int, str], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """``{name: [B, numel]}``: the per-example tied gradients of the diagonal blocks' parameters."""
+    sink = _DenseSink(names, batch_size)
+    for (mod, rule), saved, g in dcalls:
+        rule.contribute(mod, saved, g, 0, sink)
+    return sink.grads
+
+
+def _diag_modules(roots: list[nn.Module], params: list[BodyParam], names: set[str]) -> list[DiagModule] | None:
+    """The modules that own the diagonal blocks' parameters, each with a layer rule that accounts for every one
+    of them and whose output rows are batch-first; ``None`` if some parameter has no such owner (then the
+    diagonal blocks take the exact featurisation route)."""
+    wanted = {id(bp.param) for bp in params if bp.name in names}
+    covered: set[int] = set()
+    out: list[DiagModule] = []
+    for mod in _diagonal_owners(roots, params, names):
+        rule = find_rule(mod)
+        if rule is None or rule.batch_dim(mod, 0) != 0:
+            return None
+        own = {id(p) for p in mod.parameters(recurse=False)} & wanted
+        if not own <= {id(p) for p in rule.handles(mod).values()}:
+            return None
+        covered |= own
+        out.append((mod, rule))
+    return out if covered == wanted else None
+
+
+@dataclasses.dataclass
+class _PassOne:
+    """What pass 1 gathered: the Linear layers' row sums, the diagonal blocks' sums of squared per-example
+    gradients (``None``: they take the featurisation route) and the first batch's per-example gradients."""
+
+    stats: list[_RowStats]
+    n: int
+    diag_sq: dict[str, torch.Tensor] | None
+    diag_first: dict[str, torch.Tensor] | None
 
 
 def _kronecker_pass(
@@ -181,8 +279,11 @@ def _kronecker_pass(
     loss: _Seeded,
     linears: list[tuple[str, nn.Linear]],
     device: torch.device,
-) -> tuple[list[_RowStats], int]:
-    """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear."""
+    diag: list[DiagModule] | None,
+    names: dict[int, str],
+) -> _PassOne:
+    """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear, and (``diag``)
+    ``sum_n g_n^2`` of the diagonal blocks' per-example tied gradients."""
     stats = []
     for _, mod in linears:
         d_in = mod.in_features + (1 if mod.bias is not None else 0)
@@ -191,13 +292,21 @@ def _kronecker_pass(
                                z(mod.out_features, mod.out_features, dtype=torch.float64, device=device),
                                mod.bias is not None))  # fmt: skip
     n = 0
+    sq: dict[str, torch.Tensor] | None = None if diag is None else {}
+    first: dict[str, torch.Tensor] | None = None
     for index, batch in enumerate(loader):
         loss.index = index
-        losses, rows = _linear_rows(model, batch, loss, linears)
+        losses, rows, dcalls = _linear_rows(model, batch, loss, linears, diag or ())
         for i, x, g in rows:
             stats[i].add(x, g)
+        if sq is not None:
+            per = _diag_grads(dcalls, names, int(losses.shape[0]))
+            if index == 0:
+                first = per
+            for name, g in per.items():
+                sq[name] = g.square().sum(0) + sq.get(name, 0.0)
         n += int(losses.shape[0])
-    return stats, n
+    return _PassOne(stats, n, sq, first)
 
 
 def fit_curvature(
@@ -253,12 +362,16 @@ def fit_curvature(
     linears = body_linears(model, roots, params)
     names = {id(bp.param): bp.name for bp in params}
     seeded = _Seeded(fit_loss, seed, device)
+    in_linears = {id(mod.weight) for _, mod in linears} | {id(mod.bias) for _, mod in linears if mod.bias is not None}
+    diag_names = {bp.name for bp in params if id(bp.param) not in in_linears}
+    diag_mods = _diag_modules(roots, params, diag_names) if diag_names else []
     with _fitting(model, params, train_mode):
-        stats, n = _kronecker_pass(model, loader, seeded, linears, device)
+        one = _kronecker_pass(model, loader, seeded, linears, device, diag_mods, names)
+    n = one.n
     if n == 0:
         raise ConfigError("the fitting loader yielded no examples")
     kron = []
-    for (mname, mod), st in zip(linears, stats, strict=True):
+    for (mname, mod), st in zip(linears, one.stats, strict=True):
         if st.rows == 0:
             raise ConfigError(f"body layer {mname!r} got no gradient on the fitting set; it cannot get a K-FAC block")
         blk = KroneckerBlock(mname, names[id(mod.weight)], None if mod.bias is None else names[id(mod.bias)],
@@ -270,10 +383,69 @@ def fit_curvature(
     diag = [DiagonalBlock(name, torch.zeros(shape, dtype=torch.float64, device=device))
             for name, shape in layout if name not in in_kron]  # fmt: skip
     curv = Curvature(layout, kron, diag, which, n, kind_set, checkpoint)
-    if "ekfac" in kind_set or diag:
-        _eigen_pass(model, loader, seeded, curv, linears, roots, params, step_module, train_mode, "ekfac" in kind_set,
-                    verify, loss_fn, featurize_kwargs)  # fmt: skip
+    kw = {k: v for k, v in featurize_kwargs.items() if k not in ("sketch", "per_step", "verify", "checkpoint")}
+    kw.update(step_module=step_module, train_mode=train_mode)
+    hooked = one.diag_sq is not None and bool(diag)
+    if hooked and "ekfac" not in kind_set:  # the first batch's exact per-example gradients of the owners
+        assert one.diag_first is not None
+        owners = _diagonal_owners(roots, params, {d.name for d in diag})
+        exact = _exact_first(model, loader, seeded, owners, verify, loss_fn, kw)
+        hooked = _agrees(one.diag_first, exact, params[0].param.dtype)
+    hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
+    if "ekfac" in kind_set or (diag and not hooked):
+        _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
+                    loss_fn, kw, hooked_diag)  # type: ignore[arg-type]  # fmt: skip
+    elif diag:
+        assert one.diag_sq is not None
+        _set_diagonal(curv, one.diag_sq)
     return curv
+
+
+def _set_diagonal(curv: Curvature, sq: dict[str, torch.Tensor]) -> None:
+    """The diagonal blocks from pass 1's sums of squared per-example gradients (a parameter no call reached: 0)."""
+    for dia in curv.diagonal:
+        dia.diag.zero_()
+        if dia.name in sq:
+            dia.diag += sq[dia.name].reshape(dia.diag.shape).to(dia.diag.device)
+        dia.diag /= curv.n
+
+
+def _exact_first(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss: _Seeded,
+    body: list[nn.Module],
+    verify: bool | str,
+    check_loss: LossFn,
+    kw: dict[str, Any],
+) -> Features:
+    """The first batch's exact per-example tied gradients of ``body`` under the fitting loss (the same draws as
+    pass 1), checked against autograd when ``verify`` asks (with ``check_loss``: a sampled loss would draw other
+    targets for the examples the check runs alone)."""
+    batch = next(iter(loader))
+    check = verify is True or verify == "first"
+    loss.index = 0
+    if check and loss.loss_fn is not check_loss:
+        featurize(model, [batch], check_loss, body=body, sketch=SketchSpec.exact(), per_step=False, verify=True, **kw)
+        check = False
+    return featurize(model, [batch], loss, body=body, sketch=SketchSpec.exact(), per_step=False, verify=check, **kw)
+
+
+def _columns(f: Features) -> dict[str, tuple[int, int]]:
+    return {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
+
+
+def _agrees(hooked: dict[str, torch.Tensor], exact: Features, dtype: torch.dtype) -> bool:
+    """Whether the diagonal blocks' per-example gradients from the layer rules match the exact ones."""
+    at = _columns(exact)
+    g = exact.total.double()
+    tol = 1e-6 if dtype == torch.float64 else 1e-3  # a wrong grouping of rows is off by O(1)
+    for name, h in hooked.items():
+        s0, sn = at[name]
+        want = g[:, s0 : s0 + sn].to(h.device)
+        if h.shape != want.shape or not torch.allclose(h, want, rtol=tol, atol=tol * float(want.abs().max())):
+            return False
+    return True
 
 
 def _eigen_pass(
@@ -284,71 +456,73 @@ def _eigen_pass(
     linears: list[tuple[str, nn.Linear]],
     roots: list[nn.Module],
     params: list[BodyParam],
-    step_module: nn.Module | None,
     train_mode: bool,
     ekfac: bool,
     verify: bool | str,
     check_loss: LossFn,
-    featurize_kwargs: dict[str, Any],
+    kw: dict[str, Any],
+    hooked_diag: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
 ) -> None:
-    """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block and E_n[g_n^2] for the diagonal ones, from the
-    per-example tied gradients G_n.
+    """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block from the per-example tied gradients G_n, and the
+    diagonal blocks' E_n[g_n^2] where pass 1 could not fit them.
 
     Kronecker blocks: hooks on the Linear layers group each call's rows by example (the batch is the rows'
     first axis), rotate them into the eigenbasis and add ``(Q_S^T g)(Q_A^T a)^T`` over the calls, so the tied
     gradient is never formed in the parameter basis. The first batch is checked against the exact
     per-example tied gradients (:func:`looptrace.featurize`, exact spec, itself checked against autograd when
-    ``verify`` asks, with ``check_loss``: the data's targets, since a sampled loss draws other targets for the
-    examples run alone); a body whose rows are not batch-first, or that fails the check, takes that exact route
-    for every batch. Diagonal blocks: the exact
-    per-example gradients of just the modules that own them."""
+    ``verify`` asks), which also check pass 1's diagonal blocks (``hooked_diag``: their sums of squares and
+    the first batch's per-example gradients); a body whose rows are not batch-first, or that fails the check,
+    takes that exact route for every batch. Diagonal blocks that pass 1 could not fit: the exact per-example
+    gradients of just the modules that own them, one featurisation over the loader."""
     if ekfac:
         for blk in curv.kronecker:
             blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
-    kw = {k: v for k, v in featurize_kwargs.items() if k not in ("sketch", "per_step", "verify", "checkpoint")}
-    kw.update(step_module=step_module, train_mode=train_mode)
     owners = _diagonal_owners(roots, params, {d.name for d in curv.diagonal})
+    diag_done = False
     hooks_ok = True
-    for index, batch in enumerate(loader):
+    for index, batch in enumerate(loader) if ekfac else ():
         loss.index = index
-        check = verify is True or (verify == "first" and index == 0)
-        if not ekfac and not (curv.diagonal and check):
-            break
-        if ekfac:
-            got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode) if hooks_ok else None
-            if got is None or index == 0:
-                if check:
-                    featurize(model, [batch], check_loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
-                              verify=True, **kw)  # fmt: skip
-                exact = _rotated_exact(model, batch, loss, curv, roots, {**kw, "verify": False})
-                tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
-                if got is not None and not all(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
-                                               for a, b in zip(got, exact, strict=True)):  # fmt: skip
-                    got = None
-                if got is None:
-                    hooks_ok = False
-                    got = exact
-            for blk, add in zip(curv.kronecker, got, strict=True):
-                assert blk.ekfac is not None
-                blk.ekfac += add
-        if curv.diagonal and check and not ekfac:
-            featurize(model, [batch], check_loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
+        got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode) if hooks_ok else None
+        if got is None or index == 0:
+            if index == 0:
+                f = _exact_first(model, [batch], loss, roots, verify, check_loss, kw)
+            else:
+                loss.index = index
+                f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
+                              verify=False, **kw)  # fmt: skip
+            exact = _rotated(curv, f)
+            if index == 0 and hooked_diag is not None and _agrees(hooked_diag[1], f, params[0].param.dtype):
+                _set_diagonal(curv, hooked_diag[0])
+                diag_done = True
+            tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
+            if got is not None and not all(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+                                           for a, b in zip(got, exact, strict=True)):  # fmt: skip
+                got = None
+            if got is None:
+                hooks_ok = False
+                got = exact
+        for blk, add in zip(curv.kronecker, got, strict=True):
+            assert blk.ekfac is not None
+            blk.ekfac += add
+    if curv.diagonal and not diag_done:  # one featurisation of the (few) diagonal parameters over the whole loader
+        if not ekfac and (verify is True or verify == "first"):
+            first = next(iter(loader))
+            featurize(model, [first], check_loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
                       verify=True, **kw)  # fmt: skip
-    if curv.diagonal:  # one featurisation of the (few) diagonal parameters over the whole loader
         f = featurize(model, _indexed(loader, loss), loss, body=owners, sketch=SketchSpec.exact(), per_step=False,
                       verify=False, **kw)  # fmt: skip
-        at = {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
+        at = _columns(f)
         g = f.total.double()
+        sq = {}
         for dia in curv.diagonal:
             s0, sn = at[dia.name]
-            dia.diag += g[:, s0 : s0 + sn].square().sum(0).reshape(dia.diag.shape).to(dia.diag.device)
+            sq[dia.name] = g[:, s0 : s0 + sn].square().sum(0)
+        _set_diagonal(curv, sq)
     for blk in curv.kronecker if ekfac else []:
         assert blk.ekfac is not None
         blk.ekfac /= curv.n
     if ekfac and curv.kronecker:
         curv.ekfac_route = "rows" if hooks_ok else "exact"
-    for dia in curv.diagonal:
-        dia.diag /= curv.n
 
 
 def _indexed(loader: Iterable[Any], loss: _Seeded) -> Iterator[Any]:
@@ -369,13 +543,10 @@ def _diagonal_owners(roots: list[nn.Module], params: list[BodyParam], names: set
     return out
 
 
-def _rotated_exact(
-    model: nn.Module, batch: Any, loss: _Seeded, curv: Curvature, roots: list[nn.Module], kw: dict[str, Any]
-) -> list[torch.Tensor]:
-    """Per Kronecker block, sum_n (Q_S^T G_n Q_A)^2 over the batch, from exact per-example tied gradients."""
-    f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False, **kw)
+def _rotated(curv: Curvature, f: Features) -> list[torch.Tensor]:
+    """Per Kronecker block, sum_n (Q_S^T G_n Q_A)^2 over the batch, from its exact per-example tied gradients."""
     g = f.total.double()
-    off = curv.offsets
+    off = _columns(f)
     out = []
     for blk in curv.kronecker:
         d_out = blk.shape[0]
@@ -404,7 +575,7 @@ def _rotated_by_hooks(
 
     size = batching.leading_size(batch)
     with _fitting(model, params, train_mode):
-        _, rows = _linear_rows(model, batch, loss, linears)
+        _, rows, _ = _linear_rows(model, batch, loss, linears)
     acc: list[torch.Tensor | None] = [None] * len(linears)
     for i, x, g in rows:
         blk = curv.kronecker[i]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -131,6 +132,7 @@ def step_counterfactual(
     etas: Sequence[float],
     side: Literal["test", "train"] = "test",
     rank_eta: float | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Predicted (``eta * SDI_t``) and actual loss decreases for every train example, query and step.
 
@@ -142,6 +144,10 @@ def step_counterfactual(
         side: ``"test"`` (the update applied at one step of the query's computation) or ``"train"``
             (z's step-t term applied to the tied body).
         rank_eta: the learning rate at which rankings are compared (default: the largest eta).
+        precondition: a symmetric linear map ``P^-1`` on flat body gradients ``[R, P]`` (parameters in sorted-name
+            order, each flattened: the exact features' layout), e.g. a fitted ``Curvature.precondition``. The
+            prediction is then the preconditioned ``eta * SDI_t = eta * g(z) . P^-1 phi_t(z')`` and the update the
+            preconditioned step, ``-eta * P^-1 grad l(z)`` (test side) or ``-eta * P^-1 phi_t(z)`` (train side).
 
     Returns:
         ``predicted`` and ``actual`` arrays ``[len(etas), N, M, tau]``, per-step relative errors
@@ -156,6 +162,10 @@ def step_counterfactual(
         exact = lt.SketchSpec.exact()
         tf = lt.featurize(model, [train_batch], loss_fn, step_module=step_module, sketch=exact, verify=False)
         qf = lt.featurize(model, [query_batch], loss_fn, step_module=step_module, sketch=exact, verify=False)
+        if precondition is not None:  # the query side, per step: P^-1 phi_t(z') (P symmetric: either side would do)
+            q = qf.require_steps("a preconditioned counterfactual")
+            pre = precondition(q.reshape(-1, q.shape[-1])).to(q.dtype).reshape(q.shape)
+            qf = dataclasses.replace(qf, per_step=pre, _total=None)
         sdi = lt.sdi(tf, qf, side=side).double().cpu().numpy()  # [N, M, tau]
         n, m, tau = sdi.shape
         with torch.no_grad():
@@ -165,6 +175,9 @@ def step_counterfactual(
         # through per-step copies of the body (train side)
         grads = _per_example_grads(model, loss_fn, train_batch, params) if side == "test" else None
         steps = untied_step_grads(model, step_module, loss_fn, train_batch) if side == "train" else None
+        if precondition is not None:  # the updates in the preconditioner's geometry, from autograd's gradients
+            grads = None if grads is None else [_apply(precondition, g, names) for g in grads]
+            steps = None if steps is None else [[_apply(precondition, g, names) for g in ex] for ex in steps]
         if steps is not None and any(len(s) != tau for s in steps):
             raise ConfigError(
                 f"the model ran {sorted({len(s) for s in steps})} loop steps per train example, but the features "
@@ -202,6 +215,19 @@ def step_counterfactual(
                 "slope": slopes, "rank_eta": float(etas[at]), "spearman": rho}  # fmt: skip
     finally:
         model.train(was_training)
+
+
+def _apply(
+    precondition: Callable[[torch.Tensor], torch.Tensor], grads: dict[str, torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """``P^-1`` applied to one gradient given as ``{name: tensor}``, through the flat sorted-name layout."""
+    flat = torch.cat([grads[n].reshape(-1) for n in names])[None]
+    out = precondition(flat)[0].to(flat.dtype)
+    res, off = {}, 0
+    for n in names:
+        res[n] = out[off : off + grads[n].numel()].reshape(grads[n].shape)
+        off += grads[n].numel()
+    return res
 
 
 def _run_with(

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
+from looptrace.curvature.blocks import DAMPING_SCALE
 from looptrace.curvature.factors import Curvature
 from looptrace.curvature.fit import Fisher, fit_curvature
-from looptrace.curvature.query import gauss_newton, preconditioned_features
+from looptrace.curvature.query import GN_DAMPING_SCALE, gauss_newton, preconditioned_features
 from looptrace.errors import CheckpointError, ConfigError
 from looptrace.features import Features
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
@@ -71,6 +72,7 @@ def attribute(
     decomposition: Decomposition = "test",
     precondition: Precondition | None = None,
     damping: float | None = None,
+    damping_scale: float | None = None,
     fisher: Fisher | None = None,
     fisher_loss: LossFn | None = None,
     train_positions: bool = False,
@@ -100,7 +102,8 @@ def attribute(
     * ``precondition="gauss-newton"``: TRAK-style ``(Phi_k^T Phi_k / N + lambda I)^-1`` in feature space, from
       the training set's total features at each checkpoint.
     * ``damping``: ``None`` is 0.1 x each block's mean eigenvalue (Gauss-Newton: of its nonzero spectrum);
-      a float is lambda itself for every block.
+      a float is lambda itself for every block. ``damping_scale`` replaces the 0.1 of the heuristic (a
+      damping sweep relative to each block's own scale; not with a float ``damping``).
 
     Pass one checkpoint (``checkpoints[-1:]``) for the classical influence function at the final weights.
     ``self_influence`` stays the plain ``|g|^2`` under these (only ``"adam"`` changes the training features).
@@ -116,6 +119,9 @@ def attribute(
         raise ConfigError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
     if damping is not None and precondition in (None, "adam"):
         raise ConfigError(f"damping applies to 'kfac', 'ekfac' and 'gauss-newton', not precondition={precondition!r}")
+    if damping_scale is not None and (precondition in (None, "adam") or damping is not None):
+        raise ConfigError("damping_scale scales the damping heuristic of 'kfac', 'ekfac' or 'gauss-newton'; "
+                          "it goes with damping=None")  # fmt: skip
     if (fisher is not None or fisher_loss is not None) and precondition not in ("kfac", "ekfac"):
         raise ConfigError("fisher= and fisher_loss= choose the Fisher of precondition='kfac' or 'ekfac' only")
     if decomposition not in ("test", "train", "matrix"):
@@ -158,7 +164,7 @@ def attribute(
                 curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
                                      fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
                 query = preconditioned_features(
-                    model, query_loader, loss_fn, _preconditioner(curv, precondition, damping),
+                    model, query_loader, loss_fn, _preconditioner(curv, precondition, damping, damping_scale),
                     per_step=decomposition != "train", checkpoint=name, **kw,
                 )  # fmt: skip
             else:
@@ -166,7 +172,7 @@ def attribute(
                     model, query_loader, loss_fn, per_step=decomposition != "train", checkpoint=name, **kw
                 )
             if precondition == "gauss-newton":
-                query = _gauss_newton_query(train, query, damping)
+                query = _gauss_newton_query(train, query, damping, damping_scale)
             if kw.get("verify", "first") == "first":  # the capture was checked on this model's first batch
                 kw["verify"] = False
             if decomposition == "matrix":
@@ -205,18 +211,24 @@ def attribute(
     )
 
 
-def _preconditioner(curv: Curvature, kind: str, damping: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _preconditioner(
+    curv: Curvature, kind: str, damping: float | None, scale: float | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Flat gradients ``[R, P]`` -> ``(F + lambda I)^-1`` of them, F the fitted K-FAC or EK-FAC."""
-    return lambda g: curv.precondition(g, kind, damping)  # type: ignore[arg-type]
+    s = DAMPING_SCALE if scale is None else scale
+    return lambda g: curv.precondition(g, kind, damping, s)  # type: ignore[arg-type]
 
 
-def _gauss_newton_query(train: Features, query: Features, damping: float | None) -> Features:
+def _gauss_newton_query(
+    train: Features, query: Features, damping: float | None, scale: float | None = None
+) -> Features:
     """The query's features (per step, or totals) through (Phi^T Phi / N + lambda I)^-1, Phi the train totals."""
     train.compatible_with(query)
+    s = GN_DAMPING_SCALE if scale is None else scale
     if query.per_step is not None:
-        steps = gauss_newton(train.total, query.per_step, damping).to(query.per_step.dtype)
+        steps = gauss_newton(train.total, query.per_step, damping, s).to(query.per_step.dtype)
         return dataclasses.replace(query, per_step=steps, _total=None)
-    return dataclasses.replace(query, _total=gauss_newton(train.total, query.total, damping).to(query.total.dtype))
+    return dataclasses.replace(query, _total=gauss_newton(train.total, query.total, damping, s).to(query.total.dtype))
 
 
 def _body_names(

@@ -1,23 +1,21 @@
-"""Curvature-aware step-resolved estimators on the evaluation task: LDS beside plain TracIn and the peers.
+"""The curvature comparison of ``looptrace eval`` (issue #24): which curvature-aware estimator predicts
+retraining best, against plain TracIn and kronfluence's EK-FAC, on the same retrained subsets.
 
-For issue #24. Given an evaluation task (:class:`looptrace.apps.evaluation.task.EvalTask`), this trains the
-full-data run with its TracIn checkpoints, computes every estimator's ``[N train, M query]`` scores, retrains
-the same random subsets as ``looptrace eval`` (same seed, same masks) and reports each estimator's LDS with a
-bootstrap interval:
+The estimators are registered methods (:mod:`looptrace.apps.evaluation.methods`: groups ``curvature``,
+``damping sweep`` and ``fisher``; each is ``lt.attribute(precondition=...)``, the one code path for their
+scores), so their LDS is computed with everyone else's by :func:`~looptrace.apps.evaluation.harness.run_lds`.
+This module reads that table:
 
-* plain TracIn (exact; all checkpoints, or the final one; the loss as trained or with full BPTT);
-* ``kfac`` / ``ekfac`` (empirical or true Fisher) and ``gauss-newton`` (:mod:`looptrace.curvature`) over
-  the same four choices, with the damping swept as a multiple of each block's mean eigenvalue (0.1 is the
-  default, ``damping=None``);
-* peers' scores passed in (kronfluence, from :mod:`looptrace.apps.evaluation.kronfluence_probe`).
-
-Every score is computed from exact features (float64 where it matters: the solves), batch by batch as
-``lt.attribute`` would, but with the curvature fitted once per checkpoint and reused across the damping
-sweep. A test checks that this route gives ``lt.attribute``'s numbers. Choosing the best configuration on
-the same subsets it is scored on is optimistic, so the best configuration is also chosen on the first half
-of the subsets and its LDS reported on the second half.
-
-Run: ``python -m looptrace.apps.evaluation.curvature --out docs/results/curvature-lds``.
+* :func:`compare`: the best curvature-aware estimator (highest mean LDS), its paired per-query differences with
+  TracIn and with kronfluence's EK-FAC, the issue's "Done when" comparison as explicit fields, the same
+  comparison for ``lt.attribute``'s defaults, the damping sweep and the Fisher as tables. Choosing the best of
+  many configurations on the subsets it is scored on is optimistic, so the estimator is also chosen on the
+  first half of the subsets alone and compared on the second half.
+* :func:`preconditioner`: the chosen estimator's geometry at the final checkpoint, for the preconditioned
+  per-step counterfactual (:func:`~looptrace.apps.evaluation.harness.run_counterfactual`).
+* :func:`summarize`: both tasks' comparisons in one JSON (``python -m looptrace.apps.evaluation.curvature
+  --summary docs/results/eval/curvature-summary.json RESULTS.json ...``), from which the write-ups and the
+  "which estimator" guide's table are rendered.
 """
 
 from __future__ import annotations
@@ -25,11 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,272 +33,308 @@ import torch
 from torch import nn
 
 import looptrace as lt
-from looptrace.apps.evaluation.task import EvalTask, full_bptt_loss, logits, loss_fn
-from looptrace.curvature import fit_curvature, gauss_newton, sampled_cross_entropy
-from looptrace.evaluation import bootstrap_ci, lds
-from looptrace.influence.checkpoints import load_into
+from looptrace.apps.evaluation.methods import (
+    CURVATURE,
+    CURVATURE_SPECS,
+    DAMPING_SCALES,
+    VARIANTS,
+    _loader,
+    curvature_key,
+    sampled_loss,
+)
+from looptrace.apps.evaluation.task import EvalTask
+from looptrace.curvature import DAMPING_SCALE, fit_curvature, gauss_newton
+from looptrace.curvature.query import GN_DAMPING_SCALE
+from looptrace.evaluation import bootstrap_ci
 from looptrace.io import atomic_write_json
 
-LOSSES: dict[str, Callable[[nn.Module, Any], torch.Tensor]] = {"as trained": loss_fn, "full BPTT": full_bptt_loss}
+#: The peer's EK-FAC: the better of its two losses (as trained, full BPTT) is the one to reach.
+PEER_EKFAC = ("kronfluence_ekfac", "kronfluence_ekfac_full")
+#: ``lt.attribute(precondition=kind)`` with every default: the configuration a user gets.
+DEFAULTS = {kind: curvature_key(kind) for kind in CURVATURE}
 
 
-@dataclasses.dataclass(frozen=True)
-class CurvatureEvalConfig:
-    """Sizes of the comparison (``looptrace eval``'s subsets: same count, fraction and seed)."""
-
-    subsets: int = 100
-    subset_fraction: float = 0.5
-    damping_scales: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-    fishers: tuple[str, ...] = ("empirical", "true")
-    seed: int = 0
-    batch_size: int = 64
-
-    @classmethod
-    def smoke(cls) -> CurvatureEvalConfig:
-        return cls(subsets=6, damping_scales=(0.1,), fishers=("empirical",))
+def _row(methods: dict[str, Any], key: str) -> dict[str, Any]:
+    m = methods[key]
+    return {"key": key, "label": m["label"], "mean": m["mean"], "lo": m["lo"], "hi": m["hi"],
+            "first_half": m["first_half"], "second_half": m["second_half"]}  # fmt: skip
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+def _paired(
+    methods: dict[str, Any], a: str, b: str, n_boot: int, seed: int, field: str = "per_query"
+) -> dict[str, Any]:
+    diff = np.asarray(methods[a][field]) - np.asarray(methods[b][field])
+    return {"a": a, "b": b, **bootstrap_ci(diff, n_boot=n_boot, seed=seed), "a_higher_queries": int((diff > 0).sum())}
 
 
-def sampled_loss(full: bool) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """The task's loss on labels drawn from the model (the true Fisher's ``fisher_loss``)."""
-
-    def fn(model: nn.Module, batch: Any) -> torch.Tensor:
-        return sampled_cross_entropy(logits(model, batch[0], bptt_k=None if full else -1))
-
-    return fn
+def _best(methods: dict[str, Any], keys: list[str], field: str = "mean") -> str:
+    return min(keys, key=lambda k: (-methods[k][field], k))  # ties by name: independent of the JSON's order
 
 
-def subsets(task: EvalTask, cfg: CurvatureEvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The retrained subsets: masks ``[S, N]`` (as ``looptrace eval`` draws them) and outcomes ``[S, M]``
-    (minus each query's loss after training on the subset)."""
-    rng = np.random.default_rng(cfg.seed)
-    masks = rng.random((cfg.subsets, task.n_train)) < cfg.subset_fraction
-    outcomes = np.stack([-task.query_losses(task.train(keep=torch.from_numpy(m))).numpy() for m in masks])
-    return masks, outcomes
+def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """The curvature comparison from the LDS section of results.json (``None`` if no curvature method ran)."""
+    methods = lds["methods"]
+    cands = [k for k in methods if k in CURVATURE_SPECS]
+    if not cands:
+        return None
+    best = _best(methods, cands)
+    peers = [k for k in PEER_EKFAC if k in methods]
+    peer = _best(methods, peers) if peers else None
+    tracin = "tracin" if "tracin" in methods else None
+    refs = {"tracin": None if tracin is None else _row(methods, tracin),
+            "kronfluence_ekfac": None if peer is None else _row(methods, peer)}  # fmt: skip
 
+    def reaches(key: str, field: str = "mean") -> dict[str, bool | None]:
+        ge_t = None if tracin is None else bool(methods[key][field] >= methods[tracin][field])
+        ge_p = None if peer is None else bool(methods[key][field] >= methods[peer][field])
+        both = None if ge_t is None or ge_p is None else bool(ge_t and ge_p)
+        return {"ge_tracin": ge_t, "ge_kronfluence_ekfac": ge_p, "holds": both}
 
-def estimator_scores(task: EvalTask, ckpt_dir: Path, cfg: CurvatureEvalConfig) -> dict[str, np.ndarray]:
-    """``{estimator: [N, M]}``: plain TracIn and every preconditioned variant (bigger = more helpful)."""
-    model = task.model()
-    data = task.data()
-    tr, qu = _batches(*data["train"], cfg.batch_size), _batches(*data["query"], cfg.batch_size)
-    cks = [c.load_full() for c in lt.load_checkpoints(ckpt_dir)]
-    exact = lt.SketchSpec.exact()
-    out: dict[str, np.ndarray] = {}
-    for variant, lfn in LOSSES.items():
-        acc: dict[str, list[np.ndarray]] = {}  # name -> per-checkpoint eta_k-weighted scores
-        for ck in cks:
-            load_into(model, ck.state, ck.name)
-            kw: dict[str, Any] = dict(step_module=task.step_module(model), sketch=exact, verify=False)
-            g = lt.featurize(model, tr, lfn, per_step=False, **kw).total.double()  # [N, P]
-            phi = lt.featurize(model, qu, lfn, **kw).per_step
-            assert phi is not None
-            phi = phi.double()  # [M, tau, P]
-
-            def add(name: str, pre: torch.Tensor, eta: float = ck.lr, g: torch.Tensor = g, acc: dict = acc) -> None:
-                acc.setdefault(name, []).append(eta * (g @ pre.sum(1).T).numpy())
-
-            add("TracIn", phi)
-            for scale in cfg.damping_scales:
-                add(f"gauss-newton | damping {scale:g}x", gauss_newton(g, phi, damping_scale=scale))
-            for fisher in cfg.fishers:
-                fl = sampled_loss(variant == "full BPTT") if fisher == "true" else None
-                curv = fit_curvature(model, tr, lfn, step_module=task.step_module(model), fisher_loss=fl, verify=False)
-                for kind in ("kfac", "ekfac"):
-                    for scale in cfg.damping_scales:
-                        pre = curv.precondition(phi, kind, damping_scale=scale)  # type: ignore[arg-type]
-                        add(f"{kind} | {fisher} Fisher | damping {scale:g}x", pre)
-        for name, per_ck in acc.items():
-            base, _, rest = name.partition(" | ")
-            tail = f" | {rest}" if rest else ""
-            out[f"{base} | all checkpoints | {variant}{tail}"] = np.sum(per_ck, axis=0)
-            out[f"{base} | final checkpoint | {variant}{tail}"] = per_ck[-1]
-    return out
-
-
-def lds_table(scores: dict[str, np.ndarray], masks: np.ndarray, outcomes: np.ndarray, seed: int) -> dict[str, Any]:
-    """Each estimator's LDS on all subsets, and on each half (for selection on one, report on the other)."""
-    half = len(masks) // 2
-    table: dict[str, Any] = {}
-    for name, s in scores.items():
-        per_query = lds(s, masks, outcomes)
-        table[name] = {
-            **bootstrap_ci(per_query, seed=seed),
-            "first_half": float(np.nanmean(lds(s, masks[:half], outcomes[:half]))),
-            "second_half": float(np.nanmean(lds(s, masks[half:], outcomes[half:]))),
-            "per_query": per_query.tolist(),
-        }
-    return table
-
-
-def _is_curvature(name: str) -> bool:
-    return name.startswith(("kfac", "ekfac", "gauss-newton"))
-
-
-def summarise(table: dict[str, Any]) -> dict[str, Any]:
-    """The comparison the issue asks for, with the verdict as a field computed from the numbers."""
-    curv = {k: v for k, v in table.items() if _is_curvature(k)}
-    best = max(curv, key=lambda k: curv[k]["mean"])
-    chosen = max(curv, key=lambda k: curv[k]["first_half"])  # chosen on the first half only
-    tracin = table["TracIn | all checkpoints | as trained"]
-    peers = {k: v["mean"] for k, v in table.items() if k.startswith("kronfluence")}
-    ekfac_peer = table.get("kronfluence EK-FAC (all Linear modules, final weights)")
-    defaults = {}
-    for k in ("kfac", "ekfac", "gauss-newton"):
-        fisher = "" if k == "gauss-newton" else " | empirical Fisher"
-        key = f"{k} | all checkpoints | as trained{fisher} | damping 0.1x"
-        if key in table:
-            defaults[k] = table[key]["mean"]
-    out: dict[str, Any] = {
-        "best_curvature": {"name": best, "lds": curv[best]["mean"], "lo": curv[best]["lo"], "hi": curv[best]["hi"]},
-        "selected_on_first_half": {
-            "name": chosen,
-            "lds_second_half": curv[chosen]["second_half"],
-            "tracin_second_half": tracin["second_half"],
-            "kronfluence_ekfac_second_half": None if ekfac_peer is None else ekfac_peer["second_half"],
-        },
-        "tracin_all_checkpoints_as_trained": tracin["mean"],
-        "attribute_defaults": defaults,
-        "peers": peers,
-        "beats_tracin": bool(curv[best]["mean"] >= tracin["mean"]),
-        "beats_kronfluence_ekfac": None if ekfac_peer is None else bool(curv[best]["mean"] >= ekfac_peer["mean"]),
-        "held_out_beats_tracin": bool(curv[chosen]["second_half"] >= tracin["second_half"]),
-    }
-    if ekfac_peer is not None:
-        out["held_out_beats_kronfluence_ekfac"] = bool(curv[chosen]["second_half"] >= ekfac_peer["second_half"])
-    return out
-
-
-def run_kronfluence(python: str, task: EvalTask, ckpt_dir: Path, work: Path) -> dict[str, np.ndarray]:
-    """Run the kronfluence probe in its own environment; returns its scores ``{name: [N, M]}``."""
-    src = Path(__file__).resolve().parents[3]
-    out = work / "kronfluence"
-    cmd = [python, "-m", "looptrace.apps.evaluation.kronfluence_probe", "--checkpoints", str(ckpt_dir),
-           "--out", str(out), "--task", json.dumps(dataclasses.asdict(task))]  # fmt: skip
-    subprocess.run(cmd, check=True, env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    meta = json.loads((out / "scores.json").read_text())
-    scores = {name: np.load(out / f) for name, f in meta["files"].items()}
-    (work / "finding.json").write_text(json.dumps(meta["tied_body_finding"]))
-    return scores
-
-
-def compare(task: EvalTask, cfg: CurvatureEvalConfig, kronfluence_python: str | None = None) -> dict[str, Any]:
-    """Scores, subsets, LDS table and summary (JSON-able)."""
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt_dir = Path(tmp) / "checkpoints"
-        task.train(record=ckpt_dir)
-        t1 = time.perf_counter()
-        scores = estimator_scores(task, ckpt_dir, cfg)
-        t_scores = time.perf_counter() - t1
-        peer_note = "not run (no --kronfluence-python)"
-        finding = None
-        if kronfluence_python:
-            scores.update(run_kronfluence(kronfluence_python, task, ckpt_dir, Path(tmp)))
-            peer_note = "kronfluence 1.0.1 in its own environment (looptrace.apps.evaluation.kronfluence_probe)"
-            finding = json.loads((Path(tmp) / "finding.json").read_text())
-    t2 = time.perf_counter()
-    masks, outcomes = subsets(task, cfg)
-    t_retrain = time.perf_counter() - t2
-    table = lds_table(scores, masks, outcomes, cfg.seed)
-    return {
-        "task": dataclasses.asdict(task),
-        "config": dataclasses.asdict(cfg),
-        "outcome": "-query loss",
-        "peers": peer_note,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "seconds": {"scores": t_scores, "retraining": t_retrain, "total": time.perf_counter() - t0},
-        "summary": summarise(table),
-        "kronfluence_tied_body_finding": finding,
-        "lds": table,
-    }
-
-
-def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Across runs (task seeds): each estimator's mean LDS per run and its spread, and the verdicts, each a
-    field computed from the numbers (every run must satisfy it)."""
-    names = list(results[0]["lds"])
-    per_run = {n: [r["lds"][n]["mean"] for r in results if n in r["lds"]] for n in names}
-    table: dict[str, dict[str, Any]] = {
-        n: {"runs": v, "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-        for n, v in per_run.items()
-    }
-    curv = [n for n in names if _is_curvature(n)]
-    best = max(curv, key=lambda n: table[n]["mean"])
-    tracin = table["TracIn | all checkpoints | as trained"]
-    peer = table.get("kronfluence EK-FAC (all Linear modules, final weights)")
-    defaults = {k: table[v] for k, v in _DEFAULTS.items() if v in table}
-    return {
-        "runs": len(results),
-        "task_seeds": [r["task"]["seed"] for r in results],
-        "subsets_per_run": results[0]["config"]["subsets"],
-        "machine": results[0]["machine"],
-        "best_curvature": {"name": best, **table[best]},
-        "tracin": tracin,
-        "kronfluence_ekfac": peer,
-        "attribute_defaults": defaults,
-        "best_beats_tracin_every_run": all(a >= b for a, b in zip(table[best]["runs"], tracin["runs"], strict=True)),
-        "best_beats_kronfluence_ekfac_every_run": None if peer is None
-        else all(a >= b for a, b in zip(table[best]["runs"], peer["runs"], strict=True)),
-        "defaults_beat_tracin_every_run": all(all(a >= b for a, b in zip(d["runs"], tracin["runs"], strict=True))
-                                              for d in defaults.values()),
-        "defaults_beat_kronfluence_ekfac_every_run": None if peer is None
-        else all(all(a >= b for a, b in zip(d["runs"], peer["runs"], strict=True)) for d in defaults.values()),
-        "held_out_selection_beats_tracin_every_run": all(r["summary"]["held_out_beats_tracin"] for r in results),
-        "held_out_selection_beats_kronfluence_ekfac_every_run": all(
-            r["summary"].get("held_out_beats_kronfluence_ekfac", False) for r in results
-        ),
-        "tied_body_finding": next(
-            (r["kronfluence_tied_body_finding"] for r in results if r.get("kronfluence_tied_body_finding")), None
-        ),
-        "lds": table,
-        "table": {label(n): v for n, v in table.items()},  # the same, named without "|" (for write-up placeholders)
+    paired = {}
+    for name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)):
+        if ref is not None:
+            paired[name] = _paired(methods, best, ref, n_boot, seed)
+    chosen = _best(methods, cands, "first_half")
+    split: dict[str, Any] = {
+        "what": "the best curvature-aware estimator chosen on the first half of the subsets, its LDS on the second half",
+        "chosen": _row(methods, chosen), **reaches(chosen, "second_half"),
+        "paired_second_half": {name: _paired(methods, chosen, ref, n_boot, seed, "second_half_per_query")
+                               for name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)) if ref is not None},
     }  # fmt: skip
+    defaults = {}
+    for kind, key in DEFAULTS.items():
+        if key in methods:
+            defaults[kind] = {**_row(methods, key), **reaches(key),
+                              "paired": {name: _paired(methods, key, ref, n_boot, seed) for name, ref in
+                                         (("tracin", tracin), ("kronfluence_ekfac", peer)) if ref is not None}}  # fmt: skip
+    fixed = [k for k in cands if methods[k].get("group") == "curvature"]  # the issue's set: default damping
+    default_damping: dict[str, Any] | None = None
+    if fixed:
+        b = _best(methods, fixed)
+        default_damping = {
+            "what": "the same comparison over the issue's candidates only (kfac / ekfac / gauss-newton, all checkpoints "
+            "or the final one, as trained or full BPTT) at lt.attribute's default damping and Fisher",
+            "n_candidates": len(fixed), "best": _row(methods, b), **reaches(b),
+            "paired": {name: _paired(methods, b, ref, n_boot, seed)
+                       for name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)) if ref is not None},
+        }  # fmt: skip
+    return {
+        "n_candidates": len(cands),
+        "candidates": "every scored method of the groups curvature, damping sweep and fisher",
+        "best": {**_row(methods, best), "spec": dataclasses.asdict(CURVATURE_SPECS[best])},
+        "references": refs,
+        "paired": paired,
+        "done_when": {
+            **reaches(best),
+            "what": "the best curvature-aware step-resolved estimator's mean LDS >= "
+            "kronfluence EK-FAC's (the better of its two losses) and >= plain TracIn's, same subsets",
+        },
+        "split_half": split,
+        "default_damping": default_damping,
+        "defaults": defaults,
+        "sweep": sweep_table(methods),
+        "fisher": fisher_table(methods),
+    }
 
 
-def label(name: str) -> str:
-    """An estimator's name with ", " for " | " (write-up placeholders cannot hold "|")."""
-    return name.replace(" | ", ", ")
+def removal_summary(removal: dict[str, Any], best: str, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The best curvature-aware estimator in the removal test at the largest k: its query-loss rise, TracIn's,
+    kronfluence EK-FAC's (if run) and random removal's, and its paired per-query differences with each."""
+    at = removal["at_largest_k"]
+
+    def row(key: str) -> dict[str, Any]:
+        li = at[key]["loss_increase"]
+        return {"key": key, "label": at[key]["label"], "mean": li["mean"], "lo": li["lo"], "hi": li["hi"],
+                "prediction_flips": at[key]["prediction_flips"]}  # fmt: skip
+
+    refs = {"tracin": "tracin" if "tracin" in at else None, "random": "random",
+            "kronfluence_ekfac": next((k for k in PEER_EKFAC if k in at), None)}  # fmt: skip
+    paired = {}
+    for name, ref in refs.items():
+        if ref is not None:
+            diff = np.asarray(at[best]["per_query"]) - np.asarray(at[ref]["per_query"])
+            paired[name] = {"a": best, "b": ref, **bootstrap_ci(diff, n_boot=n_boot, seed=seed),
+                            "a_higher_queries": int((diff > 0).sum())}  # fmt: skip
+    return {"k": at[best]["k"], "queries": len(removal["queries"]), "best": row(best),
+            "references": {name: None if ref is None else row(ref) for name, ref in refs.items()},
+            "paired": paired}  # fmt: skip
 
 
-#: What ``lt.attribute(..., precondition=kind)`` computes with its defaults (damping=None, no fisher_loss).
-_DEFAULTS = {
-    "kfac": "kfac | all checkpoints | as trained | empirical Fisher | damping 0.1x",
-    "ekfac": "ekfac | all checkpoints | as trained | empirical Fisher | damping 0.1x",
-    "gauss-newton": "gauss-newton | all checkpoints | as trained | damping 0.1x",
-}
+def sweep_table(methods: dict[str, Any]) -> dict[str, Any]:
+    """Mean LDS per estimator and variant over the damping scales (0.1 is the default entry)."""
+    out: dict[str, Any] = {}
+    for kind, name in CURVATURE.items():
+        for suffix, what, _, _ in VARIANTS:
+            keys = {f"{s:g}": curvature_key(kind, suffix, s) for s in DAMPING_SCALES}
+            keys[f"{DAMPING_SCALE:g}"] = curvature_key(kind, suffix)
+            row = {s: methods[k]["mean"] for s, k in sorted(keys.items(), key=lambda kv: float(kv[0])) if k in methods}
+            if row:
+                best = max(row, key=lambda s: row[s])
+                out[curvature_key(kind, suffix)] = {"label": f"{name}, {what}", "by_scale": row, "best_scale": best}
+    return out
+
+
+def fisher_table(methods: dict[str, Any]) -> dict[str, Any]:
+    """Mean LDS with the empirical and the true Fisher, per K-FAC / EK-FAC variant."""
+    out: dict[str, Any] = {}
+    for kind in ("kfac", "ekfac"):
+        for suffix, what, _, _ in VARIANTS:
+            emp, true = curvature_key(kind, suffix), curvature_key(kind, suffix, fisher="true")
+            if emp in methods and true in methods:
+                out[emp] = {"label": f"{CURVATURE[kind]}, {what}", "empirical": methods[emp]["mean"],
+                            "true": methods[true]["mean"]}  # fmt: skip
+    return out
+
+
+def preconditioner(key: str) -> Callable[[EvalTask, nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
+    """The geometry of curvature method ``key`` at the weights of ``model`` (the final checkpoint, float64), fitted
+    on the training set with every loop step backpropagated (the counterfactual's loss): ``P^-1`` on flat body
+    gradients. Its kind, damping scale and Fisher are the method's."""
+    spec = CURVATURE_SPECS[key]
+
+    def build(task: EvalTask, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        train = _loader(*task.data()["train"])
+        core = task.step_module(model)
+        if spec.kind == "gauss-newton":
+            phi = lt.featurize(model, train, task.full_bptt_loss, step_module=core, sketch=lt.SketchSpec.exact(),
+                               per_step=False, verify=False).total.double()  # fmt: skip
+            gn_scale = GN_DAMPING_SCALE if spec.scale is None else spec.scale
+            return lambda g: gauss_newton(phi, g, None, gn_scale)
+        fisher_loss = sampled_loss(task, full=True) if spec.fisher == "true" else None
+        curv = fit_curvature(model, train, task.full_bptt_loss, step_module=core, kinds=(spec.kind,),
+                             fisher_loss=fisher_loss, verify=False)  # fmt: skip
+        scale = DAMPING_SCALE if spec.scale is None else spec.scale
+        return lambda g: curv.precondition(g, spec.kind, None, scale)  # type: ignore[arg-type]
+
+    return build
+
+
+def replicate(primary: dict[str, Any], other: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The estimator chosen on the primary run (its best curvature-aware one) on another task seed's run: its
+    LDS beside TracIn's and kronfluence EK-FAC's there, paired, and whether the "Done when" holds there too
+    (a choice made on one seed, checked on data and initialisations it never saw)."""
+    key = primary["curvature"]["best"]["key"]
+    methods = other["lds"]["methods"]
+    c = other["curvature"]
+    peer = None if c["references"]["kronfluence_ekfac"] is None else c["references"]["kronfluence_ekfac"]["key"]
+    row = {"task_seed": other["task"]["seed"], "key": key, "mean": methods[key]["mean"], "lo": methods[key]["lo"],
+           "hi": methods[key]["hi"], "tracin": methods["tracin"]["mean"],
+           "kronfluence_ekfac": None if peer is None else methods[peer]["mean"],
+           "own_best": c["best"]["key"], "own_best_mean": c["best"]["mean"],
+           "paired": {name: _paired(methods, key, ref, n_boot, seed)
+                      for name, ref in (("tracin", "tracin"), ("kronfluence_ekfac", peer)) if ref is not None}}  # fmt: skip
+    row["ge_tracin"] = bool(row["mean"] >= row["tracin"])
+    row["ge_kronfluence_ekfac"] = None if peer is None else bool(row["mean"] >= row["kronfluence_ekfac"])
+    row["holds"] = None if peer is None else bool(row["ge_tracin"] and row["ge_kronfluence_ekfac"])
+    row["own_done_when"] = c["done_when"]["holds"]  # that seed's own best against both, chosen on that seed
+    row["own_default_damping"] = (c.get("default_damping") or {}).get("holds")
+    return row
+
+
+def summarize(
+    results: dict[str, dict[str, Any]], replicas: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """Both tasks' curvature comparisons side by side, and the "Done when" over all of them (every verdict a field
+    computed here from the numbers). ``replicas``: per task, runs on other task seeds, where the estimator
+    chosen on the primary run is checked again (:func:`replicate`)."""
+    tasks: dict[str, Any] = {}
+    for name, r in results.items():
+        c = r["curvature"]
+        m = r["lds"]["methods"]
+        reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
+        holds = [x["holds"] for x in reps]
+        own = [c["done_when"]["holds"], *(x["own_done_when"] for x in reps)]  # each seed's own best against both
+        own_dd = [(c.get("default_damping") or {}).get("holds"), *(x["own_default_damping"] for x in reps)]
+        tasks[name] = {
+            "description": r["task"]["description"], "task_seed": r["task"]["seed"], "subsets": r["lds"]["subsets"],
+            "queries": r["lds"]["queries"], "n_candidates": c["n_candidates"], "train_seconds": r["train_seconds"],
+            "seconds": r["seconds"],
+            "best": c["best"], "references": c["references"], "paired": c["paired"], "done_when": c["done_when"],
+            "default_damping": c.get("default_damping"),
+            "split_half": c["split_half"], "defaults": c["defaults"], "sweep": c["sweep"], "fisher": c["fisher"],
+            "table": {k: {"label": v["label"], "mean": v["mean"], "lo": v["lo"], "hi": v["hi"], "group": v["group"]}
+                      for k, v in m.items()},
+            "tied_body_finding": (r.get("peers") or {}).get("tied_body_finding"),
+            "peer": {k: v for k, v in (r.get("peers") or {}).items() if k != "tied_body_finding"},
+            "removal": c.get("removal"),
+            "counterfactual": c.get("counterfactual"),
+            "plain_counterfactual": r.get("step_counterfactual"),
+            "verdicts": r["verdicts"].get("curvature"),
+            "replication": {"seeds": [x["task_seed"] for x in reps], "per_seed": reps,
+                            "holds_every_seed": None if not reps or None in holds else all(holds),
+                            "holds_seeds": sum(bool(h) for h in holds),
+                            "n_seeds": len(own), "own_done_when_seeds": sum(bool(h) for h in own),
+                            "own_done_when_every_seed": None if None in own else all(own),
+                            "own_default_damping_seeds": sum(bool(h) for h in own_dd),
+                            "own_default_damping_every_seed": None if None in own_dd else all(own_dd)},
+        }  # fmt: skip
+
+    def every(path: tuple[str, ...]) -> bool | None:
+        vals = []
+        for t in tasks.values():
+            v: Any = t
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            vals.append(v)
+        return None if any(v is None for v in vals) else all(vals)
+
+    def word(path: tuple[str, ...]) -> str:
+        """Where a flag holds, in words: on every task, on none, or on the named ones only."""
+        flags = {}
+        for name, t in tasks.items():
+            v: Any = t
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            flags[name] = v
+        if any(v is None for v in flags.values()):
+            missing = [n for n, v in flags.items() if v is None]
+            return f"cannot be checked on {', '.join(missing)}"
+        yes = [n for n, v in flags.items() if v]
+        return ("holds on every task" if len(yes) == len(flags) else "holds on no task" if not yes else
+                f"holds on {', '.join(yes)} only")  # fmt: skip
+
+    return {
+        "tasks": tasks,
+        "words": {
+            "done_when": word(("done_when", "holds")),
+            "split_half": word(("split_half", "holds")),
+            "replicated": word(("replication", "holds_every_seed")),
+            "done_when_every_seed": word(("replication", "own_done_when_every_seed")),
+            "default_damping": word(("default_damping", "holds")),
+            "default_damping_every_seed": word(("replication", "own_default_damping_every_seed")),
+            "tied_body": word(("tied_body_finding", "equals_last_step_train_gradient")),
+            "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
+        },
+        "done_when_on_every_task": every(("done_when", "holds")),
+        "split_half_on_every_task": every(("split_half", "holds")),
+        "replicated_on_every_task": every(("replication", "holds_every_seed")),
+        "defaults_on_every_task": {k: every(("defaults", k, "holds")) for k in DEFAULTS},
+        "tied_body_finding_on_every_task": every(("tied_body_finding", "equals_last_step_train_gradient")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output directory (results.json)")
-    p.add_argument("--kronfluence-python", default=None, help="python of a venv with kronfluence installed")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes")
-    p.add_argument("--task", default="{}", help="EvalTask overrides as JSON, e.g. '{\"seed\": 1}'")
-    p.add_argument("--aggregate", nargs="*", default=None, help="results.json files to aggregate into OUT/summary.json")
+    p = argparse.ArgumentParser(description="both tasks' curvature comparisons in one JSON")
+    p.add_argument("--summary", required=True, help="output JSON (e.g. docs/results/eval/curvature-summary.json)")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="results.json of each task's `looptrace eval curvature` run; per task "
+        "the first is the primary run, later ones (other task seeds) replicate its choice",
+    )
     args = p.parse_args(argv)
-    if args.aggregate:
-        summary = aggregate([json.loads(Path(f).read_text()) for f in args.aggregate])
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(summary, Path(args.out) / "summary.json")
-        print(json.dumps({k: v for k, v in summary.items() if k != "lds"}, indent=2))
-        return 0
-    torch.set_num_threads(1)
-    cfg = CurvatureEvalConfig.smoke() if args.smoke else CurvatureEvalConfig()
-    task = EvalTask(**json.loads(args.task))
-    res = compare(task, cfg, args.kronfluence_python)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(res, out / "results.json")
-    print(json.dumps(res["summary"], indent=2))
+    runs = [json.loads(Path(f).read_text()) for f in args.results]
+    primary: dict[str, dict[str, Any]] = {}
+    replicas: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:  # per task: the first run given is the primary, the others its replicates on other seeds
+        name = r["task"]["name"]
+        if name in primary:
+            replicas.setdefault(name, []).append(r)
+        else:
+            primary[name] = r
+    summary = summarize(primary, replicas)
+    atomic_write_json(summary, Path(args.summary))
+    print(json.dumps({k: v for k, v in summary.items() if k != "tasks"}, indent=1))
     return 0
 
 

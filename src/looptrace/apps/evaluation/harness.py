@@ -19,6 +19,11 @@ confidence intervals over distinct queries and, where a ranking drives retrainin
   ones, retrain, and read the loop-budget curve on held-out test inputs the ranking never saw, for
   several seeds.
 
+* the **curvature comparison** (issue #24; :mod:`~looptrace.apps.evaluation.curvature`): the best of the
+  registered curvature-aware estimators against TracIn and kronfluence's EK-FAC on the LDS subsets, chosen
+  also on half of them, then through the removal test and the step counterfactual in its own geometry
+  (``looptrace eval curvature``: everything but the depth curation, on 100 subsets).
+
 Writes results.json (with ``verdicts``, every verdict word derived from the numbers by
 :mod:`~looptrace.apps.evaluation.verdicts`), figures and an HTML report; ``docs/results/eval/README.md``
 is rendered from results.json.
@@ -31,6 +36,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ import torch
 
 import looptrace as lt
 from looptrace.analysis.applications import depth_ranking
+from looptrace.apps.evaluation import curvature
 from looptrace.apps.evaluation.methods import METHODS, ScoreContext, as_numpy
 from looptrace.apps.evaluation.task import TASKS, EvalTask, MajorityTask
 from looptrace.apps.evaluation.verdicts import PAIRS, verdicts
@@ -54,8 +61,9 @@ class EvalConfig:
 
     subsets: int = 200
     subset_fraction: float = 0.5
-    methods: tuple[str, ...] = ()  # registered method keys; empty: every registered method
+    methods: tuple[str, ...] = ()  # registered method keys; empty: every registered method (peers: with their Python)
     removal_queries: int = 30
+    removal_methods: tuple[str, ...] = ()  # of the scored methods; empty: every one registered with removal=True
     removal_fractions: tuple[float, ...] = (0.01, 0.05, 0.1)
     random_draws: int = 3
     counterfactual_train: int = 16
@@ -66,13 +74,27 @@ class EvalConfig:
     depth_random_draws: int = 10
     n_boot: int = 2000
     seed: int = 0
+    #: a Python with kronfluence installed: the peer methods (kronfluence_*) run there and join every table
+    kronfluence_python: str | None = None
+    #: the curvature comparison: the best curvature-aware estimator chosen, split-half check, and that estimator
+    #: through the removal test and the per-step counterfactual
+    compare_curvature: bool = True
 
     @classmethod
     def quick(cls) -> EvalConfig:
         return cls(subsets=50, removal_queries=6, random_draws=2, counterfactual_train=8, counterfactual_queries=4,
                    etas=(1e-1, 1e-2, 1e-3), depth_seeds=(0, 1, 2), depth_random_draws=3,
                    methods=("tracin", "tracin_sketch_256", "tracin_sketch_4096", "tracin_last", "tracin_adam",
-                            "grad_cos", "sdi_truncated", "sdi_full"))  # fmt: skip
+                            "grad_cos", "sdi_truncated", "sdi_full", "kfac", "ekfac", "gauss_newton", "kfac_full",
+                            "ekfac_full", "gauss_newton_full"))  # fmt: skip
+
+    @classmethod
+    def curvature(cls) -> EvalConfig:
+        """``looptrace eval curvature``: every registered method's LDS (the curvature groups and, with
+        kronfluence's Python, the peers among them) on 100 subsets, the removal test for TracIn, the best
+        curvature-aware estimator and kronfluence's EK-FAC, and the plain and preconditioned step counterfactuals."""
+        return cls(subsets=100, removal_queries=16, removal_fractions=(0.05, 0.1), random_draws=2,
+                   removal_methods=("tracin",))  # fmt: skip
 
     @classmethod
     def smoke(cls) -> EvalConfig:
@@ -80,14 +102,25 @@ class EvalConfig:
         return cls(subsets=6, removal_queries=2, removal_fractions=(0.05,), random_draws=1, counterfactual_train=3,
                    counterfactual_queries=2, etas=(1e-1, 1e-2), depth_seeds=(0, 1), depth_random_draws=1,
                    n_boot=200, methods=("tracin", "tracin_sketch_256", "tracin_last", "tracin_adam", "grad_cos",
-                                        "sdi_truncated", "sdi_full"))  # fmt: skip
+                                        "sdi_truncated", "sdi_full", "gauss_newton_last", "ekfac_last_full"))  # fmt: skip
+
+    def sized_for(self, task: type[EvalTask]) -> EvalConfig:
+        """This configuration with the task's own sizes (``eval_sizes``: a slower task keeps fewer removal queries)."""
+        return dataclasses.replace(self, **getattr(task, "eval_sizes", {}))
 
     def method_keys(self) -> list[str]:
-        keys = list(self.methods) or list(METHODS)
+        peers = self.kronfluence_python is not None
+        keys = list(self.methods) or [k for k, m in METHODS.items() if m.group != "peer" or peers]
         unknown = [k for k in keys if k not in METHODS]
         if unknown:
             raise lt.ConfigError(f"unknown attribution method(s) {unknown}; registered: {list(METHODS)}")
         return keys
+
+    def removal_keys(self, scored: list[str]) -> list[str]:
+        """The scored methods that go through the removal test."""
+        if self.removal_methods:
+            return [k for k in self.removal_methods if k in scored]
+        return [k for k in scored if METHODS[k].removal]
 
 
 def _keep(n: int, drop: np.ndarray) -> torch.Tensor:
@@ -96,9 +129,11 @@ def _keep(n: int, drop: np.ndarray) -> torch.Tensor:
     return keep
 
 
-def method_scores(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[str, np.ndarray]:
+def method_scores(
+    task: EvalTask, cfg: EvalConfig, ckpt_dir: Path, ctx: ScoreContext | None = None
+) -> dict[str, np.ndarray]:
     """``{method key: [N train, M query]}`` from the full-data run's checkpoints (bigger = more helpful)."""
-    ctx = ScoreContext(task, ckpt_dir)
+    ctx = ctx or ScoreContext(task, ckpt_dir, peer_python=cfg.kronfluence_python)
     return {key: METHODS[key].scores(ctx) for key in cfg.method_keys()}
 
 
@@ -110,12 +145,18 @@ def run_lds(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray]) -> d
     out: dict[str, Any] = {"subsets": cfg.subsets, "fraction": cfg.subset_fraction, "outcome": "-query loss",
                            "queries": task.n_query, "methods": {}, "paired": {}}  # fmt: skip
     per_query: dict[str, np.ndarray] = {}
+    half = cfg.subsets // 2  # for selection on the first half of the subsets and reporting on the second
     for key, s in scores.items():
         per_query[key] = lds(s, masks, outcomes)
+        second = lds(s, masks[half:], outcomes[half:])
         out["methods"][key] = {
             "label": METHODS[key].label,
+            "group": METHODS[key].group,
             **bootstrap_ci(per_query[key], n_boot=cfg.n_boot, seed=cfg.seed),
             "per_query": per_query[key].tolist(),
+            "first_half": float(np.mean(lds(s, masks[:half], outcomes[:half]))),
+            "second_half": float(np.mean(second)),
+            "second_half_per_query": second.tolist(),
         }
     for a, b in PAIRS:
         if a in per_query and b in per_query:
@@ -129,12 +170,15 @@ def run_lds(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray]) -> d
     return out
 
 
-def run_removal(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray], base: np.ndarray) -> dict[str, Any]:
+def run_removal(
+    task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray], base: np.ndarray, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Per query: remove a method's top-k proponents (or k random examples, averaged over draws), retrain,
-    and take the rise of that query's loss; intervals by bootstrap over the distinct queries."""
+    and take the rise of that query's loss; intervals by bootstrap over the distinct queries. ``extra``: scored
+    methods to remove by besides the configured ones (the best curvature-aware estimator)."""
     rng = np.random.default_rng(cfg.seed + 1)
     queries = rng.choice(task.n_query, size=min(cfg.removal_queries, task.n_query), replace=False)
-    methods = [k for k in scores if METHODS[k].removal]
+    methods = list(dict.fromkeys([*cfg.removal_keys(list(scores)), *(k for k in extra if k in scores)]))
     out: dict[str, Any] = {"queries": queries.tolist(), "methods": methods, "rows": []}
     for frac in cfg.removal_fractions:
         k = max(1, round(frac * task.n_train))
@@ -165,10 +209,18 @@ def run_removal(task: EvalTask, cfg: EvalConfig, scores: dict[str, np.ndarray], 
     return out
 
 
-def run_counterfactual(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[str, Any]:
+#: Builds a preconditioner ``P^-1`` (a linear map on flat body gradients) for the float64 model at the final
+#: checkpoint: the curvature-aware counterfactual's geometry.
+Preconditioner = Callable[[EvalTask, torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def run_counterfactual(
+    task: EvalTask, cfg: EvalConfig, ckpt_dir: Path, preconditioner: Preconditioner | None = None
+) -> dict[str, Any]:
     """Per-step counterfactuals on the final checkpoint in float64, full BPTT (the true first-order effect of a
     step's weights; truncated SDI is zero at the first steps by construction). The updates are computed
-    independently of looptrace's features; a negative control reverses the features' steps."""
+    independently of looptrace's features; a negative control reverses the features' steps. With
+    ``preconditioner``, the prediction is the preconditioned SDI_t and the updates are preconditioned steps."""
     model = task.model().double()
     last = lt.load_checkpoints(ckpt_dir)[-1].load_full()
     load_into(model, {k: v.double() for k, v in last.state.items()}, last.name)
@@ -181,18 +233,29 @@ def run_counterfactual(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[
         "test": "-eta * grad l(z): autograd on the tied model, applied to the copy of the body that step t of the query uses",
         "train": "-eta * phi_t(z): autograd through per-step copies of the body (torch.func.functional_call), applied to the tied body",
     }  # fmt: skip
+    pre = None if preconditioner is None else preconditioner(task, model)
+    scale = 1.0
+    if pre is not None:
+        updates = {side: f"the preconditioned step: P^-1 applied to {u}" for side, u in updates.items()}
+        scale = _step_length_ratio(task, model, train_batch, pre)
+        out["eta_scale"] = scale
+        out["eta_scale_what"] = ("the etas applied are the nominal ones times eta_scale, the median over the train "
+                                 "examples of |grad l(z)| / |P^-1 grad l(z)|: a preconditioned step as long as a plain "
+                                 "one at the nominal eta (rows keyed by the nominal eta)")  # fmt: skip
+    run_etas = [e * scale for e in etas]
     smallest = min(etas)
+    e_small, e_lr = etas.index(smallest), etas.index(task.lr)
     for side in ("test", "train"):
-        res = step_counterfactual(model, task.step_module(model), task.full_bptt_loss, train_batch, query_batch, etas,
-                                  side=side, rank_eta=task.lr)  # type: ignore[arg-type]  # fmt: skip
-        e_small, e_lr = etas.index(smallest), etas.index(task.lr)
+        res = step_counterfactual(model, task.step_module(model), task.full_bptt_loss, train_batch, query_batch,
+                                  run_etas, side=side, rank_eta=run_etas[e_lr], precondition=pre)  # type: ignore[arg-type]  # fmt: skip
+        rel = [res["rel_error"][float(e)] for e in run_etas]  # by position: nominal eta i was applied as run_etas[i]
         reversed_pred = res["predicted"][..., ::-1]
         tau = len(res["slope"])
         out[side] = {
             "update": updates[side],
-            "rel_error_by_eta": {str(k): v for k, v in res["rel_error"].items()},
-            "rel_error_smallest_eta": res["rel_error"][smallest],
-            "rel_error_training_lr": res["rel_error"][task.lr],
+            "rel_error_by_eta": {str(e): r for e, r in zip(etas, rel, strict=True)},
+            "rel_error_smallest_eta": rel[e_small],
+            "rel_error_training_lr": rel[e_lr],
             "slope": res["slope"],
             "spearman_at_training_lr": [float(np.mean(r)) for r in res["spearman"]],
             "spearman_min_at_training_lr": [float(np.min(r)) for r in res["spearman"]],
@@ -206,6 +269,16 @@ def run_counterfactual(task: EvalTask, cfg: EvalConfig, ckpt_dir: Path) -> dict[
             },
         }  # fmt: skip
     return out
+
+
+def _step_length_ratio(
+    task: EvalTask, model: torch.nn.Module, batch: Any, pre: Callable[[torch.Tensor], torch.Tensor]
+) -> float:
+    """Median over the batch's examples of ``|g| / |P^-1 g|`` (g: the body's tied gradient, full BPTT)."""
+    g = lt.featurize(model, [batch], task.full_bptt_loss, step_module=task.step_module(model),
+                     sketch=lt.SketchSpec.exact(), per_step=False, verify=False).total.double()  # fmt: skip
+    ratio = g.norm(dim=1) / pre(g).norm(dim=1).clamp_min(1e-300)
+    return float(ratio.median())
 
 
 #: The depth curation's control: the same number of examples with the lowest summed TracIn (full BPTT, the same
@@ -290,7 +363,9 @@ def _machine() -> dict[str, Any]:
 
 
 def evaluate(cfg: EvalConfig, out: Path, task: EvalTask | None = None, what: str = "all") -> dict[str, Any]:
-    """Run the evaluation (``what``: all, counterfactual, lds, removal, depth) and write its outputs into ``out``."""
+    """Run the evaluation (``what``: all, counterfactual, lds, removal, depth, or curvature: the step
+    counterfactual, LDS, removal and the curvature comparison without the depth curation) and write its outputs
+    into ``out``."""
     task = task or MajorityTask()
     out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -321,22 +396,41 @@ def _evaluate(cfg: EvalConfig, out: Path, task: EvalTask, what: str) -> dict[str
             "loop_curve_test": task.loop_curve(full_model, "test"),
             "loop_curve_query": task.loop_curve(full_model, "query"),
         }
-        if what in ("all", "counterfactual"):
+        if what in ("all", "counterfactual", "curvature"):
             t1 = time.perf_counter()
             results["step_counterfactual"] = run_counterfactual(task, cfg, ckpt_dir)
             sections["step counterfactual"] = time.perf_counter() - t1
-        if what in ("all", "lds", "removal"):
+        if what in ("all", "lds", "removal", "curvature"):
             t1 = time.perf_counter()
-            scores = method_scores(task, cfg, ckpt_dir)
+            ctx = ScoreContext(task, ckpt_dir, peer_python=cfg.kronfluence_python)
+            scores = method_scores(task, cfg, ckpt_dir, ctx)
             sections["scores"] = time.perf_counter() - t1
-            if what in ("all", "lds"):
+            if ctx.peer_meta:
+                results["peers"] = ctx.peer_meta
+            if what in ("all", "lds", "curvature"):
                 t1 = time.perf_counter()
                 results["lds"] = run_lds(task, cfg, scores)
                 sections["lds"] = time.perf_counter() - t1
-            if what in ("all", "removal"):
+            comparison = (
+                curvature.compare(results["lds"], cfg.n_boot, cfg.seed)
+                if cfg.compare_curvature and "lds" in results
+                else None
+            )
+            if comparison is not None:
+                results["curvature"] = comparison
+            best: str | None = None if comparison is None else comparison["best"]["key"]
+            if what in ("all", "removal", "curvature"):
                 t1 = time.perf_counter()
-                results["removal"] = run_removal(task, cfg, scores, base)
+                peer = None if comparison is None else comparison["references"]["kronfluence_ekfac"]
+                extra = tuple(k for k in (best, None if peer is None else peer["key"]) if k is not None)
+                results["removal"] = run_removal(task, cfg, scores, base, extra=extra)
                 sections["removal"] = time.perf_counter() - t1
+                if comparison is not None and best is not None:
+                    comparison["removal"] = curvature.removal_summary(results["removal"], best, cfg.n_boot, cfg.seed)
+            if comparison is not None and best is not None and what in ("all", "curvature"):
+                t1 = time.perf_counter()
+                comparison["counterfactual"] = run_counterfactual(task, cfg, ckpt_dir, curvature.preconditioner(best))
+                sections["curvature counterfactual"] = time.perf_counter() - t1
     if what in ("all", "depth"):
         t1 = time.perf_counter()
         results["depth_curation"] = run_depth_curation(task, cfg)

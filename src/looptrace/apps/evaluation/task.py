@@ -121,6 +121,12 @@ class EvalTask:
     def step_module(self, model: nn.Module) -> nn.Module:
         return model.core  # type: ignore[return-value]
 
+    def logits(
+        self, model: nn.Module, x: torch.Tensor, loops: int | None = None, bptt_k: int | None = -1
+    ) -> torch.Tensor:
+        """``[B, classes]`` with ``loops`` loop steps (default the trained depth) and ``bptt_k`` (-1: as trained)."""
+        return logits(model, x, loops, bptt_k)
+
     loss_fn = staticmethod(loss_fn)
     full_bptt_loss = staticmethod(full_bptt_loss)
 
@@ -156,11 +162,11 @@ class EvalTask:
     def loop_curve(self, model: nn.Module, role: str = "test") -> dict[str, float]:
         """Accuracy on ``role``'s examples at each test-time loop budget."""
         x, y = self.data()[role]
-        return {str(r): float((logits(model, x, loops=r).argmax(-1) == y).float().mean()) for r in self.budgets}
+        return {str(r): float((self.logits(model, x, loops=r).argmax(-1) == y).float().mean()) for r in self.budgets}
 
     def overlap(self) -> dict[str, int]:
         """How the sets relate: distinct inputs per set, and inputs shared between sets (0 by construction)."""
-        d = {role: set(_codes(x)) for role, (x, _) in self.data().items()}
+        d = {role: set(self.codes(x)) for role, (x, _) in self.data().items()}
         return {
             "input_space": self.input_space(),
             **{f"distinct_{role}": len(s) for role, s in d.items()},
@@ -171,6 +177,10 @@ class EvalTask:
 
     def input_space(self) -> int:
         raise NotImplementedError
+
+    def codes(self, x: torch.Tensor) -> list[int]:
+        """Each input as one integer (to compare inputs between sets)."""
+        return _codes(x)
 
     def noisy_labels(self) -> np.ndarray | None:
         """``[N]`` bool: which training labels were corrupted on purpose (``None``: the task plants none)."""
@@ -238,5 +248,14 @@ def _majority_data(bits: int, n_train: int, n_query: int, n_test: int, noise: fl
     return _DATA_CACHE[key]
 
 
-#: The tasks ``looptrace eval --task NAME`` offers.
+#: The tasks ``looptrace eval --task NAME`` offers. A task in another module registers itself with
+#: :func:`register_task`; ``looptrace.apps.evaluation`` imports those modules, so the table is complete.
 TASKS: dict[str, type[EvalTask]] = {MajorityTask.name: MajorityTask}
+
+
+def register_task(cls: type[EvalTask]) -> type[EvalTask]:
+    """Class decorator: offer ``cls`` as ``looptrace eval --task cls.name``."""
+    if not cls.name or cls.name in TASKS:
+        raise lt.ConfigError(f"evaluation task name {cls.name!r} is empty or registered twice")
+    TASKS[cls.name] = cls
+    return cls

@@ -150,6 +150,46 @@ def _depth(depth: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _reach(flag: bool | None, what: str) -> str:
+    if flag is None:
+        return f"cannot be compared with {what} (not run)"
+    return f"at least {what}'s" if flag else f"below {what}'s"
+
+
+def _holds(flag: bool | None) -> str:
+    return "cannot be checked (kronfluence not run)" if flag is None else "holds" if flag else "does not hold"
+
+
+def _curvature(c: dict[str, Any]) -> dict[str, Any]:
+    """The curvature comparison's words: the "Done when" and its split-half check, and the defaults'."""
+    out: dict[str, Any] = {
+        "done_when": _holds(c["done_when"]["holds"]),
+        "best_vs_tracin": _reach(c["done_when"]["ge_tracin"], "TracIn"),
+        "best_vs_kronfluence_ekfac": _reach(c["done_when"]["ge_kronfluence_ekfac"], "kronfluence EK-FAC"),
+        "split_half": _holds(c["split_half"]["holds"]),
+        "default_damping": _holds((c.get("default_damping") or {}).get("holds")),
+        "split_half_vs_tracin": _reach(c["split_half"]["ge_tracin"], "TracIn"),
+        "split_half_vs_kronfluence_ekfac": _reach(c["split_half"]["ge_kronfluence_ekfac"], "kronfluence EK-FAC"),
+        "paired": {name: _interval_word(p, "higher than", "lower than", "not distinguishable from")
+                   for name, p in c["paired"].items()},
+        "defaults": {kind: {"vs_tracin": _reach(d["ge_tracin"], "TracIn"),
+                            "vs_kronfluence_ekfac": _reach(d["ge_kronfluence_ekfac"], "kronfluence EK-FAC"),
+                            "paired": {name: _interval_word(p, "higher than", "lower than", "not distinguishable from")
+                                       for name, p in d["paired"].items()}}
+                     for kind, d in c["defaults"].items()},
+    }  # fmt: skip
+    if "removal" in c:
+        out["removal"] = {name: _interval_word(p, "more than", "less than", "not distinguishable from")
+                          for name, p in c["removal"]["paired"].items()}  # fmt: skip
+    if "counterfactual" in c:
+        out["counterfactual"] = _counterfactual(c["counterfactual"])
+        for side in ("test", "train"):
+            out["counterfactual"][side]["smallest_eta_error_max"] = max(
+                c["counterfactual"][side]["rel_error_smallest_eta"]
+            )
+    return out
+
+
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     """The verdicts of an evaluation run, from its numbers alone."""
     out: dict[str, Any] = {}
@@ -161,4 +201,6 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
         out["removal"] = _removal(results["removal"], results.get("lds"))
     if "depth_curation" in results:
         out["depth"] = _depth(results["depth_curation"])
+    if "curvature" in results:
+        out["curvature"] = _curvature(results["curvature"])
     return out
