@@ -210,3 +210,21 @@ def test_the_widths_benchmark_runs_and_reports_what_it_measured(tmp_path) -> Non
     text = (tmp_path / "widths.md").read_text()
     assert f"{fig['overhead_with_check']:.2f}x" in text and "not run" in text
     assert json.loads((tmp_path / "widths.json").read_text())["headline"] == json.loads(json.dumps(res["headline"]))
+
+
+def test_the_committed_widths_page_is_the_rendering_of_its_json() -> None:
+    """Catches a number edited by hand in benchmarks/results/widths.md, a page not regenerated from its JSON, and a
+    target verdict that does not follow from the committed figures."""
+    from pathlib import Path
+
+    from looptrace.apps.bench import widths
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    res = json.loads((results / "widths.json").read_text())
+    assert (results / "widths.md").read_text() == widths.markdown(res)
+    for fig in res["headline"].values():
+        t = fig["targets"]
+        assert t["overhead_met"] == (fig["overhead_with_check"] <= widths.OVERHEAD_TARGET)
+        if "reference_overhead" in fig:
+            assert t["speedup_met"] == (fig["speedup_vs_reference"] >= widths.SPEEDUP_TARGET)
+            assert t["error_no_worse_than_reference"] == (fig["sdi_rel_error"] <= fig["reference_sdi_rel_error"])
