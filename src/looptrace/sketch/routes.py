@@ -9,9 +9,10 @@ A TensorSketch slot can sketch ``sum_j u_j (x) v_j`` two ways that give the same
 
 Which is faster depends on the shapes, the sequence length, the device and the BLAS/FFT libraries, so no fixed
 formula is right everywhere (a formula picked materialisation at width 512 where FFT was 1.7x faster). The
-first time a shape is met, both routes are timed on random inputs of that shape (each warmed up, then the
-median of a few runs) and the faster is kept: in memory for the process, and on disk
-(``$LOOPTRACE_CACHE_DIR`` or ``~/.cache/looptrace``, ``routes-v1.json``, keyed by the machine, torch version and
+first time a shape is met, both routes are timed on random inputs of that shape (each warmed up, then a few
+runs interleaved between the routes, each route judged by its fastest run: interference from other work on the
+machine only ever adds time) and the faster is kept: in memory for the process, and on disk
+(``$LOOPTRACE_CACHE_DIR`` or ``~/.cache/looptrace``, ``routes-v2.json``, keyed by the machine, torch version and
 thread count) for the next process. Shapes are bucketed (batch and tokens to powers of two), so a new sequence
 length does not time again. A route a first estimate puts more than :data:`SKIP_RATIO` times slower is not
 timed. ``LOOPTRACE_ROUTE_CACHE=0`` keeps decisions in memory only.
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -54,9 +54,9 @@ class Slot(Protocol):
 
 #: A route whose first estimate is this many times the other's is chosen against without being timed.
 SKIP_RATIO = 8.0
-#: Timed runs per route (after one warm-up); the median decides.
-REPS = 3
-FILE = "routes-v1.json"
+#: Timed runs per route (after one warm-up), interleaved between the routes; each route's fastest run decides.
+REPS = 5
+FILE = "routes-v2.json"  # v2: decided by the fastest of interleaved runs (v1 decisions are timed again)
 
 
 def _bucket(n: int) -> int:
@@ -151,16 +151,17 @@ class RouteChooser:
         left = torch.randn(b, n_tok, slot.rows, generator=g).to(device=device, dtype=dtype)
         right = torch.randn(b, n_tok, slot.cols, generator=g).to(device=device, dtype=dtype)
         out = torch.zeros(b, slot.m, device=device, dtype=dtype)
-        seconds: dict[Route, float] = {}
-        for route in ("fft", "materialize"):
-            runs = []
-            for _ in range(REPS + 1):  # the first run warms up (allocations, tables, FFT plans)
+        routes: tuple[Route, Route] = ("fft", "materialize")
+        runs: dict[Route, list[float]] = {r: [] for r in routes}
+        for i in range(REPS + 1):  # round 0 warms both up (allocations, tables, FFT plans) and is not counted
+            for route in routes if i % 2 == 0 else routes[::-1]:  # alternate which goes first
                 _sync(device)
                 t0 = time.perf_counter()
                 slot.add_outer(out, left, right, route)
                 _sync(device)
-                runs.append(time.perf_counter() - t0)
-            seconds[route] = statistics.median(runs[1:])
+                if i:
+                    runs[route].append(time.perf_counter() - t0)
+        seconds: dict[Route, float] = {r: min(runs[r]) for r in routes}
         self.timings[key] = {str(k): v for k, v in seconds.items()}
         return "fft" if seconds["fft"] < seconds["materialize"] else "materialize"
 
