@@ -47,6 +47,7 @@ PEER_M = 2048  # the reference's m per tensor (the paper's)
 PAPER_WIDTH = 768
 OVERHEAD_TARGET = 1.2  # default featurisation with the first-batch check, over a plain forward+backward
 SPEEDUP_TARGET = 1.1  # head to head with the reference at equal total dimension
+TARGET_FROM = 512  # the overhead bound applies from this width (the paper's widths)
 ROUTE_SLACK = 1.10  # the route "auto" picks may cost at most this much more than the faster one
 
 
@@ -236,7 +237,8 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
         # the targets of issue #31 at this width, as fields (a page quotes these, never its own reading)
         fig["targets"] = {
             "overhead_at_most": OVERHEAD_TARGET,
-            "overhead_met": fig["overhead_with_check"] <= OVERHEAD_TARGET,
+            # at the narrow widths the issue asks for "no slower than before", not for this bound
+            "overhead_met": fig["overhead_with_check"] <= OVERHEAD_TARGET if row["width"] >= TARGET_FROM else None,
             "speedup_at_least": SPEEDUP_TARGET,
             "speedup_met": fig.get("speedup_vs_reference", 0.0) >= SPEEDUP_TARGET
             if "reference_overhead" in fig
@@ -287,10 +289,12 @@ def markdown(res: dict[str, Any]) -> str:
             + (f"{row['route_check']['auto_over_best']:.2f} |" if row["layout"] else "- (no TensorSketch block) |")
         )  # fmt: skip
     word = {True: "met", False: "**not met**", None: "not measured (no reference)"}
+    narrow = f"- (a bound from width {TARGET_FROM})"
     lines += [
         "",
-        f"Targets on the body-dominated block (issue #31): the default with the check at most {OVERHEAD_TARGET:.1f}x "
-        f"a plain step; at least {SPEEDUP_TARGET:.1f}x the reference's speed; SDI error no worse than the reference's.",
+        f"Targets on the body-dominated block (issue #31): from width {TARGET_FROM}, the default with the check at most "
+        f"{OVERHEAD_TARGET:.1f}x a plain step; at least {SPEEDUP_TARGET:.1f}x the reference's speed; SDI error no "
+        "worse than the reference's.",
         "",
         "| width | overhead | speed-up | error |",
         "|---|---|---|---|",
@@ -298,7 +302,8 @@ def markdown(res: dict[str, Any]) -> str:
     for w, fig in res["headline"].items():
         t = fig["targets"]
         lines.append(
-            f"| {w} | {word[t['overhead_met']]} | {word[t['speedup_met']]} | {word[t['error_no_worse_than_reference']]} |"
+            f"| {w} | {narrow if t['overhead_met'] is None else word[t['overhead_met']]} | {word[t['speedup_met']]} | "
+            f"{word[t['error_no_worse_than_reference']]} |"
         )
     lines += ["", "## Choosing the default at each width: SDI error at the reference's D (dimensions used)", ""]
     labels = list(res["rows"][0]["choice"])
