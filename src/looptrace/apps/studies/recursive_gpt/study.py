@@ -16,7 +16,7 @@ from looptrace.apps.report import figures
 from looptrace.apps.report.html import write_study
 from looptrace.apps.runs import Run
 from looptrace.apps.studies.common import batches
-from looptrace.apps.studies.recursive_gpt.task import RecursiveGPTTask
+from looptrace.apps.studies.recursive_gpt.task import RecursiveGPTTask, masked_lm_loss
 from looptrace.io import atomic_write_json
 
 
@@ -143,12 +143,7 @@ def run_recursive_study(run: Run, out: Path, cfg: RecursiveStudyConfig) -> dict[
         for bptt in (None, run_cfg["model"].get("bptt_k")):
 
             def loss(m: torch.nn.Module, b: Any, r: int = r, bptt: int | None = bptt) -> torch.Tensor:
-                x, y, mk = b
-                logits = m(x, n_loops=r, bptt_k=bptt)
-                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(
-                    y.shape
-                )
-                return (ce * mk).sum(1) / mk.sum(1).clamp_min(1)
+                return masked_lm_loss(m, b, r, bptt)
 
             def sdi_with(sketch: lt.SketchSpec, loss: Any = loss, r: int = r) -> tuple[np.ndarray, np.ndarray]:
                 res = lt.attribute(model, [lt.Checkpoint(p) for p in paths], batches(tr, cfg.batch_size),

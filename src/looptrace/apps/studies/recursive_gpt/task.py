@@ -94,10 +94,11 @@ class RecursiveGPTTask:
         return {"answer_accuracy": acc, "answer_loss": loss, "stage": self.stage}
 
 
-def masked_lm_loss(model: nn.Module, batch: Any, loops: int | None = None) -> torch.Tensor:
-    """Per-example mean token cross-entropy over the mask (all tokens, or the answer only)."""
+def masked_lm_loss(model: nn.Module, batch: Any, loops: int | None = None, bptt_k: int | None = -1) -> torch.Tensor:
+    """Per-example mean token cross-entropy over the mask (all tokens, or the answer only); ``bptt_k`` as the
+    model takes it (-1: as configured; None: full BPTT)."""
     x, y, m = batch
-    logits = model(x, n_loops=loops)
+    logits = model(x, n_loops=loops, bptt_k=bptt_k)
     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
     return (ce * m).sum(1) / m.sum(1).clamp_min(1)
 

@@ -28,6 +28,8 @@ import torch
 
 import looptrace as lt
 from looptrace.apps.catalog import open_run
+from looptrace.apps.studies.common import batches
+from looptrace.apps.studies.recursive_gpt.task import masked_lm_loss
 from looptrace.io import atomic_write_json
 
 
@@ -41,20 +43,6 @@ class TokensConfig:
     batch_size: int = 16
 
 
-def _loss(r: int) -> Any:
-    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        x, y, m = batch
-        logits = model(x, n_loops=r, bptt_k=None)  # full BPTT: every step's term
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        return (ce * m).sum(1) / m.sum(1).clamp_min(1)
-
-    return loss
-
-
-def _batches(ts: list[torch.Tensor], size: int) -> list[tuple[torch.Tensor, ...]]:
-    return [tuple(t[i : i + size] for t in ts) for i in range(0, len(ts[0]), size)]
-
-
 def steps_tokens(run_dir: Path, cfg: TokensConfig = TokensConfig()) -> dict[str, Any]:
     """The steps x positions matrices of the strongest training problems on one query (see the module)."""
     t0 = time.perf_counter()
@@ -66,15 +54,19 @@ def steps_tokens(run_dir: Path, cfg: TokensConfig = TokensConfig()) -> dict[str,
     te = [t[: cfg.n_query] for t in data.test]
     paths = run.checkpoint_paths()[-cfg.checkpoints :]
     ckpts = [lt.Checkpoint(p) for p in paths]
-    loss, exact, r = _loss(cfg.recurrence), lt.SketchSpec.exact(), cfg.recurrence
+    r, exact = cfg.recurrence, lt.SketchSpec.exact()
+
+    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return masked_lm_loss(model, batch, r, bptt_k=None)  # full BPTT: every step's term
+
     kw: dict[str, Any] = dict(step_module=model.core, sketch=exact, tau=r)
-    first = lt.attribute(model, ckpts, _batches(tr, cfg.batch_size), _batches(te, cfg.batch_size), loss, **kw)
+    first = lt.attribute(model, ckpts, batches(tr, cfg.batch_size), batches(te, cfg.batch_size), loss, **kw)
     sdi = first.sdi.double().numpy()  # [N, M, tau]
     q = int(np.abs(sdi).sum((0, 2)).argmax())
     order = np.argsort(-np.abs(sdi[:, q].sum(-1)))[: cfg.top]
     sub = [t[torch.from_numpy(order.copy())] for t in tr]
     query = [t[q : q + 1] for t in te]
-    res = lt.attribute(model, ckpts, _batches(sub, cfg.batch_size), [tuple(query)], loss, train_positions=True, **kw)
+    res = lt.attribute(model, ckpts, batches(sub, cfg.batch_size), [tuple(query)], loss, train_positions=True, **kw)
     assert res.sdi_positions is not None
     pos = res.sdi_positions.double().numpy()[:, 0]  # [top, tau, L]
     # the per-position split sums to the SDI of the first pass (same exact features, other batches)
