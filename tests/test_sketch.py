@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import looptrace as lt
+import looptrace.sketch.plan as plan_mod
 from looptrace.sketch.hashing import bucket_hash, sign_hash
 from looptrace.sketch.plan import SketchPlan, Slot
 from tests.conftest import assert_close
@@ -25,8 +26,16 @@ def _induced(rows: int, cols: int, m: int, seed: int) -> tuple[torch.Tensor, tor
     return (h1[:, None] + h2[None, :]) % m, s1[:, None] * s2[None, :]
 
 
-@pytest.mark.parametrize("path", ["fft", "materialize"])
-def test_tensorsketch_of_outer_sums_equals_countsketch_of_matrix_under_induced_hash(path: str) -> None:
+@pytest.mark.parametrize(("path", "chunk_tokens"), [("fft", None), ("fft", 5), ("fft", 3), ("materialize", None)])
+def test_tensorsketch_of_outer_sums_equals_countsketch_of_matrix_under_induced_hash(
+    path: str, chunk_tokens: int | None, monkeypatch
+) -> None:
+    """Lemma 3, entry by entry. ``chunk_tokens``: the FFT route's chunks hold this many tokens (5: whole examples;
+    3: chunks that end inside an example, whose spectra go to their examples by index). Catches: a wrong sign or
+    hash, a chunk's tokens summed into the wrong example."""
+    if chunk_tokens is not None:
+        per_token = (2 * 16 + 4 * 9) * 8  # the route's buffers per token at m = 16, float64
+        monkeypatch.setattr(plan_mod, "FFT_CHUNK_BYTES", per_token * chunk_tokens)
     torch.manual_seed(0)
     b, n_tok, rows, cols, m = 3, 5, 6, 7, 16
     left, right = torch.randn(b, n_tok, rows, dtype=torch.float64), torch.randn(b, n_tok, cols, dtype=torch.float64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -251,3 +252,36 @@ def test_a_burst_of_load_does_not_decide_the_route(monkeypatch) -> None:
     monkeypatch.setattr(type(slot), "add_outer", timed)
     monkeypatch.setattr(routes_mod, "SKIP_RATIO", 1e9)
     assert chooser.choose(slot, 8, 60, torch.device("cpu"), torch.float32) == "fft", chooser.timings
+
+
+def test_the_check_covers_wide_matrices_on_the_probe_rows() -> None:
+    """The first-batch check compares the batch sum for every block without a wide matrix (a wide matrix's batch
+    gradient would cost a plain step's weight gradients) and every tensor on the probe rows. Catches: a wide
+    matrix left out of the probe (a wrong feature of example 0 in it passes), the batch sum dropped for the
+    small tensors (a wrong bias feature of a middle example passes)."""
+    from looptrace.capture import tracer as tracer_mod
+    from looptrace.verify import batch_checked
+
+    model, batches = _looped(384)
+    spec = lt.SketchSpec(dim=1024)
+    params = [(f"core.{n}", tuple(p.shape)) for n, p in model.core.named_parameters()]
+    plan = SketchPlan.build(spec, params)
+    assert batch_checked(plan) == {n for n, s in params if not is_wide(s)}
+    lt.featurize(model, batches, _loss, step_module=model.core, sketch=spec)  # the right features pass
+    wide = plan.slot("core.up.weight")
+    bias = plan.slot("core.down.bias")
+    real = tracer_mod.Tracer.backward
+
+    def planted(row: int, slot: Any) -> Any:
+        def backward(self: Any, *a: Any, **kw: Any) -> Any:
+            feats, grads = real(self, *a, **kw)
+            feats[row, 0, slot.offset : slot.offset + slot.m] += 1.0
+            return feats, grads
+
+        return backward
+
+    for row, slot, what in [(0, wide, "examples 0 and"), (1, bias, "batch's summed features")]:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tracer_mod.Tracer, "backward", planted(row, slot))
+            with pytest.raises(lt.VerificationError, match=what):
+                lt.featurize(model, batches, _loss, step_module=model.core, sketch=spec)

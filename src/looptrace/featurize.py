@@ -25,7 +25,7 @@ from looptrace.errors import ConfigError, LoaderError, LossError, MemoryBudgetEr
 from looptrace.features import Features
 from looptrace.sketch.plan import OuterPath, SketchPlan
 from looptrace.sketch.spec import SketchSpec
-from looptrace.verify import check_batch, probe_groups, rows_grad_alone, rows_grad_in_graph
+from looptrace.verify import batch_checked, check_batch, probe_groups, rows_grad_alone, rows_grad_in_graph
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Verify = bool | Literal["first"]
@@ -71,8 +71,9 @@ def featurize(
             By default the largest observed, and shorter batches are zero-padded.
         per_step: keep ``[N, tau, D]``; ``False`` keeps only the ``[N, D]`` totals (train side of
             test-side SDI), tau times less memory.
-        verify: check that the captured features add up to autograd's gradient (all body parameters,
-            summed over the batch, and the first and last examples run without the rest of the batch):
+        verify: check that the captured features add up to autograd's gradient (summed over the batch for
+            every parameter but the wide matrices, whose batch gradient would cost a plain step's weight
+            gradients, and all body parameters of the first and last examples run without the rest of the batch):
             ``"first"`` batch only, ``True`` every batch, ``False`` never. Catches weights used outside
             the body, examples that interact, features on the wrong example and broken layer rules.
         fallback: allow the exact torch.func fallback for body modules with no layer rule.
@@ -229,8 +230,10 @@ class _BatchRunner:
                 self.budget.check(steps)
             named: dict[str, torch.Tensor] = {bp.name: bp.param for bp in self.params}
             also = list(named.values()) if check else []
+            in_sum = batch_checked(self.plan)  # the wide matrices' batch sums are left to the probe rows
+            summed = [p for n, p in named.items() if n in in_sum] if check else []
             in_graph = check and self.model.training  # dropout: a second forward would draw other masks
-            feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, also, keep_graph=in_graph)
+            feats, grads = self.tracer.backward(losses, self.params[0].param.dtype, summed, keep_graph=in_graph)
             if check:
                 self.tracer.end_batch()
                 rows_grad = (

@@ -1,15 +1,21 @@
 """Verification against autograd: the guard against silently wrong features.
 
 The captured per-step features of a batch must add up to the sketch of autograd's gradient of the
-body, summed over the batch, and for the first and last examples run without the rest of the batch.
+body, summed over the batch (every block of coordinates without a wide matrix), and for the first and last
+examples run without the rest of the batch (every parameter).
 Because every sketch is linear, this holds exactly for a correct capture (up to floating-point error)
 and fails when a body weight is used outside the step module, when examples interact inside the body,
 when features land on the wrong example, or when a layer rule is wrong. In sketched mode the check
 compares sketches, never a full per-example gradient.
 
-The batch sum comes with the capture's own backward pass (the weight gradients are asked for alongside
-the deltas). The first and last examples are run together as a batch of two cut from the same batch
-tensors (so padding is unchanged), with one backward of ``loss_first + 2 * loss_last``: a mix of the
+The batch sum comes with the capture's own backward pass (the gradients are asked for alongside the
+deltas) for every block of coordinates without a *wide* matrix (:func:`looptrace.sketch.plan.is_wide`): a wide
+matrix's batch gradient is a plain step's weight-gradient matmul over every token and step, which would cost
+more than the rest of the check (about 5 % of six batches' plain steps at width 512). Wide matrices are checked on
+the probe rows below, whose gradients cover every body parameter (:func:`batch_checked`).
+
+The first and last examples are run together as a batch of two cut from the same batch tensors (so padding is
+unchanged), with one backward of ``loss_first + 2 * loss_last``: a mix of the
 rest of the batch into them shows as a mismatch (their companions changed), and so does a swap of the
 two (unequal weights). A batch of two is not a change of companions, so for batches of one or two each
 example is run alone. In train mode, where dropout would differ between passes, the same weighted
@@ -25,9 +31,17 @@ import torch
 
 from looptrace import batching
 from looptrace.errors import VerificationError
-from looptrace.sketch.plan import SketchPlan
+from looptrace.sketch.plan import SketchPlan, Slot, is_wide
 
-__all__ = ["check_batch", "probe_groups", "rows_grad_alone", "rows_grad_in_graph", "sketch_gradient", "tolerance"]
+__all__ = [
+    "batch_checked",
+    "check_batch",
+    "probe_groups",
+    "rows_grad_alone",
+    "rows_grad_in_graph",
+    "sketch_gradient",
+    "tolerance",
+]
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -47,15 +61,33 @@ def sketch_gradient(
     return out[0]
 
 
+def batch_checked(plan: SketchPlan) -> set[str]:
+    """The tensors whose batch-summed gradient the check compares: those of every block (a tensor's own
+    coordinates, or a space several share) that holds no wide matrix. The rest are checked on the probe rows."""
+    blocks: dict[tuple[int, int], list[Slot]] = {}
+    for s in plan.slots:
+        blocks.setdefault((s.offset, s.m), []).append(s)
+    return {s.name for group in blocks.values() if not any(is_wide(s.shape) for s in group) for s in group}
+
+
 def compare(
-    plan: SketchPlan, want: torch.Tensor, got: torch.Tensor, what: str, compute_dtype: torch.dtype | None = None
+    plan: SketchPlan,
+    want: torch.Tensor,
+    got: torch.Tensor,
+    what: str,
+    compute_dtype: torch.dtype | None = None,
+    only: set[str] | None = None,
 ) -> None:
     """Raise :class:`VerificationError` naming every parameter (or the shared space) that differs.
 
-    ``compute_dtype``: the dtype the forward ran in (under autocast), whose rounding is allowed."""
+    ``compute_dtype``: the dtype the forward ran in (under autocast), whose rounding is allowed. ``only``: compare
+    the blocks of these tensors alone (default: every block)."""
     tol = max(tolerance(got.dtype), tolerance(compute_dtype) if compute_dtype is not None else 0.0)
     bad: list[str] = []
+    keep = {(s.offset, s.m) for s in plan.slots if only is None or s.name in only}
     for name, off, m in plan.groups():
+        if (off, m) not in keep:
+            continue
         a, b = want[off : off + m], got[off : off + m]
         err = float((a - b).norm())
         scale = float(a.norm() + b.norm())
@@ -98,20 +130,24 @@ def check_batch(
     groups: list[tuple[list[int], list[float]]] | None = None,
 ) -> None:
     """Compare a batch's features ``[B, steps, D]`` with autograd: the batch sum (``batch_grads``, the
-    gradient of the summed loss w.r.t. ``params`` in order) and, for each of ``groups`` (default
-    :func:`probe_groups`), the weighted sum of its rows' features against ``rows_grad(rows, weights)``.
-    ``scale``: the diagonal preconditioner the features were computed with, applied to autograd's side too."""
+    gradient of the summed loss w.r.t. the parameters of ``params`` named in :func:`batch_checked`, in order)
+    and, for each of ``groups`` (default :func:`probe_groups`), the weighted sum of its rows' features against
+    ``rows_grad(rows, weights)`` (every parameter of ``params``, in order). ``scale``: the diagonal
+    preconditioner the features were computed with, applied to autograd's side too."""
     names = list(params)
+    in_sum = batch_checked(plan)
+    sum_names = [n for n in names if n in in_sum]
 
-    def scaled(grads: tuple[torch.Tensor | None, ...]) -> dict[str, torch.Tensor | None]:
-        out = dict(zip(names, grads, strict=True))
+    def scaled(grads: tuple[torch.Tensor | None, ...], which: list[str] = names) -> dict[str, torch.Tensor | None]:
+        out = dict(zip(which, grads, strict=True))
         if scale:
             out = {n: g if g is None or n not in scale else g * scale[n].to(g) for n, g in out.items()}
         return out
 
     dtype, device = feats.dtype, feats.device
-    total = sketch_gradient(plan, scaled(batch_grads), dtype, device)
-    compare(plan, total, feats.sum((0, 1)), "the batch's summed features", compute_dtype)
+    if sum_names:
+        total = sketch_gradient(plan, scaled(batch_grads, sum_names), dtype, device)
+        compare(plan, total, feats.sum((0, 1)), "the batch's summed features", compute_dtype, only=in_sum)
     for rows, weights in groups if groups is not None else probe_groups(feats.shape[0]):
         want = sketch_gradient(plan, scaled(rows_grad(rows, weights)), dtype, device)
         w = torch.tensor(weights, dtype=dtype, device=device)

@@ -254,27 +254,34 @@ class Slot:
 
     def _add_outer_fft(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
         """TS(sum_j u_j (x) v_j) = irfft(sum_j rfft(CS1 u_j) * rfft(CS2 v_j)): the sum over tokens moves inside
-        the inverse FFT (it is linear), so one irfft per example; O(L (rows + cols + m log m)) per example."""
+        the inverse FFT (it is linear), so one irfft per example; O(L (rows + cols + m log m)) per example.
+
+        The tokens of all examples are one axis ``[b * L]`` (a view, no copy), visited in chunks whose buffers
+        stay within :data:`FFT_CHUNK_BYTES`; each chunk's signs are applied where it is read and its spectra
+        summed into their examples by ``index_add_``, so a chunk may end inside an example."""
         b, n_tok, rows = left.shape
         cols = right.shape[-1]
         m = self.m
         t = self.tables(left.device, left.dtype)
         freq = m // 2 + 1
-        # a chunk's buffers (two [b, tok, m] count sketches and their spectra) stay within FFT_CHUNK_BYTES
-        per_token = b * (2 * m + 4 * freq) * left.element_size()
-        tok_step = max(1, min(n_tok, FFT_CHUNK_BYTES // max(per_token, 1)))
+        n = b * n_tok
+        # a chunk's buffers (two [c, m] count sketches and their spectra) stay within FFT_CHUNK_BYTES
+        per_token = (2 * m + 4 * freq) * left.element_size()
+        step = max(1, min(n, FFT_CHUNK_BYTES // max(per_token, 1)))
         acc = torch.zeros(b, freq, dtype=torch.promote_types(left.dtype, torch.complex64), device=left.device)
-        h1, h2 = t["h1"], t["h2"]
-        left, right = left * t["s1"], right * t["s2"]  # the signs, once: O(L (rows + cols))
-        for j in range(0, n_tok, tok_step):
-            k = min(tok_step, n_tok - j)
-            # 2-D [b * k, rows] rows: index_add_ along the last axis of a 2-D tensor is about 3x faster than of
-            # the 3-D [b, k, rows] view (measured on CPU)
-            lj = left[:, j : j + k].reshape(b * k, rows)
-            rj = right[:, j : j + k].reshape(b * k, cols)
-            f1 = torch.fft.rfft(lj.new_zeros(b * k, m).index_add_(1, h1, lj), dim=-1)
-            f1.mul_(torch.fft.rfft(rj.new_zeros(b * k, m).index_add_(1, h2, rj), dim=-1))
-            acc += f1.view(b, k, freq).sum(dim=1)
+        h1, h2, s1, s2 = t["h1"], t["h2"], t["s1"], t["s2"]
+        flat_l, flat_r = left.reshape(n, rows), right.reshape(n, cols)
+        example = torch.arange(b, device=left.device).repeat_interleave(n_tok)
+        for j in range(0, n, step):
+            k = min(step, n - j)
+            # 2-D [k, rows] rows: index_add_ along the last axis of a 2-D tensor is about 3x faster than of a 3-D
+            # view (measured on CPU)
+            f1 = torch.fft.rfft(flat_l.new_zeros(k, m).index_add_(1, h1, flat_l[j : j + k] * s1), dim=-1)
+            f1.mul_(torch.fft.rfft(flat_r.new_zeros(k, m).index_add_(1, h2, flat_r[j : j + k] * s2), dim=-1))
+            if k % n_tok == 0 and j % n_tok == 0:  # whole examples: a sum over their tokens
+                acc[j // n_tok : (j + k) // n_tok] += f1.view(k // n_tok, n_tok, freq).sum(dim=1)
+            else:
+                acc.index_add_(0, example[j : j + k], f1)
         out.add_(torch.fft.irfft(acc, n=m, dim=-1).to(out.dtype))
 
 
