@@ -27,7 +27,7 @@ from looptrace.errors import (
 )
 from looptrace.features import Features
 from looptrace.featurize import adam_preconditioner, featurize
-from looptrace.influence.attribute import Attribution, attribute
+from looptrace.influence.attribute import Attribution, attribute, outside_modules
 from looptrace.influence.checkpoints import Checkpoint, LoadedCheckpoint, load_checkpoints
 from looptrace.influence.recorder import CheckpointRecorder
 from looptrace.influence.scores import sdi, sdi_positions, self_influence, step_matrix, stream_sdi, tracin
@@ -64,6 +64,7 @@ __all__ = [
     "find_step_module",
     "load_checkpoints",
     "loop_step",
+    "outside_modules",
     "register_rule",
     "sdi",
     "sdi_positions",

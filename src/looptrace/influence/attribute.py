@@ -42,6 +42,10 @@ class Attribution:
             ``sdi`` (which is then defined as that sum). L is the longest training sequence; zeros past an
             example's end.
         tracin_positions: ``[N, M, L]``, ``sdi_positions.sum(2)``, with ``train_positions=True``.
+        outside: ``[N, M]`` with ``outside=True``: the part of the score that comes through the parameters outside
+            the loop body (read-in, read-out, final norm: every module of the model holding a trainable parameter
+            that is not a body parameter), under the same preconditioner, block by block; ``None`` otherwise.
+            It has no loop step: ``sdi.sum(-1) == tracin`` stays the body's share, and :attr:`total` adds this.
     """
 
     sdi: torch.Tensor
@@ -53,6 +57,12 @@ class Attribution:
     checkpoints: list[str]
     step_matrix: torch.Tensor | None = None
     sdi_positions: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
+
+    @property
+    def total(self) -> torch.Tensor:
+        """``[N, M]``: the whole model's score, ``tracin + outside`` (``tracin`` without ``outside=True``)."""
+        return self.tracin if self.outside is None else self.tracin + self.outside
 
     @property
     def tracin_positions(self) -> torch.Tensor | None:
@@ -76,6 +86,7 @@ def attribute(
     fisher: Fisher | None = None,
     fisher_loss: LossFn | None = None,
     train_positions: bool = False,
+    outside: bool = False,
     **featurize_kwargs: Any,
 ) -> Attribution:
     """TracIn and SDI of every train example on every query example, over ``checkpoints``.
@@ -104,6 +115,14 @@ def attribute(
     * ``damping``: ``None`` is 0.1 x each block's mean eigenvalue (Gauss-Newton: of its nonzero spectrum);
       a float is lambda itself for every block. ``damping_scale`` replaces the 0.1 of the heuristic (a
       damping sweep relative to each block's own scale; not with a float ``damping``).
+
+    ``outside=True`` also scores the parameters outside the loop body (:func:`outside_modules`: the read-in, the
+    read-out, a final norm), which the step decomposition leaves out: ``Attribution.outside`` ``[N, M]`` and
+    ``Attribution.total = tracin + outside``, the whole model's score (what kronfluence or TRAK score when they track
+    every layer). They are featurised as one more "body" run once per forward (``step_module=model``, so with
+    the same layer rules and first-batch check), preconditioned by the same ``precondition`` on their own block
+    (block-diagonal with the body's), at about the cost of a second featurisation. ``precondition="adam"`` then
+    needs their second moments too (a recorder without ``body=``).
 
     Pass one checkpoint (``checkpoints[-1:]``) for the classical influence function at the final weights.
     ``self_influence`` stays the plain ``|g|^2`` under these (only ``"adam"`` changes the training features).
@@ -206,9 +225,51 @@ def attribute(
     assert total_sdi is not None and total_tracin is not None and total_self is not None
     if total_positions is not None:  # sdi is the sum over positions, exactly
         total_sdi = total_positions.sum(-1)
+    rest: torch.Tensor | None = None
+    if outside:
+        mods = outside_modules(model, step_module, body)
+        if not mods:
+            rest = torch.zeros_like(total_tracin)
+        else:
+            # one pass per forward: the loop's settings (tau, recomputation of loop steps) do not apply
+            kw_out = {k: v for k, v in featurize_kwargs.items() if k not in ("tau", "recompute")}
+            rest = attribute(
+                model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods, sketch=spec,
+                precondition=precondition, damping=damping, damping_scale=damping_scale, fisher=fisher,
+                fisher_loss=fisher_loss, **kw_out,
+            ).tracin  # fmt: skip
     return Attribution(
-        total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions
+        total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions, rest
     )
+
+
+def outside_modules(
+    model: nn.Module,
+    step_module: nn.Module | Sequence[nn.Module] | None = None,
+    body: nn.Module | Sequence[nn.Module] | None = None,
+) -> list[nn.Module]:
+    """The modules of ``model`` that hold a trainable parameter outside the loop body (read-in, read-out, norms),
+    in module order: what ``attribute(outside=True)`` scores besides the body. A module that holds such a parameter
+    directly and also contains the body (a bare ``nn.Parameter`` on the model itself) cannot be separated from it:
+    :class:`~looptrace.errors.ConfigError` says how to wrap it."""
+    roots = resolve_body(model, step_module, body)
+    inside_params = {id(p) for r in roots for p in r.parameters()}
+    inside_mods = {id(m) for r in roots for m in r.modules()}
+    out: list[nn.Module] = []
+    for name, mod in model.named_modules():
+        if id(mod) in inside_mods:
+            continue
+        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad and id(p) not in inside_params]
+        if not own:
+            continue
+        if any(id(m) in inside_mods for m in mod.modules()):
+            raise ConfigError(
+                f"parameter {(name + '.' if name else '') + own[0][0]} sits directly on a module that also contains the "
+                "loop body, so it cannot be scored apart from the body; move it into a submodule of its own (e.g. an "
+                "nn.Embedding or a small nn.Module holding the nn.Parameter), or leave outside=False"
+            )
+        out.append(mod)
+    return out
 
 
 def _preconditioner(

@@ -74,7 +74,7 @@ def _best(methods: dict[str, Any], keys: list[str], field: str = "mean") -> str:
 def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
     """The curvature comparison from the LDS section of results.json (``None`` if no curvature method ran)."""
     methods = lds["methods"]
-    cands = [k for k in methods if k in CURVATURE_SPECS]
+    cands = [k for k in methods if k in CURVATURE_SPECS and not CURVATURE_SPECS[k].outside]
     if not cands:
         return None
     best = _best(methods, cands)
@@ -134,7 +134,42 @@ def compare(lds: dict[str, Any], n_boot: int = 2000, seed: int = 0) -> dict[str,
         "defaults": defaults,
         "sweep": sweep_table(methods),
         "fisher": fisher_table(methods),
+        "whole_model": whole_model(methods, peer, n_boot, seed),
     }
+
+
+def whole_model(methods: dict[str, Any], peer: str | None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """The estimators that also score the parameters outside the loop (``lt.attribute(outside=True).total``, as
+    kronfluence does when it tracks every layer) against the same references: the best of them, and each
+    preconditioner at ``lt.attribute``'s defaults (all checkpoints, as trained), each against plain TracIn, TracIn of
+    the whole model and kronfluence's EK-FAC (``None`` if none of them ran)."""
+    keys = [k for k in methods if k in CURVATURE_SPECS and CURVATURE_SPECS[k].outside]
+    if not keys:
+        return None
+    refs = {"tracin": "tracin" if "tracin" in methods else None,
+            "tracin_whole": "tracin_whole" if "tracin_whole" in methods else None, "kronfluence_ekfac": peer}  # fmt: skip
+
+    def entry(key: str) -> dict[str, Any]:
+        out: dict[str, Any] = _row(methods, key)
+        for name, ref in refs.items():
+            out[f"ge_{name}"] = None if ref is None else bool(methods[key]["mean"] >= methods[ref]["mean"])
+        out["holds"] = (
+            None if peer is None or refs["tracin"] is None else bool(out["ge_tracin"] and out["ge_kronfluence_ekfac"])
+        )
+        out["paired"] = {
+            name: _paired(methods, key, ref, n_boot, seed) for name, ref in refs.items() if ref is not None
+        }
+        return out
+
+    best = _best(methods, keys)
+    return {
+        "what": "the body's step-resolved scores plus the parameters outside the loop (read-in, read-out) on their own "
+        "preconditioner block: lt.attribute(precondition=..., outside=True).total",
+        "n_candidates": len(keys), "best": {**entry(best), "spec": dataclasses.asdict(CURVATURE_SPECS[best])},
+        "references": {name: None if ref is None else _row(methods, ref) for name, ref in refs.items()},
+        "defaults": {kind: entry(curvature_key(kind, outside=True)) for kind in CURVATURE
+                     if curvature_key(kind, outside=True) in methods},
+    }  # fmt: skip
 
 
 def removal_summary(removal: dict[str, Any], best: str, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -231,6 +266,25 @@ def replicate(primary: dict[str, Any], other: dict[str, Any], n_boot: int = 2000
     return row
 
 
+def replicate_whole(primary: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`replicate` for the whole-model estimators: the one chosen on the primary run, and each preconditioner
+    at its defaults, on another task seed's run (``None`` where either run has none)."""
+    pw, ow = primary["curvature"].get("whole_model"), other["curvature"].get("whole_model")
+    if pw is None or ow is None:
+        return None
+    methods = other["lds"]["methods"]
+    key = pw["best"]["key"]
+    peer = ow["references"]["kronfluence_ekfac"]
+    row: dict[str, Any] = {"task_seed": other["task"]["seed"], "key": key, "mean": methods[key]["mean"],
+                           "tracin": methods["tracin"]["mean"],
+                           "kronfluence_ekfac": None if peer is None else peer["mean"],
+                           "own_best": ow["best"]["key"], "own_best_mean": ow["best"]["mean"],
+                           "own_holds": ow["best"]["holds"],
+                           "defaults": {k: v["holds"] for k, v in ow["defaults"].items()}}  # fmt: skip
+    row["holds"] = None if peer is None else bool(row["mean"] >= row["tracin"] and row["mean"] >= peer["mean"])
+    return row
+
+
 def summarize(
     results: dict[str, dict[str, Any]], replicas: dict[str, list[dict[str, Any]]] | None = None
 ) -> dict[str, Any]:
@@ -242,6 +296,13 @@ def summarize(
         c = r["curvature"]
         m = r["lds"]["methods"]
         reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
+        whole = c.get("whole_model")
+        whole_reps = [x for x in (replicate_whole(r, o) for o in (replicas or {}).get(name, [])) if x is not None]
+        whole_holds = [None if whole is None else whole["best"]["holds"], *(x["holds"] for x in whole_reps)]
+        whole_defaults = {
+            kind: [v["holds"], *(x["defaults"].get(kind) for x in whole_reps)]
+            for kind, v in (whole or {}).get("defaults", {}).items()
+        }
         holds = [x["holds"] for x in reps]
         own = [c["done_when"]["holds"], *(x["own_done_when"] for x in reps)]  # each seed's own best against both
         own_dd = [(c.get("default_damping") or {}).get("holds"), *(x["own_default_damping"] for x in reps)]
@@ -260,6 +321,14 @@ def summarize(
             "counterfactual": c.get("counterfactual"),
             "plain_counterfactual": r.get("step_counterfactual"),
             "verdicts": r["verdicts"].get("curvature"),
+            "whole_model": whole,
+            "whole_model_replication": None if whole is None else {
+                "seeds": [x["task_seed"] for x in whole_reps], "per_seed": whole_reps, "n_seeds": len(whole_holds),
+                "holds_seeds": sum(bool(h) for h in whole_holds),
+                "holds_every_seed": None if None in whole_holds else all(whole_holds),
+                "defaults_seeds": {k: sum(bool(h) for h in v) for k, v in whole_defaults.items()},
+                "defaults_every_seed": {k: None if None in v else all(v) for k, v in whole_defaults.items()},
+            },
             "replication": {"seeds": [x["task_seed"] for x in reps], "per_seed": reps,
                             "holds_every_seed": None if not reps or None in holds else all(holds),
                             "holds_seeds": sum(bool(h) for h in holds),
@@ -303,6 +372,9 @@ def summarize(
             "default_damping": word(("default_damping", "holds")),
             "default_damping_every_seed": word(("replication", "own_default_damping_every_seed")),
             "tied_body": word(("tied_body_finding", "equals_last_step_train_gradient")),
+            "whole_model": word(("whole_model", "best", "holds")),
+            "whole_model_every_seed": word(("whole_model_replication", "holds_every_seed")),
+            "whole_model_defaults": {k: word(("whole_model_replication", "defaults_every_seed", k)) for k in DEFAULTS},
             "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
         },
         "done_when_on_every_task": every(("done_when", "holds")),
@@ -310,6 +382,7 @@ def summarize(
         "replicated_on_every_task": every(("replication", "holds_every_seed")),
         "defaults_on_every_task": {k: every(("defaults", k, "holds")) for k in DEFAULTS},
         "tied_body_finding_on_every_task": every(("tied_body_finding", "equals_last_step_train_gradient")),
+        "whole_model_on_every_task_and_seed": every(("whole_model_replication", "holds_every_seed")),
     }
 
 

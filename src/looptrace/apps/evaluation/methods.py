@@ -98,13 +98,15 @@ class ScoreContext:
         precondition: str | None = None,
         damping_scale: float | None = None,
         fisher: str | None = None,
+        outside: bool = False,
     ) -> lt.Attribution:
         """``lt.attribute`` over the run's checkpoints (cached): ``loss`` "trained" (truncated BPTT, as the
         model was trained) or "full" (every loop step backpropagated); exact unless ``sketch``;
         ``damping_scale`` scales the damping heuristic of a curvature ``precondition`` (``None``: its 0.1);
-        ``fisher="true"`` fits K-FAC / EK-FAC on labels sampled from the model (default: the empirical Fisher)."""
+        ``fisher="true"`` fits K-FAC / EK-FAC on labels sampled from the model (default: the empirical Fisher);
+        ``outside=True`` also scores the parameters outside the loop body (``Attribution.total``)."""
         spec = sketch or lt.SketchSpec.exact()
-        key = (loss, spec, last_only, precondition, damping_scale, fisher)
+        key = (loss, spec, last_only, precondition, damping_scale, fisher, outside)
         if key not in self._cache:
             fn = self.task.loss_fn if loss == "trained" else self.task.full_bptt_loss
             cks = self.checkpoints[-1:] if last_only else self.checkpoints
@@ -115,7 +117,7 @@ class ScoreContext:
                 kw["fisher_loss"] = sampled_loss(self.task, full=loss == "full")
             self._cache[key] = lt.attribute(
                 self.model, cks, self.train, self.query, fn, sketch=spec, step_module=self.task.step_module(self.model),
-                verify=False, precondition=precondition, **kw,  # type: ignore[arg-type]
+                verify=False, precondition=precondition, outside=outside, **kw,  # type: ignore[arg-type]
             )  # fmt: skip
         return self._cache[key]
 
@@ -172,6 +174,16 @@ for _dim in SKETCH_DIMS:
 @register_method("tracin_last", "TracIn, last checkpoint only", removal=True)
 def tracin_last(ctx: ScoreContext) -> np.ndarray:
     return as_numpy(ctx.attribution(last_only=True).tracin)
+
+
+@register_method(
+    "tracin_whole",
+    "TracIn, exact, all checkpoints, whole model",
+    group="whole model",
+    note="lt.attribute(outside=True).total: the body's TracIn plus the parameters outside the loop (read-in, read-out)",
+)
+def tracin_whole(ctx: ScoreContext) -> np.ndarray:
+    return as_numpy(ctx.attribution(outside=True).total)
 
 
 @register_method("tracin_adam", "TracIn, Adam-preconditioned", removal=True)
@@ -232,12 +244,14 @@ VARIANTS = (
 )
 
 
-def curvature_key(kind: str, suffix: str = "", scale: float | None = None, fisher: str | None = None) -> str:
-    """``kfac_full``, ``gauss_newton_last_d0.01``, ``ekfac_true``: a curvature method's key."""
+def curvature_key(
+    kind: str, suffix: str = "", scale: float | None = None, fisher: str | None = None, outside: bool = False
+) -> str:
+    """``kfac_full``, ``gauss_newton_last_d0.01``, ``ekfac_true``, ``ekfac_whole``: a curvature method's key."""
     key = kind.replace("-", "_") + suffix
     if scale is not None:
         key += f"_d{scale:g}"
-    return key + ("_true" if fisher == "true" else "")
+    return key + ("_true" if fisher == "true" else "") + ("_whole" if outside else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,10 +264,12 @@ class CurvatureSpec:
     loss: str
     scale: float | None = None
     fisher: str | None = None
+    outside: bool = False  # the whole model: the body's scores plus the parameters outside the loop
 
     def scores(self, ctx: ScoreContext) -> np.ndarray:
-        return as_numpy(ctx.attribution(loss=self.loss, last_only=self.last_only, precondition=self.kind,
-                                        damping_scale=self.scale, fisher=self.fisher).tracin)  # fmt: skip
+        res = ctx.attribution(loss=self.loss, last_only=self.last_only, precondition=self.kind,
+                              damping_scale=self.scale, fisher=self.fisher, outside=self.outside)  # fmt: skip
+        return as_numpy(res.total)
 
 
 #: key -> what the curvature method computes (every method of the groups curvature, damping sweep, fisher).
@@ -279,6 +295,12 @@ for _kind in ("kfac", "ekfac"):
     for _suffix, _what, _last, _loss in VARIANTS:
         _register_curvature(curvature_key(_kind, _suffix, fisher="true"), f"{CURVATURE[_kind]}, {_what}, true Fisher",
                             CurvatureSpec(_kind, _last, _loss, None, "true"), "fisher")  # fmt: skip
+for _kind, _name in CURVATURE.items():
+    for _suffix, _what, _last, _loss in VARIANTS:
+        _register_curvature(curvature_key(_kind, _suffix, outside=True), f"{_name}, {_what}, whole model",
+                            CurvatureSpec(_kind, _last, _loss, outside=True), "whole model",
+                            "lt.attribute(outside=True).total: the body's preconditioned scores plus those of the "
+                            "parameters outside the loop, on their own block")  # fmt: skip
 
 
 # --- peers: kronfluence in its own environment ---------------------------------------------------------------
