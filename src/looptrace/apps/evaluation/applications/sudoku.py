@@ -13,6 +13,7 @@ own answer at the horizon as targets.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -105,4 +106,9 @@ def collect_run(path: Path, n_train: int, n_query: int, sketch_dim: int, max_che
             "heldout_puzzles": len(hx), "blanks": [int((hx == 0).sum(1).min()), int((hx == 0).sum(1).max())],
             "sketch_dim": sketch_dim, "sdi_seconds": sdi_seconds,
             "cell_accuracy_at_horizon": population[str(horizon)]}  # fmt: skip
+    metrics = path / "metrics.json"
+    if metrics.exists():  # the training's own record: its time (summed over resumptions) and its test accuracy
+        m = json.loads(metrics.read_text())
+        info["train_seconds"] = m.get("train_time_s")
+        info["test_cell_accuracy"] = m.get("cell_accuracy")
     return qrun, info
