@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import looptrace as lt
-from looptrace.apps.evaluation.task import EvalTask, loss_fn
+from looptrace.apps.evaluation.task import MajorityTask, loss_fn
 from looptrace.curvature import fit_curvature, preconditioned_features
 from looptrace.models.looped import LoopedConfig, LoopedTransformer
 
@@ -52,7 +52,7 @@ def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
 
 
 def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any], list[Any]]]:
-    task = EvalTask()
+    task = MajorityTask()
     mlp = task.model()
     data = task.data()
     tr = [(data["train"][0][i : i + 64], data["train"][1][i : i + 64]) for i in range(0, task.n_train, 64)]
