@@ -274,3 +274,23 @@ def test_committed_parity_profile_shapes_follow_from_the_profiles() -> None:
     assert r["peak_word"] == peak_word(r["same_peak_as_plain"])
     if r["plain_vs_parity_study"] is not None:  # the full sample: the plain profile is the parity study's
         assert r["plain_vs_parity_study"]["relative_difference"] < 1e-4
+
+
+def test_whole_model_comparison_reads_its_numbers() -> None:
+    """The whole-model section: the best of the ``outside=True`` estimators and each default, against plain TracIn,
+    TracIn of the whole model and kronfluence EK-FAC. Catches: a flag computed against the wrong reference, the body's
+    estimators let into the whole-model candidates, a tie not counted as reaching."""
+    from looptrace.apps.evaluation.curvature import whole_model
+
+    def m(mean: float) -> dict[str, Any]:
+        return {"label": "x", "mean": mean, "lo": mean, "hi": mean, "first_half": mean, "second_half": mean,
+                "per_query": [mean, mean]}  # fmt: skip
+
+    methods = {"tracin": m(0.10), "tracin_whole": m(0.12), "kronfluence_ekfac": m(0.20), "gauss_newton": m(0.5),
+               "gauss_newton_whole": m(0.20), "kfac_whole": m(0.15), "ekfac_whole": m(0.19)}  # fmt: skip
+    out = whole_model(methods, "kronfluence_ekfac", n_boot=10)
+    assert out is not None and out["best"]["key"] == "gauss_newton_whole", "a body-only estimator was a candidate"
+    assert out["best"]["holds"] is True and out["best"]["ge_tracin_whole"] is True  # a tie with the peer reaches it
+    assert out["defaults"]["kfac"]["holds"] is False and out["defaults"]["kfac"]["ge_tracin"] is True
+    assert out["defaults"]["ekfac"]["ge_kronfluence_ekfac"] is False
+    assert whole_model({"tracin": m(0.1)}, None) is None

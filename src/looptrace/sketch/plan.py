@@ -50,10 +50,13 @@ CHUNK_BYTES = 64 * 2**20
 #: benchmarks/results/widths.md). A fixed rule of the shapes, so that the layout never depends on the machine.
 WIDE = 1 << 18
 WIDE_SIDE = 256
-#: The largest block ``budget="auto"`` gives one wide matrix (the paper's m): an FFT's cost grows faster than its
-#: length (m log m, and the cache), so a larger block costs more than it buys in accuracy at the default route; a
-#: user who wants larger blocks names them (``budget="per_tensor"``, ``dim`` per tensor).
-AUTO_BLOCK = 2048
+#: The largest block ``budget="auto"`` gives one wide matrix: an FFT's cost grows faster than its length (m log m,
+#: and the cache), so a larger block costs more than it buys in accuracy at the default route. Chosen on the widths
+#: benchmark's block at width 512 (first-batch check on, over a plain step; benchmarks/results/widths.md): the
+#: largest 5-smooth m that keeps the 1.2x bound with a margin while its SDI error is below the reference's at
+#: m = 2048 per tensor (at 2048 the two are equal; 4096 costs well over the bound). A user who wants larger blocks
+#: names them (``budget="per_tensor"``, ``dim`` per tensor).
+AUTO_BLOCK = 2304
 
 
 def fft_size(n: int) -> int:
