@@ -26,13 +26,16 @@ def _induced(rows: int, cols: int, m: int, seed: int) -> tuple[torch.Tensor, tor
     return (h1[:, None] + h2[None, :]) % m, s1[:, None] * s2[None, :]
 
 
-@pytest.mark.parametrize(("path", "chunk_tokens"), [("fft", None), ("fft", 5), ("fft", 3), ("materialize", None)])
+@pytest.mark.parametrize(
+    ("path", "chunk_tokens"), [("fft", None), ("fft", 10), ("fft", 5), ("fft", 3), ("materialize", None)]
+)
 def test_tensorsketch_of_outer_sums_equals_countsketch_of_matrix_under_induced_hash(
     path: str, chunk_tokens: int | None, monkeypatch
 ) -> None:
-    """Lemma 3, entry by entry. ``chunk_tokens``: the FFT route's chunks hold this many tokens (5: whole examples;
-    3: chunks that end inside an example, whose spectra go to their examples by index). Catches: a wrong sign or
-    hash, a chunk's tokens summed into the wrong example."""
+    """Lemma 3, entry by entry. ``chunk_tokens``: the FFT route's chunks hold at most this many tokens (10: two
+    whole examples of 5 tokens, the last chunk one; 5: one example; 3: less than an example, so each chunk is a
+    slice of every example's tokens). Catches: a wrong sign or hash, a chunk's tokens summed into the wrong
+    example, a chunk left out."""
     if chunk_tokens is not None:
         per_token = (2 * 16 + 4 * 9) * 8  # the route's buffers per token at m = 16, float64
         monkeypatch.setattr(plan_mod, "FFT_CHUNK_BYTES", per_token * chunk_tokens)

@@ -52,11 +52,11 @@ WIDE = 1 << 18
 WIDE_SIDE = 256
 #: The largest block ``budget="auto"`` gives one wide matrix: an FFT's cost grows faster than its length (m log m,
 #: and the cache), so a larger block costs more than it buys in accuracy at the default route. Chosen on the widths
-#: benchmark's block at width 512 (first-batch check on, over a plain step; benchmarks/results/widths.md): the
-#: largest 5-smooth m that keeps the 1.2x bound with a margin while its SDI error is below the reference's at
-#: m = 2048 per tensor (at 2048 the two are equal; 4096 costs well over the bound). A user who wants larger blocks
-#: names them (``budget="per_tensor"``, ``dim`` per tensor).
-AUTO_BLOCK = 2304
+#: benchmark's block at width 512 (first-batch check on, over a plain step; benchmarks/results/widths.md): a
+#: 5-smooth m whose cost is within the run-to-run spread of m = 2048's while its SDI error is clearly below the
+#: reference's at m = 2048 per tensor (at 2048 the two are equal; 4096 costs well over the 1.2x bound). A user who
+#: wants larger blocks names them (``budget="per_tensor"``, ``dim`` per tensor).
+AUTO_BLOCK = 2560
 
 
 def fft_size(n: int) -> int:
@@ -259,32 +259,40 @@ class Slot:
         """TS(sum_j u_j (x) v_j) = irfft(sum_j rfft(CS1 u_j) * rfft(CS2 v_j)): the sum over tokens moves inside
         the inverse FFT (it is linear), so one irfft per example; O(L (rows + cols + m log m)) per example.
 
-        The tokens of all examples are one axis ``[b * L]`` (a view, no copy), visited in chunks whose buffers
-        stay within :data:`FFT_CHUNK_BYTES`; each chunk's signs are applied where it is read and its spectra
-        summed into their examples by ``index_add_``, so a chunk may end inside an example."""
+        Tokens are visited in chunks whose buffers stay within :data:`FFT_CHUNK_BYTES`, made of whole examples
+        where one fits (the tokens of all examples as one axis, a view: no copy, and each chunk's spectra summed
+        per example by a reshape), else of a slice of every example's tokens. Each chunk's signs are applied where
+        it is read."""
         b, n_tok, rows = left.shape
         cols = right.shape[-1]
         m = self.m
         t = self.tables(left.device, left.dtype)
         freq = m // 2 + 1
-        n = b * n_tok
         # a chunk's buffers (two [c, m] count sketches and their spectra) stay within FFT_CHUNK_BYTES
         per_token = (2 * m + 4 * freq) * left.element_size()
-        step = max(1, min(n, FFT_CHUNK_BYTES // max(per_token, 1)))
+        budget = max(1, FFT_CHUNK_BYTES // max(per_token, 1))
         acc = torch.zeros(b, freq, dtype=torch.promote_types(left.dtype, torch.complex64), device=left.device)
         h1, h2, s1, s2 = t["h1"], t["h2"], t["s1"], t["s2"]
-        flat_l, flat_r = left.reshape(n, rows), right.reshape(n, cols)
-        example = torch.arange(b, device=left.device).repeat_interleave(n_tok)
-        for j in range(0, n, step):
-            k = min(step, n - j)
+
+        def spectra(lj: torch.Tensor, rj: torch.Tensor) -> torch.Tensor:
             # 2-D [k, rows] rows: index_add_ along the last axis of a 2-D tensor is about 3x faster than of a 3-D
             # view (measured on CPU)
-            f1 = torch.fft.rfft(flat_l.new_zeros(k, m).index_add_(1, h1, flat_l[j : j + k] * s1), dim=-1)
-            f1.mul_(torch.fft.rfft(flat_r.new_zeros(k, m).index_add_(1, h2, flat_r[j : j + k] * s2), dim=-1))
-            if k % n_tok == 0 and j % n_tok == 0:  # whole examples: a sum over their tokens
-                acc[j // n_tok : (j + k) // n_tok] += f1.view(k // n_tok, n_tok, freq).sum(dim=1)
-            else:
-                acc.index_add_(0, example[j : j + k], f1)
+            f1 = torch.fft.rfft(lj.new_zeros(lj.shape[0], m).index_add_(1, h1, lj * s1), dim=-1)
+            return f1.mul_(torch.fft.rfft(rj.new_zeros(rj.shape[0], m).index_add_(1, h2, rj * s2), dim=-1))
+
+        if budget >= n_tok:  # whole examples per chunk: a sum over each one's tokens by a reshape
+            per = min(b, budget // n_tok)
+            flat_l, flat_r = left.reshape(b * n_tok, rows), right.reshape(b * n_tok, cols)
+            for e in range(0, b, per):
+                k = min(per, b - e)
+                f = spectra(flat_l[e * n_tok : (e + k) * n_tok], flat_r[e * n_tok : (e + k) * n_tok])
+                acc[e : e + k] += f.view(k, n_tok, freq).sum(dim=1)
+        else:  # a long sequence or a large m: a slice of every example's tokens per chunk
+            tok = max(1, budget // b)
+            for j in range(0, n_tok, tok):
+                k = min(tok, n_tok - j)
+                f = spectra(left[:, j : j + k].reshape(b * k, rows), right[:, j : j + k].reshape(b * k, cols))
+                acc += f.view(b, k, freq).sum(dim=1)
         out.add_(torch.fft.irfft(acc, n=m, dim=-1).to(out.dtype))
 
 
