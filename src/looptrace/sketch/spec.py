@@ -43,7 +43,8 @@ class SketchSpec:
         budget: how ``dim`` is spent across parameter tensors: ``"auto"`` (the default: every tensor but
             the wide matrices hashed into one shared space, which gets a fair share of ``dim``, at least its
             tensors' share of all entries and never more than they have; each wide matrix a block of its own,
-            the rest split equally and rounded down to an FFT-friendly size; see
+            the rest split equally, rounded down to an FFT-friendly size and at most
+            :data:`looptrace.sketch.plan.AUTO_BLOCK`; see
             :meth:`looptrace.sketch.plan.SketchPlan._auto`), ``"per_tensor"`` (dim each, as in
             the paper), ``"proportional"`` (D split in proportion to tensor size, tensors no larger than
             their share kept exactly), or ``"shared"`` (every tensor hashed into the same D
