@@ -431,12 +431,55 @@ def _outside_gradients(model: nn.Module, batches: list[Any], loss_fn: Any) -> to
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("kind", [None, "gauss-newton", "kfac"])
+def _outside_fisher_inverse(model: nn.Module, batches: list[Any], kind: str) -> torch.Tensor:
+    """The dense K-FAC / EK-FAC inverse over the parameters outside ``model.core``, built here: the read-out Linear
+    (no bias) a Kronecker block from this function's own hook (A over the rows with gradient, S summed per example
+    and averaged), EK-FAC's eigenvalues from the per-example gradients in its eigenbasis; the read-in embedding and
+    the final norm diagonal blocks; each damped by 0.1 x its mean eigenvalue."""
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("core.")]
+    g = _outside_gradients(model, batches, lm_loss)
+    offs, off = {}, 0
+    for n, p in named:
+        offs[n] = (off, p.numel())
+        off += p.numel()
+    fisher = torch.zeros(off, off, dtype=torch.float64)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = model.head.register_forward_hook(lambda mod, a, out: calls.append((a[0], out)))
+    a_sum, s_sum, rows = 0.0, 0.0, 0
+    try:
+        for batch in batches:
+            calls.clear()
+            losses = lm_loss(model, batch)
+            x, out = calls[0]
+            (gr,) = torch.autograd.grad(losses.sum(), out)
+            x2, g2 = x.detach().reshape(-1, x.shape[-1]), gr.reshape(-1, gr.shape[-1])
+            keep = g2.abs().sum(1) > 0
+            a_sum, s_sum, rows = a_sum + x2[keep].T @ x2[keep], s_sum + g2[keep].T @ g2[keep], rows + int(keep.sum())
+    finally:
+        hook.remove()
+    a_mat, s_mat = a_sum / rows, s_sum / g.shape[0]
+    start, n = offs["head.weight"]
+    idx = torch.arange(start, start + n)
+    if kind == "kfac":
+        block = torch.kron(s_mat, a_mat)
+    else:
+        q = torch.kron(torch.linalg.eigh(s_mat)[1], torch.linalg.eigh(a_mat)[1])
+        block = q @ torch.diag(((g[:, idx] @ q) ** 2).mean(0)) @ q.T
+    fisher[idx[:, None], idx[None, :]] = block + 0.1 * float(torch.linalg.eigvalsh(block).mean()) * torch.eye(n)
+    for name, (o, k) in offs.items():
+        if name != "head.weight":
+            d = (g[:, o : o + k] ** 2).mean(0)
+            fisher[range(o, o + k), range(o, o + k)] = d + 0.1 * float(d.mean())
+    return torch.linalg.inv(fisher)
+
+
+@pytest.mark.parametrize("kind", [None, "gauss-newton", "kfac", "ekfac"])
 def test_outside_scores_the_rest_of_the_model(kind: str | None) -> None:
-    """``outside=True``: ``Attribution.outside`` is sum_k eta_k g_out(z)^T P_out g_out(z') over the parameters
-    outside the body (read-in, final norm, read-out), with the query side preconditioned on their own block;
-    ``total = tracin + outside``; the body's scores and conservation are unchanged. Breaks caught: the outside run
-    scoring the body again (body parameters in it), eta dropped, the preconditioner left off the outside block."""
+    """``outside=True``: ``Attribution.outside`` is sum_k eta_k g_out(z)^T P_out^-1 g_out(z') over the parameters
+    outside the body (read-in, final norm, read-out), with the query side preconditioned on their own block (a
+    dense reference built here); ``total = tracin + outside``; the body's scores and conservation are unchanged.
+    Breaks caught: the outside run scoring the body again (body parameters in it), eta dropped, the preconditioner
+    left off the outside block or of another kind, its damping changed."""
     model = tiny_model(bptt_k=2)
     train, query = tiny_batches(2), tiny_batches(1, b=2)
     cks = _checkpoints(model)
@@ -453,22 +496,13 @@ def test_outside_scores_the_rest_of_the_model(kind: str | None) -> None:
         gt, gq = _outside_gradients(model, train, lm_loss), _outside_gradients(model, query, lm_loss)
         if kind == "gauss-newton":
             gq = gq @ gauss_newton_inverse(gt)
-        elif kind == "kfac":  # the head's K-FAC and the other blocks' diagonals: checked through the fit's own solve
-            continue
+        elif kind in ("kfac", "ekfac"):
+            gq = gq @ _outside_fisher_inverse(model, train, kind)
         want += ck.lr * gt @ gq.T
-    if kind == "kfac":
-        # no dense K-FAC reference for the read-out here: the outside block must at least differ from the
-        # unpreconditioned one and keep the sign structure of a positive-definite preconditioner on self-pairs
-        ident = lt.attribute(model, cks, train, train[:1], lm_loss, outside=True, step_module=model.core,
-                             sketch=lt.SketchSpec.exact())  # fmt: skip
-        pre = lt.attribute(model, cks, train, train[:1], lm_loss, outside=True, **kw)
-        assert ident.outside is not None and pre.outside is not None
-        assert not torch.allclose(ident.outside, pre.outside), "the K-FAC preconditioner was not applied outside"
-        n = pre.outside.shape[1]
-        assert bool((pre.outside[torch.arange(n), torch.arange(n)] > 0).all()), "g^T P g must be positive"
-        return
     assert float(want.abs().max()) > 0
-    assert_close(res.outside, want, f"outside scores ({kind}) vs per-example gradients outside the body")
+    assert_close(
+        res.outside, want, f"outside scores ({kind}) vs a dense reference over the parameters outside the body"
+    )
 
 
 def test_outside_modules_and_a_parameter_on_the_body_s_parent() -> None:
@@ -479,3 +513,32 @@ def test_outside_modules_and_a_parameter_on_the_body_s_parent() -> None:
     model.scale = nn.Parameter(torch.ones(1, dtype=torch.float64))
     with pytest.raises(lt.ConfigError, match="sits directly on a module that also contains the loop body"):
         lt.outside_modules(model, model.core)
+
+
+def test_outside_refuses_what_it_cannot_score(tmp_path) -> None:
+    """``outside=True`` with Adam needs every parameter's second moments (a recorder with ``body=`` keeps the
+    body's only: the outside block would be left unscaled, silently mixing two geometries); a model that marks its
+    loop steps with ``lt.loop_step()`` cannot be run as one pass per forward. Both are refused with what to do."""
+    from tests.test_capture import MarkedNet, loss_fn, make_batches
+
+    model = tiny_model()
+    train, query = tiny_batches(2), tiny_batches(1, b=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = lt.CheckpointRecorder(tmp_path, every=2, body=model.core)
+    for _ in range(2):
+        for b in train:
+            opt.zero_grad()
+            lm_loss(model, b).mean().backward()
+            opt.step()
+            rec.step(model, opt)
+    cks = lt.load_checkpoints(tmp_path)
+    kw: dict[str, Any] = dict(step_module=model.core, sketch=lt.SketchSpec.exact(), precondition="adam")
+    lt.attribute(model, cks, train, query, lm_loss, **kw)  # the body alone has its moments
+    with pytest.raises(lt.CheckpointError, match="no optimizer second moments for"):
+        lt.attribute(model, cks, train, query, lm_loss, outside=True, **kw)
+    marked = MarkedNet()
+    batches = make_batches()
+    ck = [lt.Checkpoint({k: v.clone() for k, v in marked.state_dict().items()}, lr=0.5, name="a")]
+    with pytest.raises(lt.ConfigError, match="loop_step"):
+        lt.attribute(marked, ck, batches, batches[:1], loss_fn, body=[marked.adapter, marked.blocks],
+                     sketch=lt.SketchSpec.exact(), outside=True)  # fmt: skip

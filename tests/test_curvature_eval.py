@@ -286,11 +286,39 @@ def test_whole_model_comparison_reads_its_numbers() -> None:
         return {"label": "x", "mean": mean, "lo": mean, "hi": mean, "first_half": mean, "second_half": mean,
                 "per_query": [mean, mean]}  # fmt: skip
 
-    methods = {"tracin": m(0.10), "tracin_whole": m(0.12), "kronfluence_ekfac": m(0.20), "gauss_newton": m(0.5),
+    methods = {"tracin": m(0.10), "tracin_whole": m(0.16), "kronfluence_ekfac": m(0.20), "gauss_newton": m(0.5),
                "gauss_newton_whole": m(0.20), "kfac_whole": m(0.15), "ekfac_whole": m(0.19)}  # fmt: skip
     out = whole_model(methods, "kronfluence_ekfac", n_boot=10)
     assert out is not None and out["best"]["key"] == "gauss_newton_whole", "a body-only estimator was a candidate"
     assert out["best"]["holds"] is True and out["best"]["ge_tracin_whole"] is True  # a tie with the peer reaches it
-    assert out["defaults"]["kfac"]["holds"] is False and out["defaults"]["kfac"]["ge_tracin"] is True
+    kfac = out["defaults"]["kfac"]  # 0.15: above plain TracIn (0.10), below TracIn of the whole model (0.16)
+    assert kfac["ge_tracin"] is True and kfac["ge_tracin_whole"] is False and kfac["holds"] is False
     assert out["defaults"]["ekfac"]["ge_kronfluence_ekfac"] is False
     assert whole_model({"tracin": m(0.1)}, None) is None
+
+
+def test_whole_model_replication_counts_every_seed() -> None:
+    """The whole-model estimator chosen on the primary run, scored on the other seeds: ``holds`` there is its own
+    LDS against that seed's TracIn and kronfluence EK-FAC (not that seed's own best), and a replicate that lacks the
+    whole-model estimators makes the every-seed verdict unknown instead of dropping the seed. Catches: ``holds`` read
+    off the replicate's own best, a missing replicate shrinking the count to the seeds that agree."""
+    from looptrace.apps.evaluation.curvature import compare, replicate_whole, summarize
+
+    def run(seed: int, means: dict[str, float]) -> dict[str, Any]:
+        methods = {k: {"label": k, "group": "", "mean": v, "lo": v, "hi": v, "first_half": v, "second_half": v,
+                       "per_query": [v, v], "second_half_per_query": [v, v]} for k, v in means.items()}  # fmt: skip
+        lds = {"methods": methods, "subsets": 4, "queries": 2}
+        return {"task": {"seed": seed, "name": "t", "description": "d"}, "lds": lds, "curvature": compare(lds, 10),
+                "train_seconds": 0.0, "seconds": 0.0, "verdicts": {}}  # fmt: skip
+
+    base = {"tracin": 0.1, "kronfluence_ekfac": 0.2, "gauss_newton": 0.15}
+    primary = run(0, {**base, "gauss_newton_whole": 0.3, "kfac_whole": 0.25})
+    other = run(1, {**base, "gauss_newton_whole": 0.18, "kfac_whole": 0.25})
+    row = replicate_whole(primary, other)
+    assert row is not None and row["key"] == "gauss_newton_whole" and row["own_best"] == "kfac_whole"
+    assert row["holds"] is False, "holds must be the primary's choice on this seed (0.18 < the peer's 0.2)"
+    s = summarize({"t": primary}, {"t": [other]})["tasks"]["t"]["whole_model_replication"]
+    assert s["holds_seeds"] == 1 and s["n_seeds"] == 2 and s["holds_every_seed"] is False
+    bare = run(2, base)  # a replicate run before the whole-model estimators existed
+    s = summarize({"t": primary}, {"t": [bare]})["tasks"]["t"]["whole_model_replication"]
+    assert s["n_seeds"] == 2 and s["holds_every_seed"] is None

@@ -27,20 +27,23 @@ def _induced(rows: int, cols: int, m: int, seed: int) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize(
-    ("path", "chunk_tokens"), [("fft", None), ("fft", 10), ("fft", 5), ("fft", 3), ("materialize", None)]
-)
+    ("path", "chunk_tokens", "b"),
+    [("fft", None, 3), ("fft", 10, 3), ("fft", 5, 3), ("fft", 3, 3), ("fft", 4, 2), ("fft", 4, 1),
+     ("materialize", None, 3)],
+)  # fmt: skip
 def test_tensorsketch_of_outer_sums_equals_countsketch_of_matrix_under_induced_hash(
-    path: str, chunk_tokens: int | None, monkeypatch
+    path: str, chunk_tokens: int | None, b: int, monkeypatch
 ) -> None:
-    """Lemma 3, entry by entry. ``chunk_tokens``: the FFT route's chunks hold at most this many tokens (10: two
-    whole examples of 5 tokens, the last chunk one; 5: one example; 3: less than an example, so each chunk is a
-    slice of every example's tokens). Catches: a wrong sign or hash, a chunk's tokens summed into the wrong
-    example, a chunk left out."""
+    """Lemma 3, entry by entry, over ``b`` examples of 5 tokens. ``chunk_tokens``: the FFT route's chunks hold at
+    most this many tokens (10: two whole examples, the last chunk one; 5: one example; 3 or 4: less than an
+    example, so each chunk is a slice of every example's tokens: one token each at b = 3, two at b = 2 with a
+    last slice of one, four at b = 1). Catches: a wrong sign or hash, a chunk's tokens summed into the wrong
+    example (a transposed reshape), a chunk or a last partial slice left out."""
     if chunk_tokens is not None:
         per_token = (2 * 16 + 4 * 9) * 8  # the route's buffers per token at m = 16, float64
         monkeypatch.setattr(plan_mod, "FFT_CHUNK_BYTES", per_token * chunk_tokens)
     torch.manual_seed(0)
-    b, n_tok, rows, cols, m = 3, 5, 6, 7, 16
+    n_tok, rows, cols, m = 5, 6, 7, 16
     left, right = torch.randn(b, n_tok, rows, dtype=torch.float64), torch.randn(b, n_tok, cols, dtype=torch.float64)
     slot = _ts_slot(rows, cols, m)
     out = torch.zeros(b, m, dtype=torch.float64)

@@ -75,7 +75,8 @@ def featurize(
             every parameter but the wide matrices, whose batch gradient would cost a plain step's weight
             gradients, and all body parameters of the first and last examples run without the rest of the batch):
             ``"first"`` batch only, ``True`` every batch, ``False`` never. Catches weights used outside
-            the body, examples that interact, features on the wrong example and broken layer rules.
+            the body, examples that interact, features on the wrong example (for a wide matrix, on the first
+            or last one) and broken layer rules.
         fallback: allow the exact torch.func fallback for body modules with no layer rule.
         train_mode: featurise in train mode (dropout on). Default: eval mode, restored afterwards.
         outer_path: how TensorSketch of outer products is computed: ``"auto"`` (cheaper by a cost

@@ -5,7 +5,8 @@ body, summed over the batch (every block of coordinates without a wide matrix), 
 examples run without the rest of the batch (every parameter).
 Because every sketch is linear, this holds exactly for a correct capture (up to floating-point error)
 and fails when a body weight is used outside the step module, when examples interact inside the body,
-when features land on the wrong example, or when a layer rule is wrong. In sketched mode the check
+when features land on the wrong example (for a wide matrix: on the first or the last example, the only ones
+whose features are compared for it), or when a layer rule is wrong. In sketched mode the check
 compares sketches, never a full per-example gradient.
 
 The batch sum comes with the capture's own backward pass (the gradients are asked for alongside the

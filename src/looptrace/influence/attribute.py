@@ -15,7 +15,7 @@ from looptrace.curvature.blocks import DAMPING_SCALE
 from looptrace.curvature.factors import Curvature
 from looptrace.curvature.fit import Fisher, fit_curvature
 from looptrace.curvature.query import GN_DAMPING_SCALE, gauss_newton, preconditioned_features
-from looptrace.errors import CheckpointError, ConfigError
+from looptrace.errors import CheckpointError, ConfigError, StepError
 from looptrace.features import Features
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
@@ -171,9 +171,16 @@ def attribute(
                         f"checkpoint {name} has no optimizer second moments; record it with "
                         "looptrace.CheckpointRecorder(..., moments=True) or drop precondition='adam'"
                     )
-                kw["precondition"] = adam_preconditioner(
-                    full.second_moments, names=_body_names(model, step_module, body)
-                )
+                wanted = _body_names(model, step_module, body)
+                missing = [n for n in wanted if n not in full.second_moments["exp_avg_sq"]]
+                if missing:  # a parameter left unscaled would silently mix two geometries
+                    raise CheckpointError(
+                        f"checkpoint {name} has no optimizer second moments for {missing[:4]}"
+                        f"{' ...' if len(missing) > 4 else ''}; record them (looptrace.CheckpointRecorder(..., "
+                        "moments=True) without body= covers every parameter, which outside=True needs) or drop "
+                        "precondition='adam'"
+                    )
+                kw["precondition"] = adam_preconditioner(full.second_moments, names=wanted)
             train = featurize(
                 model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name,
                 positions=train_positions, **kw,
@@ -233,11 +240,18 @@ def attribute(
         else:
             # one pass per forward: the loop's settings (tau, recomputation of loop steps) do not apply
             kw_out = {k: v for k, v in featurize_kwargs.items() if k not in ("tau", "recompute")}
-            rest = attribute(
-                model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods, sketch=spec,
-                precondition=precondition, damping=damping, damping_scale=damping_scale, fisher=fisher,
-                fisher_loss=fisher_loss, **kw_out,
-            ).tracin  # fmt: skip
+            try:
+                rest = attribute(
+                    model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods,
+                    sketch=spec, precondition=precondition, damping=damping, damping_scale=damping_scale,
+                    fisher=fisher, fisher_loss=fisher_loss, **kw_out,
+                ).tracin  # fmt: skip
+            except StepError as exc:
+                raise ConfigError(
+                    "outside=True featurises the parameters outside the loop as one pass per call of the model: "
+                    "loss_fn must call model(...) itself (not its submodules one by one), and the model must not mark "
+                    f"its loop steps with looptrace.loop_step() (not supported with outside=True). From the run: {exc}"
+                ) from exc
     return Attribution(
         total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions, rest
     )

@@ -261,8 +261,8 @@ class Slot:
 
         Tokens are visited in chunks whose buffers stay within :data:`FFT_CHUNK_BYTES`, made of whole examples
         where one fits (the tokens of all examples as one axis, a view: no copy, and each chunk's spectra summed
-        per example by a reshape), else of a slice of every example's tokens. Each chunk's signs are applied where
-        it is read."""
+        per example by a reshape), else of a slice of every example's tokens (at least one token of each, so a
+        chunk exceeds the bound when even that does not fit). Each chunk's signs are applied where it is read."""
         b, n_tok, rows = left.shape
         cols = right.shape[-1]
         m = self.m

@@ -275,6 +275,8 @@ def replicate_whole(primary: dict[str, Any], other: dict[str, Any]) -> dict[str,
     methods = other["lds"]["methods"]
     key = pw["best"]["key"]
     peer = ow["references"]["kronfluence_ekfac"]
+    if key not in methods or "tracin" not in methods:
+        return None
     row: dict[str, Any] = {"task_seed": other["task"]["seed"], "key": key, "mean": methods[key]["mean"],
                            "tracin": methods["tracin"]["mean"],
                            "kronfluence_ekfac": None if peer is None else peer["mean"],
@@ -297,10 +299,13 @@ def summarize(
         m = r["lds"]["methods"]
         reps = [replicate(r, o) for o in (replicas or {}).get(name, [])]
         whole = c.get("whole_model")
-        whole_reps = [x for x in (replicate_whole(r, o) for o in (replicas or {}).get(name, [])) if x is not None]
-        whole_holds = [None if whole is None else whole["best"]["holds"], *(x["holds"] for x in whole_reps)]
+        # a replicate without the whole-model estimators counts as unknown (None), never as a seed left out
+        whole_rows = [replicate_whole(r, o) for o in (replicas or {}).get(name, [])]
+        whole_reps = [x for x in whole_rows if x is not None]
+        whole_holds = [None if whole is None else whole["best"]["holds"],
+                       *(None if x is None else x["holds"] for x in whole_rows)]  # fmt: skip
         whole_defaults = {
-            kind: [v["holds"], *(x["defaults"].get(kind) for x in whole_reps)]
+            kind: [v["holds"], *(None if x is None else x["defaults"].get(kind) for x in whole_rows)]
             for kind, v in (whole or {}).get("defaults", {}).items()
         }
         holds = [x["holds"] for x in reps]
