@@ -542,3 +542,24 @@ def test_outside_refuses_what_it_cannot_score(tmp_path) -> None:
     with pytest.raises(lt.ConfigError, match="loop_step"):
         lt.attribute(marked, ck, batches, batches[:1], loss_fn, body=[marked.adapter, marked.blocks],
                      sketch=lt.SketchSpec.exact(), outside=True)  # fmt: skip
+
+
+def test_outside_scores_learned_positions_and_old_checkpoints_load() -> None:
+    """A looped transformer with learned positions (the Sudoku preset's): the table is a module of its own, so
+    ``outside=True`` scores it with the rest of the read-in (against per-example autograd gradients), and a
+    checkpoint written when it was a bare parameter (key ``pos``) still loads, by ``load_state_dict`` and by
+    ``lt.attribute``'s checked loader. Catches: the table left out of the outside run, old checkpoints refused."""
+    model = tiny_model(positions="learned")
+    with torch.no_grad():
+        model.pos.weight.add_(0.3 * torch.randn_like(model.pos.weight))
+    assert any(isinstance(m, type(model.pos)) for m in lt.outside_modules(model, model.core))
+    old = {("pos" if k == "pos.weight" else k): v.clone() for k, v in model.state_dict().items()}
+    twin = tiny_model(positions="learned")
+    twin.load_state_dict(old)
+    assert_close(twin.pos.weight, model.pos.weight, "the old key pos read as pos.weight")
+    train, query = tiny_batches(2), tiny_batches(1, b=2)
+    res = lt.attribute(model, [lt.Checkpoint(old, lr=0.5, name="old")], train, query, lm_loss,
+                       step_module=model.core, sketch=lt.SketchSpec.exact(), outside=True)  # fmt: skip
+    assert res.outside is not None
+    want = 0.5 * _outside_gradients(model, train, lm_loss) @ _outside_gradients(model, query, lm_loss).T
+    assert_close(res.outside, want, "outside scores with learned positions vs per-example autograd")

@@ -273,7 +273,11 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) ->
     """Copy ``state`` into ``model`` exactly, listing every missing, unexpected or misshapen key.
 
     A key missing only because the checkpoint stored a tied weight once (under another of its names) is
-    not missing."""
+    not missing. A model with an ``upgrade_state_dict(state)`` method (looptrace's own models) first renames the keys
+    older versions wrote."""
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if callable(upgrade):
+        state = upgrade(dict(state))
     own = model.state_dict()
     aliases = _tied_aliases(model)
     missing = sorted(k for k in set(own) - set(state) if not (aliases.get(k, set()) & set(state)))

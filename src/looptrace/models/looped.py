@@ -167,6 +167,27 @@ class Core(nn.Module):
         return self.norm(u) if self.norm is not None else u
 
 
+class LearnedPositions(nn.Module):
+    """A learned position table ``weight`` ``[max_len, d]`` added to a batch of embeddings: a module of its own (not
+    a bare parameter on the model) so that every parameter outside the loop body belongs to a module
+    (``lt.attribute(..., outside=True)`` scores them module by module)."""
+
+    def __init__(self, max_len: int, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_len, d))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return e + self.weight[: e.shape[1]]
+
+
+def _positions_key(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    """Checkpoints written before :class:`LearnedPositions` keep the table under ``pos``: read it as ``pos.weight``
+    (a ``load_state_dict`` pre-hook; :meth:`LoopedTransformer.upgrade_state_dict` for looptrace's own loaders)."""
+    old = prefix + "pos"
+    if isinstance(state_dict.get(old), torch.Tensor) and prefix + "pos.weight" not in state_dict:
+        state_dict[prefix + "pos.weight"] = state_dict.pop(old)
+
+
 class LoopedTransformer(nn.Module):
     """Prelude / recurrent core / coda transformer with an explicit per-iteration interface."""
 
@@ -178,13 +199,21 @@ class LoopedTransformer(nn.Module):
             self.read_in: nn.Module = nn.Linear(cfg.vocab_size, d)
         else:
             self.read_in = nn.Embedding(cfg.vocab_size, d)
-        self.pos = nn.Parameter(torch.zeros(cfg.max_len, d)) if cfg.positions == "learned" else None
+        self.pos = LearnedPositions(cfg.max_len, d) if cfg.positions == "learned" else None
+        self.register_load_state_dict_pre_hook(_positions_key)
         self.prelude = nn.ModuleList([Block(cfg) for _ in range(cfg.n_prelude)])
         self.core = Core(cfg)
         self.coda = nn.ModuleList([Block(cfg) for _ in range(cfg.n_coda)])
         self.ln_f = _norm(cfg, d) if cfg.head_norm else None
         self.head = nn.Linear(d, cfg.out_size or cfg.vocab_size, bias=cfg.head_bias)
         self.apply(self._init)
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with the keys of older looptrace versions renamed to this model's (``pos`` -> ``pos.weight``);
+        :func:`looptrace.influence.checkpoints.load_into` calls it before it checks the keys."""
+        out = dict(state)
+        _positions_key(self, out, "")
+        return out
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -203,7 +232,7 @@ class LoopedTransformer(nn.Module):
         else:
             e = self.read_in(x)
         if self.pos is not None:
-            e = e + self.pos[: x.shape[1]]
+            e = self.pos(e)
         for blk in self.prelude:
             e = blk(e)
         return e
