@@ -32,7 +32,7 @@ import torch
 
 from looptrace import batching
 from looptrace.errors import VerificationError
-from looptrace.sketch.plan import SketchPlan, Slot, is_wide
+from looptrace.sketch.plan import SketchPlan, is_wide
 
 __all__ = [
     "batch_checked",
@@ -65,10 +65,7 @@ def sketch_gradient(
 def batch_checked(plan: SketchPlan) -> set[str]:
     """The tensors whose batch-summed gradient the check compares: those of every block (a tensor's own
     coordinates, or a space several share) that holds no wide matrix. The rest are checked on the probe rows."""
-    blocks: dict[tuple[int, int], list[Slot]] = {}
-    for s in plan.slots:
-        blocks.setdefault((s.offset, s.m), []).append(s)
-    return {s.name for group in blocks.values() if not any(is_wide(s.shape) for s in group) for s in group}
+    return {s.name for group in plan.blocks().values() if not any(is_wide(s.shape) for s in group) for s in group}
 
 
 def compare(

@@ -428,14 +428,19 @@ class SketchPlan:
             off += m_wide
         return cls(spec, sorted(slots, key=lambda sl: sl.name), off)
 
-    def groups(self) -> list[tuple[str, int, int]]:
-        """``(label, offset, m)`` of every block of coordinates: a tensor's own, or a space several tensors share
-        (named after them). The first-batch check compares block by block."""
-        by_block: dict[tuple[int, int], list[str]] = {}
+    def blocks(self) -> dict[tuple[int, int], list[Slot]]:
+        """``{(offset, m): slots}``: every block of coordinates, a tensor's own or a space several tensors share."""
+        by_block: dict[tuple[int, int], list[Slot]] = {}
         for s in self.slots:
-            by_block.setdefault((s.offset, s.m), []).append(s.name)
+            by_block.setdefault((s.offset, s.m), []).append(s)
+        return by_block
+
+    def groups(self) -> list[tuple[str, int, int]]:
+        """``(label, offset, m)`` of every block of coordinates (:meth:`blocks`), named after its tensors. The
+        first-batch check compares block by block."""
         out = []
-        for (off, m), names in sorted(by_block.items()):
+        for (off, m), slots in sorted(self.blocks().items()):
+            names = [s.name for s in slots]
             label = (
                 names[0]
                 if len(names) == 1

@@ -123,6 +123,15 @@ def _eval_depth(cfg: ApplicationsConfig, root: Path) -> tuple[MajorityTask, dict
     return MajorityTask(**kw), r["depth_curation"], cfg.eval_results  # type: ignore[arg-type]
 
 
+def _per_query(runs: list[Any], cfg: horizon.HorizonConfig) -> list[dict[str, Any]]:
+    """Per run: each query's needed budget and where the two horizon rules stop it at their default settings."""
+    return [
+        {"needed": n.tolist(), "horizon_peak": horizon.rule_stops(r, "horizon_peak", cfg.default_frac, n).tolist(),
+         "horizon_share": horizon.rule_stops(r, "horizon_share", cfg.default_share, n).tolist()}
+        for r, n in zip(runs, horizon.needed_for(runs), strict=True)
+    ]  # fmt: skip
+
+
 def run_applications(cfg: ApplicationsConfig, out: Path, root: Path | None = None,
                      what: tuple[str, ...] = ("horizon", "cancellation", "curation")) -> dict[str, Any]:  # fmt: skip
     """Run the applications and write their outputs into ``out``; one torch thread (a tiny model)."""
@@ -171,11 +180,7 @@ def _run(cfg: ApplicationsConfig, out: Path, root: Path, what: tuple[str, ...]) 
     if "horizon" in what:
         t1 = time.perf_counter()
         res["horizon"] = {task0.name: horizon.analyze(runs, cfg.horizon)}
-        res["horizon"][task0.name]["per_query"] = [
-            {"needed": n.tolist(), "horizon_peak": horizon.rule_stops(r, "horizon_peak", cfg.horizon.default_frac, n).tolist(),
-             "horizon_share": horizon.rule_stops(r, "horizon_share", cfg.horizon.default_share, n).tolist()}
-            for r, n in zip(runs, horizon.needed_for(runs), strict=True)
-        ]  # fmt: skip
+        res["horizon"][task0.name]["per_query"] = _per_query(runs, cfg.horizon)
         if cfg.sudoku_seeds:
             from looptrace.apps.evaluation.applications.sudoku import collect_run, ensure_run
 
@@ -191,11 +196,7 @@ def _run(cfg: ApplicationsConfig, out: Path, root: Path, what: tuple[str, ...]) 
                 infos.append(info)
             res["horizon"]["sudoku"] = horizon.analyze(s_runs, cfg.horizon)
             res["horizon"]["sudoku"]["runs"] = infos
-            res["horizon"]["sudoku"]["per_query"] = [
-                {"needed": n.tolist(), "horizon_peak": horizon.rule_stops(r, "horizon_peak", cfg.horizon.default_frac, n).tolist(),
-                 "horizon_share": horizon.rule_stops(r, "horizon_share", cfg.horizon.default_share, n).tolist()}
-                for r, n in zip(s_runs, horizon.needed_for(s_runs), strict=True)
-            ]  # fmt: skip
+            res["horizon"]["sudoku"]["per_query"] = _per_query(s_runs, cfg.horizon)
         secs["horizon"] = secs.get("horizon", 0.0) + time.perf_counter() - t1
     if "cancellation" in what:
         res["cancellation"] = {"per_seed_pairs": pairs, "per_seed_removal": removals,
