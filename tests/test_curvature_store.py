@@ -91,3 +91,44 @@ def test_fit_curvature_has_help(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["fit-curvature", "--help"])
     assert e.value.code == 0 and "--fisher-loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precondition", [None, "gauss-newton", "ekfac"])
+def test_cli_whole_model_scores_equal_attribute_total(tmp_path, precondition: str | None) -> None:
+    """featurize --outside -> (fit-curvature) -> score --kind total gives ``attribute(outside=True).total``: the
+    body's TracIn plus the parameters outside the loop on their own block. Catches the companion store left out of
+    the total (it would equal the body's TracIn), its factors not fitted or taken from the body's, or a
+    preconditioner applied to one part only."""
+    cks = save_checkpoints(str(tmp_path))
+    store = tmp_path / "store"
+    args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
+            "--outside", "--store", str(store)]  # fmt: skip
+    for c in cks:
+        args += ["--checkpoint", c]
+    assert main(args) == 0
+    assert FeatureStore.open(store).outside().n("train") == 40
+    if precondition == "ekfac":
+        assert main(["fit-curvature", "--store", str(store), "--batch-size", "5"]) == 0
+        assert curvature_path(FeatureStore.open(store).outside(), 1).exists()
+    out = tmp_path / "total.npy"
+    extra = [] if precondition is None else ["--precondition", precondition]
+    assert main(["score", "--store", str(store), "--out", str(out), "--kind", "total", *extra]) == 0
+    model = make_model()
+    loader = lambda role: torch.utils.data.DataLoader(make_dataset(role), batch_size=7)  # noqa: E731
+    res = lt.attribute(model, [lt.Checkpoint(c) for c in cks], loader("train"), loader("query"), loss_fn,
+                       step_module=model.core, sketch=lt.SketchSpec(dim=64), precondition=precondition,
+                       outside=True)  # type: ignore[arg-type]  # fmt: skip
+    assert res.outside is not None
+    got = torch.from_numpy(np.load(out)).double()
+    scale = float(res.total.abs().max())
+    assert_close(got, res.total.double(), f"store total ({precondition}) vs attribute", rtol=1e-4, atol=1e-5 * scale)
+    assert float((got - res.tracin.double()).abs().max()) > 1e-2 * scale, "the total is the body's TracIn alone"
+
+
+def test_whole_model_scores_need_the_outside_features(tmp_path, capsys) -> None:
+    store, _ = _cli_store(tmp_path)
+    assert main(["score", "--store", str(store), "--out", str(tmp_path / "x.npy"), "--kind", "total"]) == 2
+    assert "--outside" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()
+    with pytest.raises(lt.ConfigError, match="kind='total'"):
+        score_to_disk(FeatureStore.open(store), tmp_path / "y.npy", kind="tracin", outside_queries=[])

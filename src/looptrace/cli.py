@@ -240,6 +240,8 @@ def _cmd_featurize(args: argparse.Namespace) -> int:
             options["autocast"] = getattr(torch, args.autocast)
         if args.positions is not None:
             options["positions"] = args.positions
+        if args.outside:
+            options["outside"] = True
         spec = (
             SketchSpec.exact()
             if args.method == "exact"
@@ -291,20 +293,26 @@ def _cmd_fit_curvature(args: argparse.Namespace) -> int:
 
 
 def _score_preconditioned(args: argparse.Namespace) -> Path:
+    from looptrace.influence.attribute import outside_modules
     from looptrace.store import FeatureStore, score_to_disk
     from looptrace.store.curvature import preconditioned_queries
 
     store = FeatureStore.open(args.store)
+    total = args.kind == "total"
+    outside = store.outside() if total else None  # refused before any work when the store has none
     if args.precondition == "gauss-newton":
         queries = preconditioned_queries(store, "gauss-newton", args.damping)
-    else:
-        model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "query")
-        model.to(args.device)
-        queries = preconditioned_queries(
-            store, args.precondition, args.damping, model=model, checkpoints=cks, dataset=datasets["query"],
-            loss_fn=loss_fn, step_module=step_module, body=body, batch_size=args.batch_size,
-        )  # fmt: skip
-    return score_to_disk(store, args.out, kind=args.kind, queries=queries)
+        rest = None if outside is None else preconditioned_queries(outside, "gauss-newton", args.damping)
+        return score_to_disk(store, args.out, kind=args.kind, queries=queries, outside_queries=rest)
+    model, (step_module, body), loss_fn, datasets, cks = _store_setup(args.store, "query")
+    model.to(args.device)
+    kw = dict(model=model, checkpoints=cks, dataset=datasets["query"], loss_fn=loss_fn, batch_size=args.batch_size)
+    queries = preconditioned_queries(store, args.precondition, args.damping, step_module=step_module, body=body, **kw)
+    rest = None
+    if outside is not None:  # the parameters outside the loop, on their own block
+        mods = outside_modules(model, step_module, body)
+        rest = preconditioned_queries(outside, args.precondition, args.damping, step_module=model, body=mods, **kw)
+    return score_to_disk(store, args.out, kind=args.kind, queries=queries, outside_queries=rest)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -620,13 +628,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store every training example's per-position features (token x step attribution), ragged: its "
         "real positions only, summed over spans of K positions (default 1: every position)",
     )
+    f.add_argument(
+        "--outside",
+        action="store_true",
+        help="also featurise the parameters outside the loop body (read-in, read-out, final norm) into STORE/outside, "
+        "one pass per forward, for `looptrace score --kind total` (the whole model's score)",
+    )
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_cmd_featurize)
 
     sc = sub.add_parser("score", help="stream sum_k eta_k SDI (or TracIn) from a store to a .npy file")
     sc.add_argument("--store", required=True)
     sc.add_argument("--out", required=True, help="output .npy")
-    sc.add_argument("--kind", default="sdi", choices=["sdi", "tracin"])
+    sc.add_argument(
+        "--kind", default="sdi", choices=["sdi", "tracin", "total"],
+        help="sdi: [N, M, tau]; tracin: [N, M], the body's; total: [N, M], the whole model's, the body's TracIn plus "
+        "the parameters outside the loop (a store featurised with --outside)",
+    )  # fmt: skip
     _add_curvature_arguments(sub, sc)
     sc.set_defaults(func=_cmd_score)
 

@@ -247,11 +247,7 @@ def attribute(
                     fisher=fisher, fisher_loss=fisher_loss, **kw_out,
                 ).tracin  # fmt: skip
             except StepError as exc:
-                raise ConfigError(
-                    "outside=True featurises the parameters outside the loop as one pass per call of the model: "
-                    "loss_fn must call model(...) itself (not its submodules one by one), and the model must not mark "
-                    f"its loop steps with looptrace.loop_step() (not supported with outside=True). From the run: {exc}"
-                ) from exc
+                raise outside_refused(exc) from exc
     return Attribution(
         total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions, rest
     )
@@ -284,6 +280,15 @@ def outside_modules(
             )
         out.append(mod)
     return out
+
+
+def outside_refused(exc: StepError) -> ConfigError:
+    """What ``outside=True`` says when the model cannot be run as one pass per forward."""
+    return ConfigError(
+        "outside=True featurises the parameters outside the loop as one pass per call of the model: loss_fn must call "
+        "model(...) itself (not its submodules one by one), and the model must not mark its loop steps with "
+        f"looptrace.loop_step() (not supported with outside=True). From the run: {exc}"
+    )
 
 
 def _preconditioner(

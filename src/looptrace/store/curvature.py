@@ -27,10 +27,11 @@ from looptrace.curvature.fit import Fisher, fit_curvature
 from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import ConfigError, SpecMismatchError
 from looptrace.featurize import LossFn
+from looptrace.influence.attribute import outside_modules
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.store.retrieval import _query_steps
 from looptrace.store.shards import dataset_fingerprint
-from looptrace.store.store import FeatureStore
+from looptrace.store.store import OUTSIDE_DIR, FeatureStore
 
 #: Preconditioners a store can score with (``None``: plain TracIn / SDI).
 STORE_PRECONDITIONERS = ("kfac", "ekfac", "gauss-newton")
@@ -66,7 +67,8 @@ def fit_curvature_to_store(
     fisher_loss: LossFn | None = None,
     seed: int = 0,
 ) -> list[Path]:
-    """Fit K-FAC and EK-FAC factors of every checkpoint of the store on its training set, beside it.
+    """Fit K-FAC and EK-FAC factors of every checkpoint of the store on its training set, beside it (and beside
+    its companion store of the parameters outside the loop, when it has one: their own block).
 
     A checkpoint whose factor file and sidecar exist is skipped (resume). The training set must be the one
     the store was featurised with (its fingerprint is checked)."""
@@ -95,6 +97,12 @@ def fit_curvature_to_store(
                                    "checkpoint_index": k, "seed": seed})  # fmt: skip
     finally:
         model.load_state_dict(original)
+    if (store.root / OUTSIDE_DIR / "manifest.json").exists():  # the parameters outside the body: their own block
+        mods = outside_modules(model, step_module, body)
+        paths += fit_curvature_to_store(
+            model, checkpoints, dataset, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods,
+            batch_size=batch_size, collate_fn=collate_fn, fisher=fisher, fisher_loss=fisher_loss, seed=seed,
+        )  # fmt: skip
     return paths
 
 

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
-from looptrace.errors import CheckpointError, ConfigError
+from looptrace.errors import CheckpointError, ConfigError, StepError
 from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.sketch.plan import SketchPlan
 from looptrace.sketch.spec import SketchSpec
 from looptrace.store.distributed import mine, rank_and_world
 from looptrace.store.shards import dataset_fingerprint
-from looptrace.store.store import ROLES, FeatureStore
+from looptrace.store.store import OUTSIDE_DIR, ROLES, FeatureStore
 
 #: featurize() options that change the numbers; the store records them and refuses a mix.
 RECORDED_OPTIONS = ("tau", "train_mode", "outer_path", "autocast", "precondition")
@@ -42,6 +42,7 @@ def featurize_to_store(
     world_size: int | None = None,
     progress: bool = False,
     positions: int | None = None,
+    outside: bool = False,
     **featurize_kwargs: Any,
 ) -> FeatureStore:
     """Featurise ``datasets`` (``{"train": ds, "query": ds}``) at every checkpoint into a store.
@@ -56,6 +57,12 @@ def featurize_to_store(
     ragged: only its real positions (up to its last position with a nonzero term: padding gets none), summed over
     spans of ``k`` consecutive positions to bound the size (``1``: every position); read them with
     :meth:`FeatureStore.read_positions` or :func:`looptrace.store.position_scores`.
+
+    ``outside=True`` also featurises the parameters outside the loop body (read-in, read-out, final norm:
+    :func:`looptrace.outside_modules`) into a companion store under ``outside/`` (:meth:`FeatureStore.outside`), as
+    ``attribute(outside=True)`` does: one pass per call of the model, their own feature space (the same spec), so
+    ``score_to_disk(kind="total")`` gives the whole model's score and a preconditioner treats them as their own
+    block. ``tau`` and ``recompute`` apply to the loop only; ``positions`` to the body's store only.
     """
     spec = sketch if sketch is not None else SketchSpec()
     precondition = featurize_kwargs.pop("precondition", None)
@@ -116,7 +123,40 @@ def featurize_to_store(
                 store.write_shard(k, role, start, stop, rows, f.losses, ragged)
     finally:
         model.load_state_dict(original)
+    if outside:
+        _featurize_outside(
+            model, checkpoints, datasets, loss_fn, store, step_module=step_module, body=body, sketch=spec,
+            batch_size=batch_size, shard_size=shard_size, dtype=dtype, collate_fn=collate_fn, rank=rank,
+            world_size=world, progress=progress, precondition=precondition, **featurize_kwargs,
+        )  # fmt: skip
     return store
+
+
+def _featurize_outside(
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    datasets: dict[str, Any],
+    loss_fn: LossFn,
+    store: FeatureStore,
+    *,
+    step_module: nn.Module | Sequence[nn.Module] | None,
+    body: nn.Module | Sequence[nn.Module] | None,
+    **kwargs: Any,
+) -> FeatureStore:
+    """The companion store of the parameters outside the body: the model as one "step" per forward, the modules
+    outside the body as its "body" (the same layer rules, first-batch check and resumption as the body's store)."""
+    from looptrace.influence.attribute import outside_modules, outside_refused
+
+    mods = outside_modules(model, step_module, body)
+    if not mods:
+        raise ConfigError("outside=True: the model has no trainable parameter outside the loop body; drop it")
+    kw = {k: v for k, v in kwargs.items() if k not in ("tau", "recompute")}  # the loop's settings
+    try:
+        return featurize_to_store(
+            model, checkpoints, datasets, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods, **kw
+        )
+    except StepError as exc:
+        raise outside_refused(exc) from exc
 
 
 _DEFAULTS: dict[str, Any] = {

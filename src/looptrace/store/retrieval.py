@@ -49,9 +49,10 @@ def _query_steps(store: FeatureStore, ck: int) -> np.ndarray:
 def score_to_disk(
     store: FeatureStore,
     out: str | os.PathLike[str],
-    kind: Literal["sdi", "tracin"] = "sdi",
+    kind: Literal["sdi", "tracin", "total"] = "sdi",
     query_block: int = 256,
     queries: Sequence[np.ndarray] | None = None,
+    outside_queries: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """sum_k eta_k scores as .npy (``sdi``: [N, M, tau]; ``tracin``: [N, M]) written block by block.
 
@@ -59,33 +60,48 @@ def score_to_disk(
     the file appears under its name only when complete. ``queries``: per checkpoint, query features
     ``[M, tau, D]`` to use instead of the stored ones (preconditioned ones, from
     :func:`looptrace.store.curvature.preconditioned_queries`).
+
+    ``kind="total"``: the whole model's score ``[N, M]``, the body's TracIn plus that of the parameters outside the
+    loop from the companion store (``featurize_to_store(outside=True)``), as ``attribute(outside=True).total``;
+    ``outside_queries`` replaces that store's query features as ``queries`` does the body's.
     """
-    if kind not in ("sdi", "tracin"):
-        raise ConfigError(f"kind must be 'sdi' or 'tracin', got {kind!r}")
-    etas = _etas(store)
+    if kind not in ("sdi", "tracin", "total"):
+        raise ConfigError(f"kind must be 'sdi', 'tracin' or 'total', got {kind!r}")
+    if outside_queries is not None and kind != "total":
+        raise ConfigError("outside_queries= goes with kind='total' (the parameters outside the loop have no step)")
+    parts = [(store, queries)]
+    if kind == "total":
+        parts.append((store.outside(), outside_queries))
     n, m = store.n("train"), store.n("query")
     if not n or not m:
         raise ConfigError("the store needs both train and query features to score")
-    if queries is not None and len(queries) != len(etas):
-        raise ConfigError(f"queries= needs one array per checkpoint ({len(etas)}), got {len(queries)}")
-    qs = list(queries) if queries is not None else [_query_steps(store, k) for k in range(len(etas))]
-    tau = max(q.shape[1] for q in qs)
+    qs_by_part = []
+    for st, given in parts:
+        etas = _etas(st)
+        if (st.n("train"), st.n("query")) != (n, m):
+            raise ConfigError(f"{st.root} holds {st.n('train')} train / {st.n('query')} query rows, the store {n} / "
+                              f"{m}: featurise both with the same datasets")  # fmt: skip
+        if given is not None and len(given) != len(etas):
+            raise ConfigError(f"queries= needs one array per checkpoint ({len(etas)}), got {len(given)}")
+        qs_by_part.append(list(given) if given is not None else [_query_steps(st, k) for k in range(len(etas))])
+    tau = max(q.shape[1] for q in qs_by_part[0])
     out = Path(out)
     shape = (n, m, tau) if kind == "sdi" else (n, m)
     with atomic_npy(out, shape, np.float32) as arr:
         arr[...] = 0
-        for k, eta in enumerate(etas):
-            q = qs[k]
-            for start, stop, tr in store.iter_shards(k, "train"):
-                t = np.asarray(tr, dtype=np.float64)
-                for j in range(0, m, query_block):
-                    qb = q[j : j + query_block]
-                    if kind == "sdi":
-                        arr[start:stop, j : j + query_block, : qb.shape[1]] += (
-                            eta * np.einsum("nd,mtd->nmt", t, qb)
-                        ).astype(np.float32)
-                    else:
-                        arr[start:stop, j : j + query_block] += (eta * t @ qb.sum(1).T).astype(np.float32)
+        for (st, _), qs in zip(parts, qs_by_part, strict=True):
+            for k, eta in enumerate(_etas(st)):
+                q = qs[k]
+                for start, stop, tr in st.iter_shards(k, "train"):
+                    t = np.asarray(tr, dtype=np.float64)
+                    for j in range(0, m, query_block):
+                        qb = q[j : j + query_block]
+                        if kind == "sdi":
+                            arr[start:stop, j : j + query_block, : qb.shape[1]] += (
+                                eta * np.einsum("nd,mtd->nmt", t, qb)
+                            ).astype(np.float32)
+                        else:
+                            arr[start:stop, j : j + query_block] += (eta * t @ qb.sum(1).T).astype(np.float32)
     return out
 
 

@@ -37,6 +37,8 @@ FORMAT = "looptrace-feature-store"
 VERSION = 2  # 2: the manifest records the featurisation options (``options``)
 READABLE = (1, 2)
 ROLES = ("train", "query")
+#: the companion store of the parameters outside the loop body, under the store's root
+OUTSIDE_DIR = "outside"
 #: What to do after the machine refused a write into a store.
 RESUME = (
     "free space (or fix the permissions, or pick another --store), then rerun the same command: "
@@ -323,4 +325,17 @@ class FeatureStore:
                     size += sum(self.shard_path(k, role, *r).stat().st_size for r in self.done(k, role))
         out["progress"] = progress
         out["bytes"] = size
+        if (self.root / OUTSIDE_DIR / "manifest.json").exists():
+            out["outside"] = FeatureStore.open(self.root / OUTSIDE_DIR).summary()
         return out
+
+    def outside(self) -> FeatureStore:
+        """The companion store of the parameters outside the loop body (``featurize_to_store(outside=True)``, under
+        ``outside/``): their features, one pass per forward, in their own feature space."""
+        path = self.root / OUTSIDE_DIR
+        if not (path / "manifest.json").exists():
+            raise ConfigError(
+                f"{self.root} holds no features of the parameters outside the loop body; featurise it again with "
+                "outside=True (`looptrace featurize ... --outside`: finished shards are kept) to score the whole model"
+            )
+        return FeatureStore.open(path)
