@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import looptrace as lt
-from looptrace.apps.evaluation.curvature import compare, summarize
+from looptrace.apps.evaluation.curvature import compare, pooled, summarize
 from looptrace.apps.evaluation.methods import METHODS, ScoreContext
 from looptrace.apps.evaluation.parity_profile import peak_word
 from looptrace.apps.evaluation.task import MajorityTask
@@ -322,3 +322,27 @@ def test_whole_model_replication_counts_every_seed() -> None:
     bare = run(2, base)  # a replicate run before the whole-model estimators existed
     s = summarize({"t": primary}, {"t": [bare]})["tasks"]["t"]["whole_model_replication"]
     assert s["n_seeds"] == 2 and s["holds_every_seed"] is None
+
+
+@pytest.mark.skipif(not SUMMARY.exists(), reason="no committed curvature summary")
+def test_pooled_comparison_reads_every_seed() -> None:
+    """The pooled comparison over task seeds concatenates every run's per-query LDS: its queries are the runs'
+    together, its means are those of the concatenation, and raising kronfluence EK-FAC's per-query LDS in one
+    replicate alone lowers every estimator's pooled paired difference by that amount over the pooled queries.
+    Catches a pool that reads the primary run only, or mixes the peer's two losses across runs."""
+    primary, replicas = _committed_runs()
+    runs = [primary["count-attention"], *replicas["count-attention"]]
+    p = pooled(runs)
+    assert p is not None and p["queries"] == sum(r["lds"]["queries"] for r in runs)
+    tr = np.concatenate([r["lds"]["methods"]["tracin"]["per_query"] for r in runs])
+    assert p["tracin"]["mean"] == pytest.approx(float(tr.mean()), abs=1e-12)
+    planted = copy.deepcopy(runs)
+    last = planted[-1]
+    key = last["curvature"]["references"]["kronfluence_ekfac"]["key"]
+    last["lds"]["methods"][key]["per_query"] = [x + 1.0 for x in last["lds"]["methods"][key]["per_query"]]
+    q = pooled(planted)
+    assert q is not None
+    shift = last["lds"]["queries"] / p["queries"]
+    for name, row in p["estimators"].items():
+        got = q["estimators"][name]["paired"]["kronfluence_ekfac"]["mean"]
+        assert got == pytest.approx(row["paired"]["kronfluence_ekfac"]["mean"] - shift, abs=1e-9), name

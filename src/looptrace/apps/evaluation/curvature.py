@@ -52,6 +52,13 @@ from looptrace.io import atomic_write_json
 PEER_EKFAC = ("kronfluence_ekfac", "kronfluence_ekfac_full")
 #: ``lt.attribute(precondition=kind)`` with every default: the configuration a user gets.
 DEFAULTS = {kind: curvature_key(kind) for kind in CURVATURE}
+#: The estimators of the pooled comparison that get a verdict word (:func:`pooled`).
+POOLED_NAMES = (
+    "chosen",
+    "chosen_whole",
+    *(f"default {k}" for k in DEFAULTS),
+    *(f"default {k} whole" for k in DEFAULTS),
+)
 
 
 def _row(methods: dict[str, Any], key: str) -> dict[str, Any]:
@@ -287,6 +294,66 @@ def replicate_whole(primary: dict[str, Any], other: dict[str, Any]) -> dict[str,
     return row
 
 
+def _interval(ci: dict[str, Any]) -> str:
+    return "higher than" if ci["lo"] > 0 else "lower than" if ci["hi"] < 0 else "not distinguishable from"
+
+
+def pooled(runs: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """The comparison over every task seed at once: each estimator's per-query LDS of all runs pooled (the seeds'
+    queries are distinct inputs of independent data and trainings), its mean with a bootstrap interval, and its
+    paired differences with plain TracIn and with kronfluence EK-FAC (per run the better of its two losses, as
+    in :func:`compare`) over the pooled queries. One seed's 60 queries leave intervals of about +-0.03, the size of
+    the differences between the good estimators here; pooling the seeds narrows them by sqrt(seeds).
+
+    The estimators: the primary run's choices (the best body-only and the best whole-model one, chosen on seed 0
+    and fixed before the other seeds are read) and every default of ``lt.attribute`` (body only and with
+    ``outside=True``). ``None`` when a run lacks the peer or one of them."""
+    primary = runs[0]["curvature"]
+    keys = {"chosen": primary["best"]["key"]}
+    if primary.get("whole_model"):
+        keys["chosen_whole"] = primary["whole_model"]["best"]["key"]
+    for kind, key in DEFAULTS.items():
+        keys[f"default {kind}"] = key
+        keys[f"default {kind} whole"] = curvature_key(kind, outside=True)
+    keys["tracin_whole"] = "tracin_whole"
+    peers = []
+    for r in runs:
+        ref = r["curvature"]["references"]["kronfluence_ekfac"]
+        if ref is None or "tracin" not in r["lds"]["methods"]:
+            return None
+        peers.append(ref["key"])
+    keys = {name: key for name, key in keys.items() if all(key in r["lds"]["methods"] for r in runs)}
+
+    def per_query(key_of: Callable[[int, dict[str, Any]], str]) -> np.ndarray:
+        return np.concatenate([np.asarray(r["lds"]["methods"][key_of(i, r)]["per_query"]) for i, r in enumerate(runs)])
+
+    tracin = per_query(lambda i, r: "tracin")
+    peer = per_query(lambda i, r: peers[i])
+    out: dict[str, Any] = {
+        "seeds": [r["task"]["seed"] for r in runs], "queries": int(tracin.size),
+        "tracin": bootstrap_ci(tracin, n_boot=n_boot, seed=seed),
+        "kronfluence_ekfac": {**bootstrap_ci(peer, n_boot=n_boot, seed=seed), "keys": peers},
+        "estimators": {},
+        # how far one seed's comparison resolves: the half-width of each run's paired interval of its best estimator
+        # against kronfluence EK-FAC, the median over the runs
+        "one_seed_half_width": float(np.median([(r["curvature"]["paired"]["kronfluence_ekfac"]["hi"] -
+                                                 r["curvature"]["paired"]["kronfluence_ekfac"]["lo"]) / 2 for r in runs])),
+    }  # fmt: skip
+    for name, key in keys.items():
+        v = per_query(lambda i, r, k=key: k)
+        row: dict[str, Any] = {"key": key, "label": runs[0]["lds"]["methods"][key]["label"],
+                               **bootstrap_ci(v, n_boot=n_boot, seed=seed), "paired": {}}  # fmt: skip
+        for ref_name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)):
+            diff = v - ref
+            ci = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+            row["paired"][ref_name] = {**ci, "a_higher_queries": int((diff > 0).sum()), "word": _interval(ci)}
+        row["ge_tracin"] = bool(row["mean"] >= out["tracin"]["mean"])
+        row["ge_kronfluence_ekfac"] = bool(row["mean"] >= out["kronfluence_ekfac"]["mean"])
+        row["holds"] = bool(row["ge_tracin"] and row["ge_kronfluence_ekfac"])
+        out["estimators"][name] = row
+    return out
+
+
 def summarize(
     results: dict[str, dict[str, Any]], replicas: dict[str, list[dict[str, Any]]] | None = None
 ) -> dict[str, Any]:
@@ -334,6 +401,7 @@ def summarize(
                 "defaults_seeds": {k: sum(bool(h) for h in v) for k, v in whole_defaults.items()},
                 "defaults_every_seed": {k: None if None in v else all(v) for k, v in whole_defaults.items()},
             },
+            "pooled": pooled([r, *(replicas or {}).get(name, [])]),
             "replication": {"seeds": [x["task_seed"] for x in reps], "per_seed": reps,
                             "holds_every_seed": None if not reps or None in holds else all(holds),
                             "holds_seeds": sum(bool(h) for h in holds),
@@ -381,6 +449,7 @@ def summarize(
             "whole_model_every_seed": word(("whole_model_replication", "holds_every_seed")),
             "whole_model_defaults": {k: word(("whole_model_replication", "defaults_every_seed", k)) for k in DEFAULTS},
             "defaults": {k: word(("defaults", k, "holds")) for k in DEFAULTS},
+            "pooled": {name: word(("pooled", "estimators", name, "holds")) for name in POOLED_NAMES},
         },
         "done_when_on_every_task": every(("done_when", "holds")),
         "split_half_on_every_task": every(("split_half", "holds")),
