@@ -324,11 +324,14 @@ def pooled(runs: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dic
         peers.append(ref["key"])
     keys = {name: key for name, key in keys.items() if all(key in r["lds"]["methods"] for r in runs)}
 
-    def per_query(key_of: Callable[[int, dict[str, Any]], str]) -> np.ndarray:
-        return np.concatenate([np.asarray(r["lds"]["methods"][key_of(i, r)]["per_query"]) for i, r in enumerate(runs)])
+    def per_query(run_keys: list[str]) -> np.ndarray:
+        """The runs' per-query LDS, run i's of method ``run_keys[i]``, one after another."""
+        return np.concatenate(
+            [np.asarray(r["lds"]["methods"][k]["per_query"]) for r, k in zip(runs, run_keys, strict=True)]
+        )
 
-    tracin = per_query(lambda i, r: "tracin")
-    peer = per_query(lambda i, r: peers[i])
+    tracin = per_query(["tracin"] * len(runs))
+    peer = per_query(peers)
     out: dict[str, Any] = {
         "seeds": [r["task"]["seed"] for r in runs], "queries": int(tracin.size),
         "tracin": bootstrap_ci(tracin, n_boot=n_boot, seed=seed),
@@ -340,7 +343,7 @@ def pooled(runs: list[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dic
                                                  r["curvature"]["paired"]["kronfluence_ekfac"]["lo"]) / 2 for r in runs])),
     }  # fmt: skip
     for name, key in keys.items():
-        v = per_query(lambda i, r, k=key: k)
+        v = per_query([key] * len(runs))
         row: dict[str, Any] = {"key": key, "label": runs[0]["lds"]["methods"][key]["label"],
                                **bootstrap_ci(v, n_boot=n_boot, seed=seed), "paired": {}}  # fmt: skip
         for ref_name, ref in (("tracin", tracin), ("kronfluence_ekfac", peer)):
