@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +133,32 @@ def test_whole_model_scores_need_the_outside_features(tmp_path, capsys) -> None:
     assert not (tmp_path / "x.npy").exists()
     with pytest.raises(lt.ConfigError, match="kind='total'"):
         score_to_disk(FeatureStore.open(store), tmp_path / "y.npy", kind="tracin", outside_queries=[])
+
+
+def test_store_refuses_adam_without_every_moment_before_writing(tmp_path) -> None:
+    """``featurize_to_store(precondition="adam", outside=True)`` with a recorder that kept the body's moments only:
+    refused before any shard or manifest is written (a parameter left unscaled would silently mix two
+    geometries, and a half-filled companion store would be scored as if whole); the body alone is accepted. A model
+    with nothing outside the body is refused with outside=True."""
+    from looptrace.store import featurize_to_store
+
+    model = make_model()
+    ds = {"train": make_dataset("train"), "query": make_dataset("query")}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = lt.CheckpointRecorder(tmp_path / "ck", every=1, body=model.core)
+    x, y = ds["train"].tensors
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, (x, y)).mean().backward()
+        opt.step()
+        rec.step(model, opt)
+    cks = lt.load_checkpoints(tmp_path / "ck")
+    kw: dict[str, Any] = dict(step_module=model.core, sketch=lt.SketchSpec(dim=32), precondition="adam")
+    with pytest.raises(lt.CheckpointError, match="no optimizer second moments for"):
+        featurize_to_store(model, cks, ds, loss_fn, tmp_path / "whole", outside=True, **kw)
+    assert not (tmp_path / "whole").exists(), "a store was started before the refusal"
+    featurize_to_store(model, cks, ds, loss_fn, tmp_path / "body", **kw)
+    assert FeatureStore.open(tmp_path / "body").n("train") == 40
+    with pytest.raises(lt.ConfigError, match="no trainable parameter outside"):
+        featurize_to_store(model, cks, ds, loss_fn, tmp_path / "none", step_module=model, body=[model],
+                           sketch=lt.SketchSpec(dim=32), outside=True)  # fmt: skip

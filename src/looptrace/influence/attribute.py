@@ -15,9 +15,9 @@ from looptrace.curvature.blocks import DAMPING_SCALE
 from looptrace.curvature.factors import Curvature
 from looptrace.curvature.fit import Fisher, fit_curvature
 from looptrace.curvature.query import GN_DAMPING_SCALE, gauss_newton, preconditioned_features
-from looptrace.errors import CheckpointError, ConfigError, StepError
+from looptrace.errors import ConfigError, StepError
 from looptrace.features import Features
-from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
+from looptrace.featurize import LossFn, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.influence.scores import Decomposition, sdi, sdi_positions, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
@@ -166,21 +166,7 @@ def attribute(
             state, eta, name = full.state, full.lr, full.name
             load_into(model, state, name)
             if precondition == "adam":
-                if full.second_moments is None:
-                    raise CheckpointError(
-                        f"checkpoint {name} has no optimizer second moments; record it with "
-                        "looptrace.CheckpointRecorder(..., moments=True) or drop precondition='adam'"
-                    )
-                wanted = _body_names(model, step_module, body)
-                missing = [n for n in wanted if n not in full.second_moments["exp_avg_sq"]]
-                if missing:  # a parameter left unscaled would silently mix two geometries
-                    raise CheckpointError(
-                        f"checkpoint {name} has no optimizer second moments for {missing[:4]}"
-                        f"{' ...' if len(missing) > 4 else ''}; record them (looptrace.CheckpointRecorder(..., "
-                        "moments=True) without body= covers every parameter, which outside=True needs) or drop "
-                        "precondition='adam'"
-                    )
-                kw["precondition"] = adam_preconditioner(full.second_moments, names=wanted)
+                kw["precondition"] = full.adam_geometry(_body_names(model, step_module, body))
             train = featurize(
                 model, train_loader, loss_fn, per_step=decomposition != "test", checkpoint=name,
                 positions=train_positions, **kw,

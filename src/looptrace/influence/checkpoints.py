@@ -52,6 +52,26 @@ class LoadedCheckpoint:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     second_moments: dict[str, Any] | None = None
 
+    def adam_geometry(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Adam's diagonal geometry of the named parameters at this checkpoint (:func:`looptrace.adam_preconditioner`);
+        :class:`CheckpointError` when the moments, or those of one of the parameters, were not recorded (a parameter
+        left unscaled would silently mix two geometries)."""
+        from looptrace.featurize import adam_preconditioner
+
+        if self.second_moments is None:
+            raise CheckpointError(
+                f"checkpoint {self.name} has no optimizer second moments; record it with "
+                "looptrace.CheckpointRecorder(..., moments=True) or drop precondition='adam'"
+            )
+        missing = [n for n in names if n not in self.second_moments["exp_avg_sq"]]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self.name} has no optimizer second moments for {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}; record them (looptrace.CheckpointRecorder(..., moments=True) "
+                "without body= covers every parameter, which outside=True needs) or drop precondition='adam'"
+            )
+        return adam_preconditioner(self.second_moments, names=names)
+
 
 @dataclasses.dataclass
 class Checkpoint:

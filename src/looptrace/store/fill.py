@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from looptrace.capture.tracer import body_parameters
-from looptrace.errors import CheckpointError, ConfigError, StepError
-from looptrace.featurize import LossFn, adam_preconditioner, featurize, resolve_body
+from looptrace.errors import ConfigError, StepError
+from looptrace.featurize import LossFn, featurize, resolve_body
 from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.sketch.plan import SketchPlan
 from looptrace.sketch.spec import SketchSpec
@@ -73,10 +74,18 @@ def featurize_to_store(
     if bad:
         raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
     full = [c.load_full() for c in checkpoints]
+    params = body_parameters(model, resolve_body(model, step_module, body))
+    mods = _outside(model, step_module, body) if outside else []
+    wanted = [bp.name for bp in params] + [bp.name for bp in body_parameters(model, mods)]
+    # Adam needs every checkpoint's moments of every featurised parameter: checked before a new store is started
+    # (a reopened one is first checked against its manifest, which names a changed option)
+    existed = (Path(store_dir) / "manifest.json").exists()
+    if precondition == "adam" and not existed:
+        for ck in full:
+            ck.adam_geometry(wanted)
     loaded = [(f.state, f.lr, f.name) for f in full]
     meta = [{"index": i, "name": name, "eta": eta} for i, (_, eta, name) in enumerate(loaded)]
     # the feature layout comes from the plan alone: no featurisation is needed to create the store
-    params = body_parameters(model, resolve_body(model, step_module, body))
     layout = SketchPlan.build(spec, [(bp.name, tuple(bp.param.shape)) for bp in params]).describe()
     options = {k: featurize_kwargs.get(k, _DEFAULTS[k]) for k in RECORDED_OPTIONS}
     options["precondition"] = precondition
@@ -90,6 +99,9 @@ def featurize_to_store(
         store_dir, spec=spec, layout=layout, checkpoints=meta, datasets=dmeta, shard_size=shard_size, dtype=dtype,
         options=options,
     )  # fmt: skip
+    if precondition == "adam" and existed:
+        for ck in full:
+            ck.adam_geometry(wanted)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         for k, (state, _eta, name) in enumerate(loaded):
@@ -104,10 +116,7 @@ def featurize_to_store(
             load_into(model, state, name)
             kw = dict(featurize_kwargs)
             if precondition == "adam":
-                moments = full[k].second_moments
-                if moments is None:
-                    raise CheckpointError(f"checkpoint {name} has no optimizer second moments for precondition='adam'")
-                kw["precondition"] = adam_preconditioner(moments, names=[bp.name for bp in params])
+                kw["precondition"] = full[k].adam_geometry([bp.name for bp in params])
             for role, start, stop in todo:
                 subset = torch.utils.data.Subset(datasets[role], range(start, stop))
                 loader = torch.utils.data.DataLoader(
@@ -123,40 +132,33 @@ def featurize_to_store(
                 store.write_shard(k, role, start, stop, rows, f.losses, ragged)
     finally:
         model.load_state_dict(original)
-    if outside:
-        _featurize_outside(
-            model, checkpoints, datasets, loss_fn, store, step_module=step_module, body=body, sketch=spec,
-            batch_size=batch_size, shard_size=shard_size, dtype=dtype, collate_fn=collate_fn, rank=rank,
-            world_size=world, progress=progress, precondition=precondition, **featurize_kwargs,
-        )  # fmt: skip
+    if outside:  # the companion store: the model as one "step" per forward, the modules outside the body its "body"
+        from looptrace.influence.attribute import outside_refused
+
+        kw = {k: v for k, v in featurize_kwargs.items() if k not in ("tau", "recompute")}  # the loop's settings
+        try:
+            featurize_to_store(
+                model, checkpoints, datasets, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods,
+                sketch=spec, batch_size=batch_size, shard_size=shard_size, dtype=dtype, collate_fn=collate_fn,
+                rank=rank, world_size=world, progress=progress, precondition=precondition, **kw,
+            )  # fmt: skip
+        except StepError as exc:
+            raise outside_refused(exc) from exc
     return store
 
 
-def _featurize_outside(
+def _outside(
     model: nn.Module,
-    checkpoints: Sequence[Checkpoint],
-    datasets: dict[str, Any],
-    loss_fn: LossFn,
-    store: FeatureStore,
-    *,
     step_module: nn.Module | Sequence[nn.Module] | None,
     body: nn.Module | Sequence[nn.Module] | None,
-    **kwargs: Any,
-) -> FeatureStore:
-    """The companion store of the parameters outside the body: the model as one "step" per forward, the modules
-    outside the body as its "body" (the same layer rules, first-batch check and resumption as the body's store)."""
-    from looptrace.influence.attribute import outside_modules, outside_refused
+) -> list[nn.Module]:
+    """The modules outside the loop body that ``outside=True`` featurises (refused when there are none)."""
+    from looptrace.influence.attribute import outside_modules
 
     mods = outside_modules(model, step_module, body)
     if not mods:
         raise ConfigError("outside=True: the model has no trainable parameter outside the loop body; drop it")
-    kw = {k: v for k, v in kwargs.items() if k not in ("tau", "recompute")}  # the loop's settings
-    try:
-        return featurize_to_store(
-            model, checkpoints, datasets, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods, **kw
-        )
-    except StepError as exc:
-        raise outside_refused(exc) from exc
+    return mods
 
 
 _DEFAULTS: dict[str, Any] = {
