@@ -78,22 +78,11 @@ class SampledDepthMajorityTask(MajorityTask):
         the depths of steps ``first_step, first_step + 1, ...`` (a fresh optimizer: continuing a run
         restarts AdamW's moments)."""
         x, y = self.data()["train"]
-        w = torch.ones(len(x)) if keep is None else keep.float()
-        total = w.sum().clamp_min(1.0)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
-        body = self.step_module(model)
-        recorder = lt.CheckpointRecorder(record, every=self.ckpt_every, body=body) if record is not None else None
         depth = self.sampler()
-        model.train()
-        for s in range(first_step, first_step + (self.steps if steps is None else steps)):
-            per_example = F.cross_entropy(logits(model, x, loops=depth.sample(s)), y, reduction="none")
-            loss = (per_example * w).sum() / total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if recorder is not None:
-                recorder.step(model, opt)
-        return model.eval()
+        return self.fit(
+            model, lambda step: F.cross_entropy(logits(model, x, loops=depth.sample(step)), y, reduction="none"),
+            keep=keep, record=record, steps=steps, first_step=first_step,
+        )  # fmt: skip
 
 
 TASKS[SampledDepthMajorityTask.name] = SampledDepthMajorityTask

@@ -19,6 +19,7 @@ of (kept examples, seed): the same initialisation and the same data order.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -136,17 +137,33 @@ class EvalTask:
         checkpoints are written there every ``ckpt_every`` steps. Full batch, so the run depends only on
         (kept examples, seed)."""
         x, y = self.data()["train"]
-        w = torch.ones(len(x)) if keep is None else keep.float()
         model = self.model()
+        return self.fit(model, lambda step: self.loss_fn(model, (x, y)), keep=keep, record=record)
+
+    def fit(
+        self,
+        model: nn.Module,
+        per_example: Callable[[int], torch.Tensor],
+        keep: torch.Tensor | None = None,
+        record: Path | None = None,
+        steps: int | None = None,
+        first_step: int = 0,
+    ) -> nn.Module:
+        """The training loop every task shares: full-batch AdamW (a fresh optimizer) for ``steps`` steps (default
+        ``self.steps``) on the mean over the kept examples of ``per_example(step)`` (the training set's per-example
+        losses at that step), TracIn checkpoints written to ``record`` every ``ckpt_every`` steps."""
+        n = len(self.data()["train"][1])
+        w = torch.ones(n) if keep is None else keep.float()
+        total = w.sum().clamp_min(1.0)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
         recorder = (
             lt.CheckpointRecorder(record, every=self.ckpt_every, body=self.step_module(model))
             if record is not None
             else None
         )
-        total = w.sum().clamp_min(1.0)
-        for _ in range(self.steps):
-            loss = (self.loss_fn(model, (x, y)) * w).sum() / total
+        model.train()
+        for step in range(first_step, first_step + (self.steps if steps is None else steps)):
+            loss = (per_example(step) * w).sum() / total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
