@@ -155,6 +155,10 @@ EVAL = Path(__file__).resolve().parents[1] / "docs" / "results" / "eval"
 SUMMARY = EVAL / "curvature-summary.json"
 
 
+#: the runs on configurations that chose nothing, in the summary's order
+UNSEEN_ORDER = ["maj-c", "maj-d", "att-a", "att-b"]
+
+
 def _committed_runs() -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """The primary run (task seed 0) of each task and its replicates (other seeds), as the summary reads them."""
     primary: dict[str, Any] = {}
@@ -191,7 +195,12 @@ def test_committed_curvature_verdicts_follow_from_their_numbers() -> None:
         assert all(m[best]["mean"] >= m[k]["mean"] for k in m if m[k]["group"] in ("curvature", "damping sweep",
                                                                                    "fisher"))  # fmt: skip
     committed = json.loads(SUMMARY.read_text())
-    assert json.loads(json.dumps(summarize(primary, replicas))) == committed, (
+    others = [json.loads(p.read_text()) for p in sorted((EVAL / "curvature" / "unseen").glob("*/results.json"),
+                                                        key=lambda p: UNSEEN_ORDER.index(p.parent.name))]  # fmt: skip
+    for r in others:
+        again = compare(r["lds"], r["config"]["n_boot"], r["config"]["seed"])
+        assert again is not None and r["curvature"] == again, f"unseen {r['task']}: curvature does not follow from lds"
+    assert json.loads(json.dumps(summarize(primary, replicas, others))) == committed, (
         "docs/results/eval/curvature-summary.json is not the summary of the committed runs: rerun "
         "`python -m looptrace.apps.evaluation.curvature --summary ...`"
     )
@@ -346,3 +355,28 @@ def test_pooled_comparison_reads_every_seed() -> None:
     for name, row in p["estimators"].items():
         got = q["estimators"][name]["paired"]["kronfluence_ekfac"]["mean"]
         assert got == pytest.approx(row["paired"]["kronfluence_ekfac"]["mean"] - shift, abs=1e-9), name
+
+
+def test_unseen_configurations_compare_mean_of_means() -> None:
+    """The unseen-configuration section: each default's mean over the runs of its per-run mean LDS against the same
+    mean of kronfluence EK-FAC's (the better of its two losses per run); a peer raised above every estimator in
+    every run flips every verdict. Catches a comparison against the peer of one run only, or a mean over queries
+    that weights runs unequally."""
+    from looptrace.apps.evaluation.curvature import unseen
+
+    runs = [json.loads((EVAL / "curvature" / "unseen" / n / "results.json").read_text()) for n in UNSEEN_ORDER
+            if (EVAL / "curvature" / "unseen" / n / "results.json").exists()]  # fmt: skip
+    if not runs:
+        pytest.skip("no committed unseen-configuration runs")
+    u = unseen(runs)
+    assert u is not None and u["n_runs"] == len(runs)
+    want = np.mean([r["lds"]["methods"]["gauss_newton"]["mean"] for r in runs])
+    assert u["mean"]["gauss-newton"] == pytest.approx(want, abs=1e-12)
+    peer = np.mean([r["curvature"]["references"]["kronfluence_ekfac"]["mean"] for r in runs])
+    assert u["kronfluence_ekfac_mean"] == pytest.approx(peer, abs=1e-12)
+    planted = copy.deepcopy(runs)
+    for r in planted:
+        r["curvature"]["references"]["kronfluence_ekfac"]["mean"] += 1.0
+    v = unseen(planted)
+    assert v is not None and not any(v["ge_kronfluence_ekfac"].values())
+    assert not any(v["runs_ge_kronfluence_ekfac"].values())
