@@ -563,3 +563,22 @@ def test_outside_scores_learned_positions_and_old_checkpoints_load() -> None:
     assert res.outside is not None
     want = 0.5 * _outside_gradients(model, train, lm_loss) @ _outside_gradients(model, query, lm_loss).T
     assert_close(res.outside, want, "outside scores with learned positions vs per-example autograd")
+
+
+@pytest.mark.parametrize("rows", [2, 40])
+@pytest.mark.parametrize("form", ["rows", "gradient", None])
+def test_rotated_sums_both_forms_equal_the_definition(rows: int, form: str | None) -> None:
+    """EK-FAC's second pass rotates each example's rows into the Kronecker eigenbasis either row by row or after
+    forming the example's gradient (whichever costs fewer flops): both equal sum_r (Q_S^T g_r)(Q_A^T x_r)^T in
+    float64. Catches a transposed eigenbasis or a sum over the wrong axis in either form."""
+    from looptrace.curvature.fit import rotated_sums
+
+    gen = torch.Generator().manual_seed(rows)
+    g = torch.randn(3, rows, 7, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, rows, 5, generator=gen, dtype=torch.float64)
+    q_s = torch.linalg.qr(torch.randn(7, 7, generator=gen, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    want = torch.einsum("brs,bra->bsa", g @ q_s, x @ q_a)
+    assert_close(
+        rotated_sums(g, x, q_s, q_a, form), want, f"rotated sums ({form}, {rows} rows)", rtol=1e-12, atol=1e-12
+    )

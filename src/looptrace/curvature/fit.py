@@ -109,17 +109,30 @@ class _RowStats:
     bias: bool
     rows: int = 0
 
-    def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = g.reshape(-1, g.shape[-1])
+    def add(self, xs: Sequence[torch.Tensor], gs: Sequence[torch.Tensor]) -> None:
+        """The rows of one batch's calls (every loop step's) at once: one product per factor, not one per call."""
+        x2 = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        g2 = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])
         live = g2.ne(0).any(1)  # rows with no backprop signal contribute nothing to the tied gradient
         if not bool(live.all()):
             x2, g2 = x2[live], g2[live]
         if self.bias:
             x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
-        self.a += (x2.T @ x2).double()  # a sum over one call's rows in the model's dtype, accumulated in float64
+        self.a += (x2.T @ x2).double()  # a sum over one batch's rows in the model's dtype, accumulated in float64
         self.s += (g2.T @ g2).double()
         self.rows += int(x2.shape[0])
+
+
+def _by_layer(
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]],
+) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The calls' ``(index, x, g)`` grouped by layer index: ``{index: ([x of each call], [g of each call])}``."""
+    out: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for i, x, g in rows:
+        xs, gs = out.setdefault(i, ([], []))
+        xs.append(x)
+        gs.append(g)
+    return out
 
 
 def body_linears(model: nn.Module, roots: list[nn.Module], params: list[BodyParam]) -> list[tuple[str, nn.Linear]]:
@@ -297,8 +310,8 @@ def _kronecker_pass(
     for index, batch in enumerate(loader):
         loss.index = index
         losses, rows, dcalls = _linear_rows(model, batch, loss, linears, diag or ())
-        for i, x, g in rows:
-            stats[i].add(x, g)
+        for i, (xs, gs) in _by_layer(rows).items():
+            stats[i].add(xs, gs)
         if sq is not None:
             per = _diag_grads(dcalls, names, int(losses.shape[0]))
             if index == 0:
@@ -559,6 +572,21 @@ def _rotated(curv: Curvature, f: Features) -> list[torch.Tensor]:
     return out
 
 
+def rotated_sums(
+    g: torch.Tensor, x: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, form: str | None = None
+) -> torch.Tensor:
+    """``[B, d_out, d_in]``: per example, ``sum_r (Q_S^T g_r)(Q_A^T x_r)^T`` over its rows ``g [B, R, d_out]``,
+    ``x [B, R, d_in]``, i.e. ``Q_S^T G Q_A`` with ``G = sum_r g_r x_r^T``. ``form``: ``"rows"`` rotates the rows
+    first (``R (d_out^2 + d_in^2 + d_out d_in)`` per example), ``"gradient"`` forms ``G`` first
+    (``R d_out d_in + d_out d_in (d_out + d_in)``); ``None`` takes the one with fewer flops."""
+    rows, d_out, d_in = x.shape[1], g.shape[2], x.shape[2]
+    if form is None:
+        form = "gradient" if rows * (d_out**2 + d_in**2) > d_out * d_in * (d_out + d_in) else "rows"
+    if form == "gradient":
+        return q_s.T @ (g.transpose(1, 2) @ x) @ q_a
+    return (g @ q_s).transpose(1, 2) @ (x @ q_a)
+
+
 def _rotated_by_hooks(
     model: nn.Module,
     batch: Any,
@@ -577,18 +605,17 @@ def _rotated_by_hooks(
     with _fitting(model, params, train_mode):
         _, rows, _ = _linear_rows(model, batch, loss, linears)
     acc: list[torch.Tensor | None] = [None] * len(linears)
-    for i, x, g in rows:
+    if size is None or any(x.dim() < 2 or x.shape[0] != size or g.shape[0] != size for _, x, g in rows):
+        return None
+    for i, (xs, gs) in _by_layer(rows).items():
         blk = curv.kronecker[i]
         assert blk.q_a is not None and blk.q_s is not None
-        if size is None or x.dim() < 2 or x.shape[0] != size or g.shape[0] != size:
-            return None
-        xa = x.reshape(size, -1, x.shape[-1])
+        # every call's rows of an example side by side: the sum over calls (steps) and tokens is one product
+        xa = torch.cat([x.reshape(size, -1, x.shape[-1]) for x in xs], dim=1)
+        ga = torch.cat([g.reshape(size, -1, g.shape[-1]) for g in gs], dim=1)
         if blk.bias is not None:
             xa = torch.cat([xa, xa.new_ones(*xa.shape[:2], 1)], dim=2)
-        q_s, q_a = blk.q_s.to(x.dtype), blk.q_a.to(x.dtype)  # the model's precision; accumulated in float64
-        rotated = (g.reshape(size, -1, g.shape[-1]) @ q_s).transpose(1, 2) @ (xa @ q_a)
-        prev = acc[i]
-        acc[i] = rotated if prev is None else prev + rotated  # summed over calls (steps) before squaring
+        acc[i] = rotated_sums(ga, xa, blk.q_s.to(xa.dtype), blk.q_a.to(xa.dtype))  # model's precision
     return [
         torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
         if a is None
