@@ -268,3 +268,76 @@ def test_tracin_callback_takes_the_step_module_forms(tmp_path, body: Any) -> Non
     saved = lt.load_checkpoints(tmp_path)[0].load_full()
     want = {n for n, _ in model.named_parameters() if n.startswith(("blocks.", "messenger."))}
     assert saved.lr == 1e-2 and set(saved.second_moments["exp_avg_sq"]) == want
+
+
+def _per_example_gradients(model: torch.nn.Module, names: list[str], batches: list[Any], loss: Any) -> torch.Tensor:
+    """``[N, P]``: each example's gradient w.r.t. the named parameters (float64 rows), one example at a time."""
+    params = dict(model.named_parameters())
+    rows = []
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        for i in range(n):
+            one = {k: v[i : i + 1] for k, v in batch.items()}
+            grads = torch.autograd.grad(loss(model, one).sum(), [params[k] for k in names], allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(params[k]) if g is None else g).reshape(-1).double()
+                                   for k, g in zip(names, grads, strict=True)]))  # fmt: skip
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("which", ["inkling", "albert"])
+def test_outside_scores_of_the_transformers_loops_equal_autograd(which: str) -> None:
+    """``attribute(outside=True)`` on the looped LMs that ship with ``transformers``: the part outside the loop equals
+    the per-example gradients of every parameter outside the body, one example at a time, dotted (exact spec). Two
+    things made this fail: Inkling's short convolutions read ``conv1d.weight`` in their parent's forward (scoring
+    the ``nn.Conv1d`` alone captured nothing), and ALBERT's MLM head registers the bias its decoder Linear adds (it
+    was counted twice)."""
+    from tests.hf_fixtures import make_albert, make_mlm_dataset
+
+    if which == "inkling":
+        model, loss = make_inkling(), hf.causal_lm_loss
+        train, query = _batches(4, 2), _batches(2, 2, seed=1)
+    else:
+        model, loss = make_albert(), hf.masked_lm_loss
+
+        def loader(role: str, n: int) -> list[Any]:
+            data = torch.utils.data.Subset(make_mlm_dataset(role), range(n))
+            return list(torch.utils.data.DataLoader(data, batch_size=2))
+
+        train, query = loader("train", 4), loader("query", 2)
+    step = lt.find_step_module(model, train[0], loss)
+    ck = [lt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.5, name="w")]
+    res = lt.attribute(model, ck, train, query, loss, step_module=step, sketch=lt.SketchSpec.exact(), outside=True)
+    inside = {id(p) for m in (step if isinstance(step, list) else [step]) for p in m.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) not in inside and p.requires_grad]
+    want = 0.5 * _per_example_gradients(model, names, train, loss) @ _per_example_gradients(model, names, query, loss).T
+    assert res.outside is not None
+    scale = float(want.abs().max())
+    assert_close(res.outside.double(), want, f"{which}: outside scores vs autograd", rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_kfac_diagonal_of_inkling_s_parent_read_convolutions_is_their_fisher() -> None:
+    """K-FAC's diagonal blocks of Inkling's short-convolution weights (read in the parent's forward, the
+    ``nn.Conv1d`` never called) are the mean squared per-example tied gradient. They were fitted from the
+    ``nn.Conv1d`` modules alone, which saw nothing: zero blocks, refused for want of damping."""
+    from looptrace.curvature import fit_curvature
+
+    model = make_inkling()
+    batches = _batches(4, 2)
+    layers, _ = _inkling_loop(model)
+    curv = fit_curvature(model, batches, hf.causal_lm_loss, step_module=layers, kinds=("kfac",))
+    conv = [d for d in curv.diagonal if "conv1d" in d.name]
+    assert conv, "no convolution in the diagonal blocks"
+    grads = _per_example_gradients(model, [d.name for d in conv], batches, hf.causal_lm_loss)
+    off = 0
+    for d in conv:
+        n = d.diag.numel()
+        want = grads[:, off : off + n].square().mean(0)
+        off += n
+        assert float(want.abs().max()) > 0, f"{d.name}: no gradient in the reference"
+        assert_close(
+            d.diag.reshape(-1),
+            want,
+            f"K-FAC diagonal of {d.name} (float32 model)",
+            rtol=1e-3,
+            atol=1e-4 * float(want.max()),
+        )

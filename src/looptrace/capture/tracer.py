@@ -35,8 +35,9 @@ taking ``conv1d.weight``) is covered by the module whose forward reads it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -264,6 +265,13 @@ class Tracer:
                         covered.update(id(m) for m in mod.get_submodule(pname.rsplit(".", 1)[0]).modules())
                 targets.append(self._target(mod, rule, name, handled))
             elif direct:
+                # a parameter also registered on a submodule (a tied bias: ALBERT's MLM head holds the bias its
+                # decoder Linear adds) is the submodule's to report; a read of it by this forward itself is
+                # covered from the reads of the first forward (:mod:`looptrace.capture.uses`)
+                inner = {id(p) for c in mod.modules() if c is not mod for p in c.parameters(recurse=False)}
+                direct = {n: p for n, p in direct.items() if id(p) not in inner}
+                if not direct:
+                    continue
                 if not fallback:
                     pnames = [f"{name}.{n}" if name else n for n in direct]
                     raise UnsupportedLayerError(
@@ -405,7 +413,8 @@ class Tracer:
             return None
         inputs, step = frame.inputs, frame.step
         assert inputs is not None
-        outs = [output] if isinstance(output, torch.Tensor) else list(output)
+        keys = list(output.keys()) if isinstance(output, Mapping) else None  # a dict or a transformers ModelOutput
+        outs = [output] if isinstance(output, torch.Tensor) else [output[k] for k in keys] if keys else list(output)
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point():
                 if o.dim() == 0 or o.shape[0] != self.batch_size:
@@ -418,7 +427,14 @@ class Tracer:
                 hook = partial(self._on_step_grad, unit=module, step=step, inputs=inputs, index=i, free=frame.unbatched)
                 new.register_hook(hook)
                 outs[i] = new
-        return outs[0] if isinstance(output, torch.Tensor) else type(output)(outs)
+        if isinstance(output, torch.Tensor):
+            return outs[0]
+        if keys is not None:
+            rebuilt = copy.copy(output)  # the same type; a ModelOutput's items and attributes are set together
+            for k, o in zip(keys, outs, strict=True):
+                rebuilt[k] = o
+            return rebuilt
+        return type(output)(outs)
 
     def enter_step(self, index: int | None) -> None:
         """A :func:`loop_step` block begins."""

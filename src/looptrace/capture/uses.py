@@ -127,7 +127,7 @@ def plan_covers(
         for user, stack in by_user.values():
             if pid in accounted.get(id(user), ()):
                 continue
-            found = _owner(stack, pid)
+            found = innermost_owner(stack, pid)
             if found is None:
                 raise UnsupportedLayerError(
                     f"body parameter {param_names.get(pid)!r} is read in the forward of "
@@ -150,7 +150,7 @@ def plan_covers(
     return covers
 
 
-def _owner(stack: tuple[nn.Module, ...], pid: int) -> tuple[nn.Module, nn.Parameter] | None:
+def innermost_owner(stack: tuple[nn.Module, ...], pid: int) -> tuple[nn.Module, nn.Parameter] | None:
     """The innermost module of ``stack`` that has the parameter ``pid``, and the parameter."""
     for m in reversed(stack):
         for q in m.parameters():

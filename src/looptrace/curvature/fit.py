@@ -44,6 +44,7 @@ from torch import nn
 
 from looptrace.capture.rules import Rule, find_rule
 from looptrace.capture.tracer import BodyParam, body_parameters, check_ties
+from looptrace.capture.uses import ParamUses, innermost_owner
 from looptrace.curvature.blocks import KINDS, DiagonalBlock, KroneckerBlock
 from looptrace.curvature.factors import Curvature
 from looptrace.errors import ConfigError
@@ -256,14 +257,17 @@ def _diag_grads(
     return sink.grads
 
 
-def _diag_modules(roots: list[nn.Module], params: list[BodyParam], names: set[str]) -> list[DiagModule] | None:
+def _diag_modules(readers: _Readers, params: list[BodyParam], names: set[str]) -> list[DiagModule] | None:
     """The modules that own the diagonal blocks' parameters, each with a layer rule that accounts for every one
-    of them and whose output rows are batch-first; ``None`` if some parameter has no such owner (then the
-    diagonal blocks take the exact featurisation route)."""
+    of them and whose output rows are batch-first; ``None`` if some parameter has no such owner, or is read
+    outside its owner's forward (a functional kernel taking ``conv1d.weight``: no hook on the owner sees it), so
+    the diagonal blocks take the exact featurisation route."""
+    if not readers.direct:
+        return None
     wanted = {id(bp.param) for bp in params if bp.name in names}
     covered: set[int] = set()
     out: list[DiagModule] = []
-    for mod in _diagonal_owners(roots, params, names):
+    for mod in readers.modules:
         rule = find_rule(mod)
         if rule is None or rule.batch_dim(mod, 0) != 0:
             return None
@@ -377,8 +381,9 @@ def fit_curvature(
     seeded = _Seeded(fit_loss, seed, device)
     in_linears = {id(mod.weight) for _, mod in linears} | {id(mod.bias) for _, mod in linears if mod.bias is not None}
     diag_names = {bp.name for bp in params if id(bp.param) not in in_linears}
-    diag_mods = _diag_modules(roots, params, diag_names) if diag_names else []
     with _fitting(model, params, train_mode):
+        readers = _diag_readers(model, loader, seeded, roots, params, diag_names) if diag_names else _Readers([], True)
+        diag_mods = _diag_modules(readers, params, diag_names) if diag_names else []
         one = _kronecker_pass(model, loader, seeded, linears, device, diag_mods, names)
     n = one.n
     if n == 0:
@@ -401,13 +406,12 @@ def fit_curvature(
     hooked = one.diag_sq is not None and bool(diag)
     if hooked and "ekfac" not in kind_set:  # the first batch's exact per-example gradients of the owners
         assert one.diag_first is not None
-        owners = _diagonal_owners(roots, params, {d.name for d in diag})
-        exact = _exact_first(model, loader, seeded, owners, verify, loss_fn, kw)
+        exact = _exact_first(model, loader, seeded, readers.modules, verify, loss_fn, kw)
         hooked = _agrees(one.diag_first, exact, params[0].param.dtype)
     hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
     if "ekfac" in kind_set or (diag and not hooked):
         _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
-                    loss_fn, kw, hooked_diag)  # type: ignore[arg-type]  # fmt: skip
+                    loss_fn, kw, hooked_diag, readers.modules)  # type: ignore[arg-type]  # fmt: skip
     elif diag:
         assert one.diag_sq is not None
         _set_diagonal(curv, one.diag_sq)
@@ -475,6 +479,7 @@ def _eigen_pass(
     check_loss: LossFn,
     kw: dict[str, Any],
     hooked_diag: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+    owners: list[nn.Module],
 ) -> None:
     """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block from the per-example tied gradients G_n, and the
     diagonal blocks' E_n[g_n^2] where pass 1 could not fit them.
@@ -486,11 +491,10 @@ def _eigen_pass(
     ``verify`` asks), which also check pass 1's diagonal blocks (``hooked_diag``: their sums of squares and
     the first batch's per-example gradients); a body whose rows are not batch-first, or that fails the check,
     takes that exact route for every batch. Diagonal blocks that pass 1 could not fit: the exact per-example
-    gradients of just the modules that own them, one featurisation over the loader."""
+    gradients of just the modules that read them, one featurisation over the loader."""
     if ekfac:
         for blk in curv.kronecker:
             blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
-    owners = _diagonal_owners(roots, params, {d.name for d in curv.diagonal})
     diag_done = False
     hooks_ok = True
     for index, batch in enumerate(loader) if ekfac else ():
@@ -545,15 +549,46 @@ def _indexed(loader: Iterable[Any], loss: _Seeded) -> Iterator[Any]:
         yield batch
 
 
-def _diagonal_owners(roots: list[nn.Module], params: list[BodyParam], names: set[str]) -> list[nn.Module]:
-    """The modules that directly own the diagonal blocks' parameters (a smaller body for their gradients)."""
-    wanted = {id(bp.param) for bp in params if bp.name in names}
-    out: list[nn.Module] = []
+@dataclasses.dataclass
+class _Readers:
+    """The modules whose forwards read the diagonal blocks' parameters (a smaller body for their exact
+    gradients), and whether each parameter is read by its own module only (then a hook on it sees every read)."""
+
+    modules: list[nn.Module]
+    direct: bool
+
+
+def _diag_readers(
+    model: nn.Module, loader: Iterable[Any], loss: _Seeded, roots: list[nn.Module], params: list[BodyParam],
+    names: set[str],
+) -> _Readers:  # fmt: skip
+    """Where the first batch's forward reads each diagonal-block parameter (:class:`looptrace.capture.uses.ParamUses`):
+    per read, the innermost running body module that holds the parameter, which is its own module unless a
+    parent reads it (Inkling-2-Loop's short convolutions pass ``conv1d.weight`` to a kernel and never call the
+    ``nn.Conv1d``), with every module that registers it (a tied parameter: each of its modules); a module inside
+    another one chosen is dropped (the outer one's exact gradients include it)."""
+    wanted = {id(bp.param): bp.param for bp in params if bp.name in names}
+    own: dict[int, list[nn.Module]] = {}  # every module that registers the parameter (a tied one: several)
     for root in roots:
         for mod in root.modules():
-            if any(id(p) in wanted for p in mod.parameters(recurse=False)) and all(mod is not o for o in out):
-                out.append(mod)
-    return out
+            for p in mod.parameters(recurse=False):
+                if id(p) in wanted and all(mod is not o for o in own.get(id(p), [])):
+                    own.setdefault(id(p), []).append(mod)
+    uses = ParamUses(wanted.values(), [m for r in roots for m in r.modules()])
+    loss.index = 0
+    with torch.enable_grad(), uses.recording():
+        loss(model, next(iter(loader)))
+    chosen: list[nn.Module] = []
+    direct = True
+    for pid in wanted:
+        found = [innermost_owner(stack, pid) for _, stack in uses.reads.get(pid, {}).values()]
+        readers = [f[0] for f in found if f is not None]
+        direct = direct and all(any(r is o for o in own[pid]) for r in readers)
+        for mod in [*readers, *own[pid]]:  # its registrants too: a body of readers alone would split a tie
+            if all(mod is not c for c in chosen):
+                chosen.append(mod)
+    chosen = [m for m in chosen if not any(o is not m and any(x is m for x in o.modules()) for o in chosen)]
+    return _Readers(chosen, direct)
 
 
 def _rotated(curv: Curvature, f: Features) -> list[torch.Tensor]:

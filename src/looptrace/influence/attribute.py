@@ -244,27 +244,38 @@ def outside_modules(
     step_module: nn.Module | Sequence[nn.Module] | None = None,
     body: nn.Module | Sequence[nn.Module] | None = None,
 ) -> list[nn.Module]:
-    """The modules of ``model`` that hold a trainable parameter outside the loop body (read-in, read-out, norms),
-    in module order: what ``attribute(outside=True)`` scores besides the body. A module that holds such a parameter
-    directly and also contains the body (a bare ``nn.Parameter`` on the model itself) cannot be separated from it:
-    :class:`~looptrace.errors.ConfigError` says how to wrap it."""
+    """The parts of ``model`` outside the loop body that hold a trainable parameter (read-in, read-out, norms, layers
+    before or after the loop), in module order: what ``attribute(outside=True)`` scores besides the body. Each is the
+    outermost module that contains no body module, a whole subtree, so a parameter its forward reads on a child's
+    behalf (a kernel taking ``conv1d.weight`` without calling the ``nn.Conv1d``) is read inside what is scored. A
+    module that holds such a parameter directly and also contains the body (a bare ``nn.Parameter`` on the model
+    itself) cannot be separated from it: :class:`~looptrace.errors.ConfigError` says how to wrap it."""
     roots = resolve_body(model, step_module, body)
     inside_params = {id(p) for r in roots for p in r.parameters()}
     inside_mods = {id(m) for r in roots for m in r.modules()}
     out: list[nn.Module] = []
-    for name, mod in model.named_modules():
+
+    def scored(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        return [p for p in params if p.requires_grad and id(p) not in inside_params]
+
+    def visit(name: str, mod: nn.Module) -> None:
         if id(mod) in inside_mods:
-            continue
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad and id(p) not in inside_params]
-        if not own:
-            continue
-        if any(id(m) in inside_mods for m in mod.modules()):
+            return
+        if not any(id(m) in inside_mods for m in mod.modules()):
+            if scored(mod.parameters()):
+                out.append(mod)
+            return
+        own = [n for n, p in mod.named_parameters(recurse=False) if scored([p])]
+        if own:
             raise ConfigError(
-                f"parameter {(name + '.' if name else '') + own[0][0]} sits directly on a module that also contains the "
+                f"parameter {(name + '.' if name else '') + own[0]} sits directly on a module that also contains the "
                 "loop body, so it cannot be scored apart from the body; move it into a submodule of its own (e.g. an "
                 "nn.Embedding or a small nn.Module holding the nn.Parameter), or leave outside=False"
             )
-        out.append(mod)
+        for child_name, child in mod.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
     return out
 
 
