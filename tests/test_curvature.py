@@ -582,3 +582,60 @@ def test_rotated_sums_both_forms_equal_the_definition(rows: int, form: str | Non
     assert_close(
         rotated_sums(g, x, q_s, q_a, form), want, f"rotated sums ({form}, {rows} rows)", rtol=1e-12, atol=1e-12
     )
+
+
+def test_fit_refuses_an_empty_loader() -> None:
+    model = tiny_model()
+    with pytest.raises(lt.ConfigError, match="no examples"):
+        fit_curvature(model, [], lm_loss, step_module=model.core)
+
+
+class _EncoderLoop(nn.Module):
+    """A loop of one ``nn.TransformerEncoderLayer`` (its attention an ``nn.MultiheadAttention``, whose forward
+    returns a tuple and reads ``out_proj.weight`` itself), float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 8)
+        self.core = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.emb(x)
+        h = e
+        for _ in range(3):
+            h = self.core(h + e)
+        return self.head(h.mean(1))
+
+
+def test_kfac_diagonal_of_an_attention_body_is_its_fisher() -> None:
+    """K-FAC on a loop of ``nn.TransformerEncoderLayer``: the diagonal blocks of its attention (in-projection,
+    out-projection) are the mean squared per-example tied gradients. Before the fit followed the modules that read
+    each parameter, they were all zero (the out-projection's weight is read in the attention's own forward, its
+    ``forward`` never called; checked against the previous fit)."""
+    model = _EncoderLoop()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 7, (3, 5), generator=g), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    curv = fit_curvature(model, batches, loss, step_module=model.core, kinds=("kfac",))
+    attn = [d for d in curv.diagonal if "self_attn" in d.name]
+    assert attn, f"no attention parameter in the diagonal blocks: {[d.name for d in curv.diagonal]}"
+    params = dict(model.named_parameters())
+    rows = []
+    for x, y in batches:
+        for i in range(len(x)):
+            gr = torch.autograd.grad(loss(model, (x[i : i + 1], y[i : i + 1])).sum(), [params[d.name] for d in attn])
+            rows.append(torch.cat([t.reshape(-1) for t in gr]))
+    grads = torch.stack(rows)
+    off = 0
+    for d in attn:
+        n = d.diag.numel()
+        want = grads[:, off : off + n].square().mean(0)
+        off += n
+        assert float(want.max()) > 0
+        assert_close(d.diag.reshape(-1), want, f"K-FAC diagonal of {d.name}", rtol=1e-8, atol=1e-12)

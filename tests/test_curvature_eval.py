@@ -345,13 +345,16 @@ def test_pooled_comparison_reads_every_seed() -> None:
     assert p is not None and p["queries"] == sum(r["lds"]["queries"] for r in runs)
     tr = np.concatenate([r["lds"]["methods"]["tracin"]["per_query"] for r in runs])
     assert p["tracin"]["mean"] == pytest.approx(float(tr.mean()), abs=1e-12)
+    keys = [r["curvature"]["references"]["kronfluence_ekfac"]["key"] for r in runs]
+    assert p["kronfluence_ekfac"]["keys"] == keys
+    # plant in a run whose peer key differs from the first run's: a pool that took one key for every run misses it
+    j = next((i for i, k in enumerate(keys) if k != keys[0]), len(keys) - 1)
     planted = copy.deepcopy(runs)
-    last = planted[-1]
-    key = last["curvature"]["references"]["kronfluence_ekfac"]["key"]
-    last["lds"]["methods"][key]["per_query"] = [x + 1.0 for x in last["lds"]["methods"][key]["per_query"]]
+    m = planted[j]["lds"]["methods"][keys[j]]
+    m["per_query"] = [x + 1.0 for x in m["per_query"]]
     q = pooled(planted)
     assert q is not None
-    shift = last["lds"]["queries"] / p["queries"]
+    shift = planted[j]["lds"]["queries"] / p["queries"]
     for name, row in p["estimators"].items():
         got = q["estimators"][name]["paired"]["kronfluence_ekfac"]["mean"]
         assert got == pytest.approx(row["paired"]["kronfluence_ekfac"]["mean"] - shift, abs=1e-9), name
@@ -372,6 +375,15 @@ def test_unseen_configurations_compare_mean_of_means() -> None:
     assert u is not None and u["n_runs"] == len(runs)
     want = np.mean([r["lds"]["methods"]["gauss_newton"]["mean"] for r in runs])
     assert u["mean"]["gauss-newton"] == pytest.approx(want, abs=1e-12)
+    # runs of unequal size still count once each: the mean of the runs' means, not of their pooled queries
+    uneven = copy.deepcopy(runs)
+    row = uneven[0]["lds"]["methods"]["gauss_newton"]
+    row["per_query"], row["mean"] = row["per_query"][:10], float(np.mean(row["per_query"][:10]))
+    uneven[0]["lds"]["queries"] = 10
+    w = unseen(uneven)
+    assert w is not None
+    assert w["mean"]["gauss-newton"] == pytest.approx(np.mean([r["lds"]["methods"]["gauss_newton"]["mean"]
+                                                               for r in uneven]), abs=1e-12)  # fmt: skip
     peer = np.mean([r["curvature"]["references"]["kronfluence_ekfac"]["mean"] for r in runs])
     assert u["kronfluence_ekfac_mean"] == pytest.approx(peer, abs=1e-12)
     planted = copy.deepcopy(runs)

@@ -162,3 +162,29 @@ def test_store_refuses_adam_without_every_moment_before_writing(tmp_path) -> Non
     with pytest.raises(lt.ConfigError, match="no trainable parameter outside"):
         featurize_to_store(model, cks, ds, loss_fn, tmp_path / "none", step_module=model, body=[model],
                            sketch=lt.SketchSpec(dim=32), outside=True)  # fmt: skip
+
+
+def test_store_refuses_what_it_cannot_score_whole_before_writing(tmp_path) -> None:
+    """``outside=True`` on a model that marks its loop steps with ``lt.loop_step()`` (no step module) cannot run the
+    model as one pass per forward: refused before any shard is written (it used to fail after the body's store was
+    filled and leave a companion store that could never be finished). ``kind="total"`` with preconditioned body
+    queries but plain outside ones (or the reverse) would mix two geometries: refused."""
+    from looptrace.store import featurize_to_store
+    from tests.test_capture import MarkedNet
+    from tests.test_capture import loss_fn as marked_loss
+
+    marked = MarkedNet()
+    x = torch.randint(0, 5, (6, 4), generator=torch.Generator().manual_seed(0))
+    ds = {"train": torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long)),
+          "query": torch.utils.data.TensorDataset(x[:2], torch.zeros(2, dtype=torch.long))}  # fmt: skip
+    ck = [lt.Checkpoint({k: v.clone() for k, v in marked.state_dict().items()}, lr=0.5, name="a")]
+    with pytest.raises(lt.ConfigError, match="loop_step"):
+        featurize_to_store(marked, ck, ds, marked_loss, tmp_path / "m", body=[marked.adapter, marked.blocks],
+                           sketch=lt.SketchSpec(dim=16), outside=True)  # fmt: skip
+    assert not (tmp_path / "m").exists(), "a store was started before the refusal"
+    store, _ = _cli_store(tmp_path)
+    st = FeatureStore.open(store)
+    queries = preconditioned_queries(st, "gauss-newton")
+    with pytest.raises(lt.ConfigError, match="mix two geometries"):
+        score_to_disk(st, tmp_path / "t.npy", kind="total", queries=queries)
+    assert not (tmp_path / "t.npy").exists()

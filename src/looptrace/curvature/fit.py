@@ -407,7 +407,7 @@ def fit_curvature(
     if hooked and "ekfac" not in kind_set:  # the first batch's exact per-example gradients of the owners
         assert one.diag_first is not None
         exact = _exact_first(model, loader, seeded, readers.modules, verify, loss_fn, kw)
-        hooked = _agrees(one.diag_first, exact, params[0].param.dtype)
+        hooked = _agrees(one.diag_first, exact, params[0].param.dtype, [d.name for d in diag])
     hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
     if "ekfac" in kind_set or (diag and not hooked):
         _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
@@ -452,11 +452,14 @@ def _columns(f: Features) -> dict[str, tuple[int, int]]:
     return {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
 
 
-def _agrees(hooked: dict[str, torch.Tensor], exact: Features, dtype: torch.dtype) -> bool:
-    """Whether the diagonal blocks' per-example gradients from the layer rules match the exact ones."""
+def _agrees(hooked: dict[str, torch.Tensor], exact: Features, dtype: torch.dtype, names: Iterable[str]) -> bool:
+    """Whether the diagonal blocks' per-example gradients from the layer rules match the exact ones, for every one
+    of ``names`` (one the rules never produced, a hook that saw no call, counts as a mismatch: not as zero)."""
     at = _columns(exact)
     g = exact.total.double()
     tol = 1e-6 if dtype == torch.float64 else 1e-3  # a wrong grouping of rows is off by O(1)
+    if any(n not in hooked for n in names):
+        return False
     for name, h in hooked.items():
         s0, sn = at[name]
         want = g[:, s0 : s0 + sn].to(h.device)
@@ -508,7 +511,11 @@ def _eigen_pass(
                 f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
                               verify=False, **kw)  # fmt: skip
             exact = _rotated(curv, f)
-            if index == 0 and hooked_diag is not None and _agrees(hooked_diag[1], f, params[0].param.dtype):
+            if (
+                index == 0
+                and hooked_diag is not None
+                and _agrees(hooked_diag[1], f, params[0].param.dtype, [d.name for d in curv.diagonal])
+            ):
                 _set_diagonal(curv, hooked_diag[0])
                 diag_done = True
             tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
@@ -574,10 +581,13 @@ def _diag_readers(
             for p in mod.parameters(recurse=False):
                 if id(p) in wanted and all(mod is not o for o in own.get(id(p), [])):
                     own.setdefault(id(p), []).append(mod)
+    first = next(iter(loader), None)
+    if first is None:
+        raise ConfigError("the fitting loader yielded no examples")
     uses = ParamUses(wanted.values(), [m for r in roots for m in r.modules()])
     loss.index = 0
     with torch.enable_grad(), uses.recording():
-        loss(model, next(iter(loader)))
+        loss(model, first)
     chosen: list[nn.Module] = []
     direct = True
     for pid in wanted:

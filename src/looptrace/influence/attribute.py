@@ -150,6 +150,9 @@ def attribute(
             "train_positions=True decomposes the training side by position, summed over its loop steps, against "
             f"the query's steps: it goes with decomposition='test', not {decomposition!r}"
         )
+    if outside:
+        check_outside(step_module)
+        outside_modules(model, step_module, body)  # a parameter that cannot be scored apart is refused now
     spec = sketch if sketch is not None else SketchSpec()
     original = copy.deepcopy(model.state_dict())
     total_sdi: torch.Tensor | None = None
@@ -277,6 +280,17 @@ def outside_modules(
 
     visit("", model)
     return out
+
+
+def check_outside(step_module: nn.Module | Sequence[nn.Module] | None) -> None:
+    """``outside=True`` runs the model as one pass per forward: refused up front, before any work, for a model
+    that marks its loop steps with :func:`looptrace.loop_step` (``body=`` without ``step_module=``)."""
+    if step_module is None:
+        raise ConfigError(
+            "outside=True featurises the parameters outside the loop as one pass per call of the model, which a "
+            "model that marks its loop steps with looptrace.loop_step() (body= without step_module=) cannot be "
+            "run as; pass step_module= (the module, or modules, one loop step calls), or leave outside=False"
+        )
 
 
 def outside_refused(exc: StepError) -> ConfigError:

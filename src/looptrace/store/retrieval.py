@@ -69,6 +69,12 @@ def score_to_disk(
         raise ConfigError(f"kind must be 'sdi', 'tracin' or 'total', got {kind!r}")
     if outside_queries is not None and kind != "total":
         raise ConfigError("outside_queries= goes with kind='total' (the parameters outside the loop have no step)")
+    if kind == "total" and (queries is None) != (outside_queries is None):
+        raise ConfigError(
+            "kind='total' with preconditioned queries needs both queries= (the body's) and outside_queries= (those "
+            "of the parameters outside the loop, preconditioned_queries(store.outside(), ...)): one part "
+            "preconditioned and the other plain would mix two geometries"
+        )
     parts = [(store, queries)]
     if kind == "total":
         parts.append((store.outside(), outside_queries))
