@@ -108,21 +108,24 @@ def test_the_benchmark_reports_what_it_measured(tmp_path) -> None:
         assert value in page, f"the page does not quote {value}"
 
 
-def test_the_curvature_cost_script_still_runs_on_the_current_api() -> None:
-    """benchmarks/curvature_cost.py is a script outside the package: it once stopped running when the evaluation
-    task's API changed (EvalTask became abstract) and nothing noticed. Its models must build and one fit must run."""
-    import importlib.util
+def test_the_curvature_cost_bench_runs_on_the_current_api_and_its_table_quotes_the_json() -> None:
+    """``looptrace bench curvature`` (it was a script outside the package that once stopped running when the
+    evaluation task's API changed, and nothing noticed): its models build, one fit runs, and its Markdown table
+    quotes the committed JSON's ratios."""
+    import json
     from pathlib import Path
 
+    from looptrace.apps.bench import curvature_cost
     from looptrace.curvature import fit_curvature
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_cost.py"
-    spec = importlib.util.spec_from_file_location("curvature_cost", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    models = mod._models()
+    models = curvature_cost._models()
     assert len(models) == 2
     model, core, loss, train, _ = next(iter(models.values()))
     curv = fit_curvature(model, train[:1], loss, step_module=core, kinds=("kfac",))
     assert curv is not None
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "curvature-cost.json"
+    res = json.loads(committed.read_text())
+    page = curvature_cost.markdown(res)
+    for r in res["seconds"].values():
+        for key in ("fit_kfac_over_featurize", "fit_ekfac_over_featurize"):
+            assert f"{r[key]:.2f}x" in page, f"the table does not quote {key} = {r[key]:.2f}"

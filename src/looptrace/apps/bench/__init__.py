@@ -210,12 +210,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options: one definition for ``looptrace bench`` and :func:`main`."""
     p.add_argument(
         "what",
-        choices=["all", "widths", "scale", "memory", "gpu", "routes", "recorder", "train-time"],
+        choices=["all", "widths", "scale", "memory", "gpu", "routes", "recorder", "train-time", "curvature"],
         help="all: fidelity/speed/memory/peers; widths: speed, fidelity and memory of the default sketch at widths "
         "128-768 on a body-dominated looped block, head to head with the reference; scale: the feature store at N examples; memory: peak memory of each "
         "mode (with --paper: the paper's configuration, on the CPU); gpu: the paper's configuration on one GPU "
         "(--dry-run: a tiny model, any device); routes: the cost of each capture route; recorder: the checkpoint "
-        "recorder's training overhead; train-time: the parity paper preset's training time from timed steps",
+        "recorder's training overhead; train-time: the parity paper preset's training time from timed steps; "
+        "curvature: what fitting K-FAC / EK-FAC costs next to one featurisation pass (issue #24)",
     )
     p.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (m = 2048 kept; about 5 minutes)")
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
@@ -254,6 +255,12 @@ def run_args(a: argparse.Namespace) -> int:
         from looptrace.apps.bench import gpu
 
         print(json.dumps(gpu.run(a.device, a.dry_run, out), indent=2, default=str))
+        return 0
+    if a.what == "curvature":
+        from looptrace.apps.bench import curvature_cost
+
+        res = curvature_cost.run(out, repeats=3 if a.quick else 5)
+        print(curvature_cost.markdown(res))
         return 0
     if a.what == "train-time":
         from looptrace.apps.bench.train_time import main as train_time
