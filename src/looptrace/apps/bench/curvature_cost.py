@@ -66,7 +66,13 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
     tr2 = [(xs[i : i + 32], ys[i : i + 32]) for i in range(0, 256, 32)]
     qu2 = [(xs[:16], ys[:16])]
     return {
-        "evaluation task (looped residual MLP, d=32, tau=4, N=200)": (mlp, mlp.core, loss_fn, tr, qu),
+        f"evaluation task (looped residual MLP, d={task.d_model}, tau={task.loops}, N={task.n_train})": (
+            mlp,
+            mlp.core,
+            loss_fn,
+            tr,
+            qu,
+        ),
         "looped transformer (d=64, 1 block, tau=8, L=32, N=256)": (gpt, gpt.core, _lm_loss, tr2, qu2),
     }
 
