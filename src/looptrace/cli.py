@@ -288,7 +288,8 @@ def _cmd_fit_curvature(args: argparse.Namespace) -> int:
     atomic_write_bytes(
         Path(args.store, "curvature", "fit_curvature_args.json"), json.dumps(_args_dict(args), indent=2).encode()
     )
-    print(f"wrote {len(paths)} factor file(s) under {Path(args.store, 'curvature')}")
+    where = sorted({str(p.parent) for p in paths})
+    print(f"wrote {len(paths)} factor file(s) under {', '.join(where)}")
     return 0
 
 
