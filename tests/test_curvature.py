@@ -639,3 +639,24 @@ def test_kfac_diagonal_of_an_attention_body_is_its_fisher() -> None:
         off += n
         assert float(want.max()) > 0
         assert_close(d.diag.reshape(-1), want, f"K-FAC diagonal of {d.name}", rtol=1e-8, atol=1e-12)
+
+
+def test_ekfac_from_kept_rows_equals_running_the_model_again() -> None:
+    """EK-FAC's second pass rotates pass 1's kept rows instead of running the model again when they fit the
+    budget: the same eigenvalues as recomputing (``keep_rows_bytes=0``), in float64, on a true Fisher too (its
+    sampled targets must be the same draws), and a budget too small for every batch falls back to recomputing.
+    Catches rows of another batch rotated (an index off by one), or kept rows that differ from a second forward."""
+    from looptrace.curvature import sampled_cross_entropy
+
+    def sampled(m: nn.Module, batch: Any) -> torch.Tensor:
+        return sampled_cross_entropy(m(batch[0])).mean(1)
+
+    model, train = tiny_model(), tiny_batches(3)
+    for kw in ({}, {"fisher_loss": sampled}):
+        again = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), keep_rows_bytes=0, **kw)
+        kept = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), **kw)
+        small = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), keep_rows_bytes=64, **kw)
+        for a, b, c in zip(again.kronecker, kept.kronecker, small.kronecker, strict=True):
+            assert a.ekfac is not None and b.ekfac is not None and c.ekfac is not None
+            assert_close(b.ekfac, a.ekfac, f"EK-FAC of {a.module} from kept rows", rtol=1e-12, atol=1e-14)
+            assert_close(c.ekfac, a.ekfac, f"EK-FAC of {a.module} over the budget", rtol=1e-12, atol=1e-14)

@@ -174,6 +174,9 @@ def _fitting(model: nn.Module, params: list[BodyParam], train_mode: bool) -> Ite
             p.requires_grad_(flag)
 
 
+#: How many bytes of pass 1's rows EK-FAC may keep for its second pass (:func:`fit_curvature`'s default).
+KEEP_ROWS_BYTES = 1 << 30
+
 #: A diagonal-block owner fitted in pass 1: the module and its layer rule.
 DiagModule = tuple[nn.Module, Rule]
 
@@ -288,6 +291,8 @@ class _PassOne:
     n: int
     diag_sq: dict[str, torch.Tensor] | None
     diag_first: dict[str, torch.Tensor] | None
+    #: per batch, its size and the Linear layers' rows (kept for EK-FAC's second pass within a memory budget)
+    rows: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None
 
 
 def _kronecker_pass(
@@ -298,9 +303,13 @@ def _kronecker_pass(
     device: torch.device,
     diag: list[DiagModule] | None,
     names: dict[int, str],
+    keep_bytes: int = 0,
 ) -> _PassOne:
     """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear, and (``diag``)
-    ``sum_n g_n^2`` of the diagonal blocks' per-example tied gradients."""
+    ``sum_n g_n^2`` of the diagonal blocks' per-example tied gradients. ``keep_bytes > 0``: the rows are also kept
+    while they fit in that many bytes (all of them or none), so EK-FAC's second pass need not run the model again."""
+    from looptrace import batching
+
     stats = []
     for _, mod in linears:
         d_in = mod.in_features + (1 if mod.bias is not None else 0)
@@ -311,11 +320,19 @@ def _kronecker_pass(
     n = 0
     sq: dict[str, torch.Tensor] | None = None if diag is None else {}
     first: dict[str, torch.Tensor] | None = None
+    kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = [] if keep_bytes > 0 else None
+    used = 0
     for index, batch in enumerate(loader):
         loss.index = index
         losses, rows, dcalls = _linear_rows(model, batch, loss, linears, diag or ())
         for i, (xs, gs) in _by_layer(rows).items():
             stats[i].add(xs, gs)
+        if kept is not None:
+            used += sum(x.numel() * x.element_size() + g.numel() * g.element_size() for _, x, g in rows)
+            if used > keep_bytes:  # over the budget: the second pass runs the model again
+                kept = None
+            else:
+                kept.append((batching.leading_size(batch), rows))
         if sq is not None:
             per = _diag_grads(dcalls, names, int(losses.shape[0]))
             if index == 0:
@@ -323,7 +340,7 @@ def _kronecker_pass(
             for name, g in per.items():
                 sq[name] = g.square().sum(0) + sq.get(name, 0.0)
         n += int(losses.shape[0])
-    return _PassOne(stats, n, sq, first)
+    return _PassOne(stats, n, sq, first, kept)
 
 
 def fit_curvature(
@@ -340,6 +357,7 @@ def fit_curvature(
     train_mode: bool = False,
     checkpoint: str | None = None,
     verify: bool | str = "first",
+    keep_rows_bytes: int = KEEP_ROWS_BYTES,
     **featurize_kwargs: Any,
 ) -> Curvature:
     """K-FAC / EK-FAC factors of the body at the model's current weights, fitted on ``loader``.
@@ -359,6 +377,9 @@ def fit_curvature(
         train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
         verify: check the exact per-example gradients of pass 2 against autograd (as :func:`looptrace.featurize`):
             ``"first"`` batch, ``True`` every batch, ``False`` never. Catches rows that are not batch-first.
+        keep_rows_bytes: EK-FAC keeps pass 1's rows of the Linear layers when they fit in this many bytes, and
+            rotates them in pass 2 instead of running the model again (the same rows: the same numbers); ``0``
+            always runs it again.
         featurize_kwargs: passed to the pass-2 featurisation (``tau``, ``recompute``, ``fallback``, ...).
 
     Returns:
@@ -384,7 +405,8 @@ def fit_curvature(
     with _fitting(model, params, train_mode):
         readers = _diag_readers(model, loader, seeded, roots, params, diag_names) if diag_names else _Readers([], True)
         diag_mods = _diag_modules(readers, params, diag_names) if diag_names else []
-        one = _kronecker_pass(model, loader, seeded, linears, device, diag_mods, names)
+        keep = keep_rows_bytes if "ekfac" in kind_set else 0
+        one = _kronecker_pass(model, loader, seeded, linears, device, diag_mods, names, keep)
     n = one.n
     if n == 0:
         raise ConfigError("the fitting loader yielded no examples")
@@ -411,7 +433,7 @@ def fit_curvature(
     hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
     if "ekfac" in kind_set or (diag and not hooked):
         _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
-                    loss_fn, kw, hooked_diag, readers.modules)  # type: ignore[arg-type]  # fmt: skip
+                    loss_fn, kw, hooked_diag, readers.modules, one.rows)  # type: ignore[arg-type]  # fmt: skip
     elif diag:
         assert one.diag_sq is not None
         _set_diagonal(curv, one.diag_sq)
@@ -483,6 +505,7 @@ def _eigen_pass(
     kw: dict[str, Any],
     hooked_diag: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     owners: list[nn.Module],
+    kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None,
 ) -> None:
     """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block from the per-example tied gradients G_n, and the
     diagonal blocks' E_n[g_n^2] where pass 1 could not fit them.
@@ -502,7 +525,12 @@ def _eigen_pass(
     hooks_ok = True
     for index, batch in enumerate(loader) if ekfac else ():
         loss.index = index
-        got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode) if hooks_ok else None
+        if not hooks_ok:
+            got = None
+        elif kept is not None and index < len(kept):  # pass 1's rows of this batch: no second forward
+            got = _rotated_rows(curv, *kept[index])
+        else:
+            got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode)
         if got is None or index == 0:
             if index == 0:
                 f = _exact_first(model, [batch], loss, roots, verify, check_loss, kw)
@@ -646,10 +674,17 @@ def _rotated_by_hooks(
     batch-first."""
     from looptrace import batching
 
-    size = batching.leading_size(batch)
     with _fitting(model, params, train_mode):
         _, rows, _ = _linear_rows(model, batch, loss, linears)
-    acc: list[torch.Tensor | None] = [None] * len(linears)
+    return _rotated_rows(curv, batching.leading_size(batch), rows)
+
+
+def _rotated_rows(
+    curv: Curvature, size: int | None, rows: list[tuple[int, torch.Tensor, torch.Tensor]]
+) -> list[torch.Tensor] | None:
+    """Per Kronecker block, ``sum_n (Q_S^T G_n Q_A)^2`` over a batch of ``size`` examples from its Linear layers'
+    rows (``(layer index, x, g)`` per call); ``None`` if some call's rows are not batch-first."""
+    acc: list[torch.Tensor | None] = [None] * len(curv.kronecker)
     if size is None or any(x.dim() < 2 or x.shape[0] != size or g.shape[0] != size for _, x, g in rows):
         return None
     for i, (xs, gs) in _by_layer(rows).items():
