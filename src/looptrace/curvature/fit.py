@@ -18,12 +18,15 @@ featurisation of just the modules that own them instead.
 Pass 2 (EK-FAC only): the per-example *tied* gradients (summed over steps) in each Linear's Kronecker
 eigenbasis, squared and averaged. The same hooks rotate each call's rows into the eigenbasis and sum
 ``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed in the parameter
-basis; the first batch is checked against the exact per-example tied gradients, and rows that are not
-batch-first take that exact route.
+basis (of each example's rows, or of its gradient formed first, whichever costs fewer flops); the first batch
+is checked against the exact per-example tied gradients, and rows that are not batch-first take that exact
+route. Pass 1's rows are kept when they fit ``keep_rows_bytes`` (1 GiB by default), so pass 2 rotates them
+without running the model again.
 
 Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers)
-plus an exact featurisation of the first batch; EK-FAC adds the second pass. The measured ratios to one
-featurisation pass are in ``benchmarks/results/curvature-cost.json``.
+plus an exact featurisation of the first batch; EK-FAC adds the rotations (and, over the row budget, a second
+forward and backward). The measured ratios to one featurisation pass: ``looptrace bench curvature``
+(``benchmarks/results/curvature-cost.md``).
 
 The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
 user's loss with targets *sampled from the model* (for a softmax output, :func:`sampled_cross_entropy`).
