@@ -129,3 +129,7 @@ def test_the_curvature_cost_bench_runs_on_the_current_api_and_its_table_quotes_t
     for r in res["seconds"].values():
         for key in ("fit_kfac_over_featurize", "fit_ekfac_over_featurize"):
             assert f"{r[key]:.2f}x" in page, f"the table does not quote {key} = {r[key]:.2f}"
+    assert committed.with_suffix(".md").read_text() == page, (
+        "benchmarks/results/curvature-cost.md is not the table of curvature-cost.json: rerun `looptrace bench "
+        "curvature`"
+    )

@@ -641,12 +641,19 @@ def test_kfac_diagonal_of_an_attention_body_is_its_fisher() -> None:
         assert_close(d.diag.reshape(-1), want, f"K-FAC diagonal of {d.name}", rtol=1e-8, atol=1e-12)
 
 
-def test_ekfac_from_kept_rows_equals_running_the_model_again() -> None:
+def test_ekfac_from_kept_rows_equals_running_the_model_again(monkeypatch) -> None:
     """EK-FAC's second pass rotates pass 1's kept rows instead of running the model again when they fit the
-    budget: the same eigenvalues as recomputing (``keep_rows_bytes=0``), in float64, on a true Fisher too (its
-    sampled targets must be the same draws), and a budget too small for every batch falls back to recomputing.
-    Catches rows of another batch rotated (an index off by one), or kept rows that differ from a second forward."""
+    budget: the hook route, the model not run again (no call of the recomputing rotation), the same eigenvalues as
+    recomputing (``keep_rows_bytes=0``) in float64, on a true Fisher too (its sampled targets must be the same
+    draws); a budget too small for every batch recomputes, with the same result. Catches rows of another batch
+    rotated (an index off by one: batch 0 passes the first-batch check, the others would not), kept rows that
+    differ from a second forward, or kept rows left unused."""
+    import looptrace.curvature.fit as fitmod
     from looptrace.curvature import sampled_cross_entropy
+
+    calls: list[int] = []
+    recompute = fitmod._rotated_by_hooks
+    monkeypatch.setattr(fitmod, "_rotated_by_hooks", lambda *a, **k: calls.append(1) or recompute(*a, **k))
 
     def sampled(m: nn.Module, batch: Any) -> torch.Tensor:
         return sampled_cross_entropy(m(batch[0])).mean(1)
@@ -654,9 +661,38 @@ def test_ekfac_from_kept_rows_equals_running_the_model_again() -> None:
     model, train = tiny_model(), tiny_batches(3)
     for kw in ({}, {"fisher_loss": sampled}):
         again = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), keep_rows_bytes=0, **kw)
+        assert len(calls) == 3, "keep_rows_bytes=0 should run the model again for every batch"
+        calls.clear()
         kept = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), **kw)
+        assert kept.ekfac_route == "rows", "the kept rows failed the first-batch check"
+        assert not calls, "the model ran again although the rows were kept"
         small = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=("ekfac",), keep_rows_bytes=64, **kw)
+        assert len(calls) == 3
+        calls.clear()
         for a, b, c in zip(again.kronecker, kept.kronecker, small.kronecker, strict=True):
             assert a.ekfac is not None and b.ekfac is not None and c.ekfac is not None
             assert_close(b.ekfac, a.ekfac, f"EK-FAC of {a.module} from kept rows", rtol=1e-12, atol=1e-14)
             assert_close(c.ekfac, a.ekfac, f"EK-FAC of {a.module} over the budget", rtol=1e-12, atol=1e-14)
+
+
+class _Shrinking:
+    """Yields three batches until one iteration has run to its end, two afterwards (a loader that changes under
+    the fit between its passes)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.done = batches, False
+
+    def __iter__(self) -> Any:
+        yield from self.batches if not self.done else self.batches[:2]
+        self.done = True
+
+
+def test_ekfac_refuses_a_loader_it_cannot_read_twice() -> None:
+    """EK-FAC reads the fitting loader more than once: a one-shot iterator is refused before any work (its second
+    pass would see nothing: all-zero eigenvalues, no error), and a loader that yields another number of batches
+    the second time is refused with what to do."""
+    model, train = tiny_model(), tiny_batches(3)
+    with pytest.raises(lt.LoaderError, match="one-shot iterator"):
+        fit_curvature(model, iter(train), lm_loss, step_module=model.core, kinds=("ekfac",))
+    with pytest.raises(lt.LoaderError, match="3 batches in the first pass and 2 in the second"):
+        fit_curvature(model, _Shrinking(train), lm_loss, step_module=model.core, kinds=("ekfac",))

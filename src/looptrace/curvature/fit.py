@@ -50,7 +50,7 @@ from looptrace.capture.tracer import BodyParam, body_parameters, check_ties
 from looptrace.capture.uses import ParamUses, innermost_owner
 from looptrace.curvature.blocks import KINDS, DiagonalBlock, KroneckerBlock
 from looptrace.curvature.factors import Curvature
-from looptrace.errors import ConfigError
+from looptrace.errors import ConfigError, LoaderError
 from looptrace.features import Features
 from looptrace.featurize import LossFn, check_loader_order, featurize, resolve_body, validate_losses
 from looptrace.sketch.spec import SketchSpec
@@ -296,6 +296,8 @@ class _PassOne:
     diag_first: dict[str, torch.Tensor] | None
     #: per batch, its size and the Linear layers' rows (kept for EK-FAC's second pass within a memory budget)
     rows: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None
+    #: how many batches the loader yielded
+    batches: int = 0
 
 
 def _kronecker_pass(
@@ -325,13 +327,15 @@ def _kronecker_pass(
     first: dict[str, torch.Tensor] | None = None
     kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = [] if keep_bytes > 0 else None
     used = 0
+    seen: set[int] = set()
+    batches = 0
     for index, batch in enumerate(loader):
         loss.index = index
         losses, rows, dcalls = _linear_rows(model, batch, loss, linears, diag or ())
         for i, (xs, gs) in _by_layer(rows).items():
             stats[i].add(xs, gs)
         if kept is not None:
-            used += sum(x.numel() * x.element_size() + g.numel() * g.element_size() for _, x, g in rows)
+            used += _storage_bytes([t for _, x, g in rows for t in (x, g)], seen)
             if used > keep_bytes:  # over the budget: the second pass runs the model again
                 kept = None
             else:
@@ -343,7 +347,20 @@ def _kronecker_pass(
             for name, g in per.items():
                 sq[name] = g.square().sum(0) + sq.get(name, 0.0)
         n += int(losses.shape[0])
-    return _PassOne(stats, n, sq, first, kept)
+        batches += 1
+    return _PassOne(stats, n, sq, first, kept, batches)
+
+
+def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    """The bytes that keeping ``tensors`` keeps alive: each underlying storage once (a row that is a view of a
+    larger activation keeps all of it), not counting the storages in ``seen`` (updated)."""
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def fit_curvature(
@@ -399,6 +416,11 @@ def fit_curvature(
         raise ConfigError("the loop body has no parameters to fit curvature for")
     check_ties(model, roots, params)
     check_loader_order(loader)
+    if iter(loader) is loader:  # a generator or iterator: read once, but the fit reads the loader more than once
+        raise LoaderError(
+            "fit_curvature reads the fitting loader more than once (its first batch, the passes): pass a list of "
+            "batches or a DataLoader (shuffle=False), not a one-shot iterator or generator"
+        )
     device = params[0].param.device
     linears = body_linears(model, roots, params)
     names = {id(bp.param): bp.name for bp in params}
@@ -436,7 +458,7 @@ def fit_curvature(
     hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
     if "ekfac" in kind_set or (diag and not hooked):
         _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
-                    loss_fn, kw, hooked_diag, readers.modules, one.rows)  # type: ignore[arg-type]  # fmt: skip
+                    loss_fn, kw, hooked_diag, readers.modules, one.rows, one.batches)  # type: ignore[arg-type]  # fmt: skip
     elif diag:
         assert one.diag_sq is not None
         _set_diagonal(curv, one.diag_sq)
@@ -509,6 +531,7 @@ def _eigen_pass(
     hooked_diag: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     owners: list[nn.Module],
     kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None,
+    batches: int | None = None,
 ) -> None:
     """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block from the per-example tied gradients G_n, and the
     diagonal blocks' E_n[g_n^2] where pass 1 could not fit them.
@@ -526,7 +549,9 @@ def _eigen_pass(
             blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
     diag_done = False
     hooks_ok = True
+    seen = 0
     for index, batch in enumerate(loader) if ekfac else ():
+        seen += 1
         loss.index = index
         if not hooks_ok:
             got = None
@@ -559,6 +584,12 @@ def _eigen_pass(
         for blk, add in zip(curv.kronecker, got, strict=True):
             assert blk.ekfac is not None
             blk.ekfac += add
+    if ekfac and batches is not None and seen != batches:
+        raise LoaderError(
+            f"the fitting loader yielded {batches} batches in the first pass and {seen} in the second: EK-FAC reads it "
+            "twice, so pass one that yields the same batches every time it is iterated (a list, or a DataLoader "
+            "with shuffle=False), not a one-shot iterator"
+        )
     if curv.diagonal and not diag_done:  # one featurisation of the (few) diagonal parameters over the whole loader
         if not ekfac and (verify is True or verify == "first"):
             first = next(iter(loader))

@@ -218,7 +218,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "recorder's training overhead; train-time: the parity paper preset's training time from timed steps; "
         "curvature: what fitting K-FAC / EK-FAC costs next to one featurisation pass (issue #24)",
     )
-    p.add_argument("--quick", action="store_true", help="fewer dimensions and seeds (m = 2048 kept; about 5 minutes)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer dimensions and seeds (m = 2048 kept; about 5 minutes); curvature: 3 rounds, not 5",
+    )
     p.add_argument("--n", type=int, default=100_000, help="examples for the scale benchmark")
     p.add_argument("--no-peer", action="store_true", help="skip the reference implementation")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (135M parameters, tau=32)")

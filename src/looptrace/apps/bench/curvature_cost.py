@@ -158,7 +158,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# What fitting K-FAC / EK-FAC costs",
         "",
         f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread, torch {m['torch']}; medians over {res['repeats']} "
-        "rounds, ratios the medians of per-round ratios (`looptrace bench curvature`).",
+        "rounds, ratios the medians of per-round ratios (`looptrace bench curvature`). Both sides run with "
+        "verify=False (no first-batch check against autograd), so the passes themselves are compared.",
         "",
         "| model | featurisation pass (s) | K-FAC fit / featurisation | EK-FAC fit / featurisation | "
         "EK-FAC query / plain query |",
