@@ -114,17 +114,27 @@ class _RowStats:
     rows: int = 0
 
     def add(self, xs: Sequence[torch.Tensor], gs: Sequence[torch.Tensor]) -> None:
-        """The rows of one batch's calls (every loop step's) at once: one product per factor, not one per call."""
-        x2 = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-        g2 = torch.cat([g.reshape(-1, g.shape[-1]) for g in gs])
-        live = g2.ne(0).any(1)  # rows with no backprop signal contribute nothing to the tied gradient
-        if not bool(live.all()):
-            x2, g2 = x2[live], g2[live]
-        if self.bias:
-            x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
-        self.a += (x2.T @ x2).double()  # a sum over one batch's rows in the model's dtype, accumulated in float64
-        self.s += (g2.T @ g2).double()
-        self.rows += int(x2.shape[0])
+        """The rows of one batch's calls (every loop step's): summed in the model's dtype over the batch, then
+        accumulated in float64. A bias column of ones enters ``A`` as the rows' sums and count (no copy)."""
+        a: torch.Tensor | None = None
+        s: torch.Tensor | None = None
+        for x, g in zip(xs, gs, strict=True):
+            x2 = x.reshape(-1, x.shape[-1])
+            g2 = g.reshape(-1, g.shape[-1])
+            live = g2.abs().amax(1) > 0  # rows with no backprop signal contribute nothing to the tied gradient
+            if not bool(live.all()):
+                x2, g2 = x2[live], g2[live]
+            pa = x2.T @ x2
+            if self.bias:
+                col = x2.sum(0)
+                pa = torch.cat([torch.cat([pa, col[:, None]], 1),
+                                torch.cat([col, col.new_full((1,), float(x2.shape[0]))])[None]], 0)  # fmt: skip
+            ps = g2.T @ g2
+            a, s = (pa, ps) if a is None or s is None else (a + pa, s + ps)
+            self.rows += int(x2.shape[0])
+        if a is not None and s is not None:
+            self.a += a.double()
+            self.s += s.double()
 
 
 def _by_layer(
