@@ -156,7 +156,7 @@ SUMMARY = EVAL / "curvature-summary.json"
 
 
 #: the runs on configurations that chose nothing, in the summary's order
-UNSEEN_ORDER = ["maj-c", "maj-d", "att-a", "att-b"]
+UNSEEN_ORDER = ["maj-c", "maj-d", "maj-e", "maj-f", "att-a", "att-b", "att-c", "att-d"]
 
 
 def _committed_runs() -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
