@@ -150,9 +150,8 @@ def attribute(
             "train_positions=True decomposes the training side by position, summed over its loop steps, against "
             f"the query's steps: it goes with decomposition='test', not {decomposition!r}"
         )
-    if outside:
-        check_outside(step_module)
-        outside_modules(model, step_module, body)  # a parameter that cannot be scored apart is refused now
+    # the parts outside the loop, found (and a model that cannot be scored so refused) before any work
+    mods = outside_run_modules(model, step_module, body) if outside else []
     spec = sketch if sketch is not None else SketchSpec()
     original = copy.deepcopy(model.state_dict())
     total_sdi: torch.Tensor | None = None
@@ -223,7 +222,6 @@ def attribute(
         total_sdi = total_positions.sum(-1)
     rest: torch.Tensor | None = None
     if outside:
-        mods = outside_modules(model, step_module, body)
         if not mods:
             rest = torch.zeros_like(total_tracin)
         else:
@@ -282,15 +280,21 @@ def outside_modules(
     return out
 
 
-def check_outside(step_module: nn.Module | Sequence[nn.Module] | None) -> None:
-    """``outside=True`` runs the model as one pass per forward: refused up front, before any work, for a model
-    that marks its loop steps with :func:`looptrace.loop_step` (``body=`` without ``step_module=``)."""
+def outside_run_modules(
+    model: nn.Module,
+    step_module: nn.Module | Sequence[nn.Module] | None,
+    body: nn.Module | Sequence[nn.Module] | None,
+) -> list[nn.Module]:
+    """:func:`outside_modules` for an ``outside=True`` run, which runs the model as one pass per forward: refused up
+    front, before any work, for a model that marks its loop steps with :func:`looptrace.loop_step` (``body=``
+    without ``step_module=``)."""
     if step_module is None:
         raise ConfigError(
             "outside=True featurises the parameters outside the loop as one pass per call of the model, which a "
             "model that marks its loop steps with looptrace.loop_step() (body= without step_module=) cannot be "
             "run as; pass step_module= (the module, or modules, one loop step calls), or leave outside=False"
         )
+    return outside_modules(model, step_module, body)
 
 
 def outside_refused(exc: StepError) -> ConfigError:

@@ -153,10 +153,9 @@ def _outside(
     body: nn.Module | Sequence[nn.Module] | None,
 ) -> list[nn.Module]:
     """The modules outside the loop body that ``outside=True`` featurises (refused when there are none)."""
-    from looptrace.influence.attribute import check_outside, outside_modules
+    from looptrace.influence.attribute import outside_run_modules
 
-    check_outside(step_module)
-    mods = outside_modules(model, step_module, body)
+    mods = outside_run_modules(model, step_module, body)
     if not mods:
         raise ConfigError("outside=True: the model has no trainable parameter outside the loop body; drop it")
     return mods
