@@ -22,6 +22,9 @@ from looptrace.influence.checkpoints import Checkpoint, load_into
 from looptrace.influence.scores import Decomposition, sdi, sdi_positions, self_influence, step_matrix, tracin
 from looptrace.sketch.spec import SketchSpec
 
+#: featurize() options about the loop's steps, which the one-pass-per-forward run of ``outside=True`` leaves out.
+LOOP_ONLY_OPTIONS = ("tau", "recompute")
+
 Precondition = Literal["adam", "kfac", "ekfac", "gauss-newton"]
 #: The accepted values of ``attribute(precondition=...)``.
 PRECONDITIONERS: tuple[str | None, ...] = (None, "adam", "kfac", "ekfac", "gauss-newton")
@@ -226,7 +229,7 @@ def attribute(
             rest = torch.zeros_like(total_tracin)
         else:
             # one pass per forward: the loop's settings (tau, recomputation of loop steps) do not apply
-            kw_out = {k: v for k, v in featurize_kwargs.items() if k not in ("tau", "recompute")}
+            kw_out = {k: v for k, v in featurize_kwargs.items() if k not in LOOP_ONLY_OPTIONS}
             try:
                 rest = attribute(
                     model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods,

@@ -133,9 +133,9 @@ def featurize_to_store(
     finally:
         model.load_state_dict(original)
     if outside:  # the companion store: the model as one "step" per forward, the modules outside the body its "body"
-        from looptrace.influence.attribute import outside_refused
+        from looptrace.influence.attribute import LOOP_ONLY_OPTIONS, outside_refused
 
-        kw = {k: v for k, v in featurize_kwargs.items() if k not in ("tau", "recompute")}  # the loop's settings
+        kw = {k: v for k, v in featurize_kwargs.items() if k not in LOOP_ONLY_OPTIONS}
         try:
             featurize_to_store(
                 model, checkpoints, datasets, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods,
