@@ -399,6 +399,49 @@ def test_ekfac_rows_that_are_not_batch_first_take_the_exact_route(length: int) -
     assert fast.ekfac_route == "rows"
 
 
+class _SeqFirstNormCore(nn.Module):
+    """A loop step whose LayerNorm and Linear both see rows [L, B, d] (sequence first)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.fc(self.norm((h + e).transpose(0, 1)))).transpose(0, 1)
+
+
+@pytest.mark.parametrize("length", [5, 4, 3], ids=["L-differs-from-B", "L-a-multiple-of-B", "L-equals-B"])
+def test_kfac_diagonal_of_rows_that_are_not_batch_first(length: int) -> None:
+    """K-FAC's diagonal blocks square per-example gradients that a layer rule groups by the rows' first axis; a
+    LayerNorm that sees [L, B, d] rows is grouped wrongly, even where every shape fits (L a multiple of B, or
+    L == B). The grouping check against autograd must send it to the exact route: equal to per-example autograd
+    when L != B, and when L == B refused by that route's own check, as featurize refuses it. Catches a grouping
+    check that passes whatever the rule grouped (the diagonal then silently wrong)."""
+    model = _SeqFirstLoop()
+    model.core = _SeqFirstNormCore(6)
+    model.double()
+    g = torch.Generator().manual_seed(length)
+    batches = [(torch.randint(0, 7, (3, length), generator=g), torch.randint(0, 7, (3, length), generator=g))
+               for _ in range(2)]  # fmt: skip
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        logits = m(batch[0]).flatten(0, 1)
+        return nn.functional.cross_entropy(logits, batch[1].flatten(), reduction="none").view(batch[1].shape).mean(1)
+
+    if length == 3:
+        with pytest.raises(lt.VerificationError):
+            fit_curvature(model, batches, loss, step_module=model.core, kinds=("kfac",))
+        return
+    curv = fit_curvature(model, batches, loss, step_module=model.core, kinds=("kfac",))
+    tied = oracle_per_step(model, model.core, batches, loss).sum(1)
+    off = curv.offsets
+    assert {d.name for d in curv.diagonal} == {"core.norm.weight", "core.norm.bias"}
+    for dia in curv.diagonal:
+        s0, sn = off[dia.name]
+        assert_close(dia.diag.reshape(-1), tied[:, s0 : s0 + sn].square().mean(0), f"K-FAC diagonal of {dia.name}")
+
+
 @pytest.mark.parametrize("n, d", [(10, 4), (3, 20)], ids=["N>=D-cholesky", "N<D-woodbury"])
 def test_gauss_newton_solve_equals_the_explicit_inverse(n: int, d: int) -> None:
     """Both routes of the Gauss-Newton solve equal (Phi^T Phi / N + lambda I)^-1 x, with the default lambda
@@ -565,23 +608,29 @@ def test_outside_scores_learned_positions_and_old_checkpoints_load() -> None:
     assert_close(res.outside, want, "outside scores with learned positions vs per-example autograd")
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("rows", [2, 40])
 @pytest.mark.parametrize("form", ["rows", "gradient", None])
-def test_rotated_sums_both_forms_equal_the_definition(rows: int, form: str | None) -> None:
+def test_rotated_sums_both_forms_equal_the_definition(rows: int, form: str | None, bias: bool) -> None:
     """EK-FAC's second pass rotates each example's rows into the Kronecker eigenbasis either row by row or after
-    forming the example's gradient (whichever costs fewer flops): both equal sum_r (Q_S^T g_r)(Q_A^T x_r)^T in
-    float64. Catches a transposed eigenbasis or a sum over the wrong axis in either form."""
+    forming the example's gradient (whichever costs fewer flops), over every call (loop step) without
+    concatenating them and with a bias column of ones it never materialises: both forms equal
+    sum_r (Q_S^T g_r)(Q_A^T [x_r, 1])^T over all calls' rows in float64. Catches a transposed eigenbasis, a sum over
+    the wrong axis, a call left out or the bias column's rotation dropped, in either form."""
     from looptrace.curvature.fit import rotated_sums
 
     gen = torch.Generator().manual_seed(rows)
-    g = torch.randn(3, rows, 7, generator=gen, dtype=torch.float64)
-    x = torch.randn(3, rows, 5, generator=gen, dtype=torch.float64)
+    gs = [torch.randn(3, r, 7, generator=gen, dtype=torch.float64) for r in (rows, rows + 1)]
+    xs = [torch.randn(3, r, 5, generator=gen, dtype=torch.float64) for r in (rows, rows + 1)]
+    d_in = 5 + bias
     q_s = torch.linalg.qr(torch.randn(7, 7, generator=gen, dtype=torch.float64))[0]
-    q_a = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=gen, dtype=torch.float64))[0]
+    g, x = torch.cat(gs, 1), torch.cat(xs, 1)
+    if bias:
+        x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], 2)
     want = torch.einsum("brs,bra->bsa", g @ q_s, x @ q_a)
-    assert_close(
-        rotated_sums(g, x, q_s, q_a, form), want, f"rotated sums ({form}, {rows} rows)", rtol=1e-12, atol=1e-12
-    )
+    got = rotated_sums(gs, xs, q_s, q_a, bias=bias, form=form)
+    assert_close(got, want, f"rotated sums ({form}, {rows} rows, bias {bias})", rtol=1e-12, atol=1e-12)
 
 
 def test_fit_refuses_an_empty_loader() -> None:

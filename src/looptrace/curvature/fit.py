@@ -10,23 +10,28 @@ nothing to the tied gradient and is left out of ``A``.
 The diagonal blocks (body parameters outside Linear layers: norms, embeddings) are fitted in the same pass:
 forward hooks on the modules that own them save what their layer rule (:mod:`looptrace.capture.rules`)
 needs, autograd returns their outputs' gradients with the Linear outputs', and the rule turns each call's
-signal into per-example gradients, summed over the calls (the tied gradient) and squared. The first batch
-is checked against the exact per-example gradients (:func:`looptrace.featurize`, exact spec); a module with
-no rule, rows that are not batch-first, or a failed check send the diagonal blocks through one exact
-featurisation of just the modules that own them instead.
+signal into per-example gradients, summed over the calls (the tied gradient) and squared. A module with no
+rule, or one read outside its own forward, sends the diagonal blocks through one exact featurisation of just
+the modules that own them instead.
+
+The grouping check: EK-FAC and the diagonal blocks group rows by example (the rows' first axis). On the first
+batch of pass 1 (every batch with ``verify=True``), autograd also returns the parameters' gradient of
+``sum_n w_n loss_n`` for random weights ``w`` (one more backward of that batch), and the rows grouped by
+example must give the same ``sum_n w_n G_n``; rows that are not batch-first (``[L, B, d]`` even with
+``L == B``) or a rule that groups wrongly fail it and take the exact route.
 
 Pass 2 (EK-FAC only): the per-example *tied* gradients (summed over steps) in each Linear's Kronecker
-eigenbasis, squared and averaged. The same hooks rotate each call's rows into the eigenbasis and sum
-``(Q_S^T g)(Q_A^T a)^T`` per example over the calls, so no per-example gradient is formed in the parameter
-basis (of each example's rows, or of its gradient formed first, whichever costs fewer flops); the first batch
-is checked against the exact per-example tied gradients, and rows that are not batch-first take that exact
-route. Pass 1's rows are kept when they fit ``keep_rows_bytes`` (1 GiB by default), so pass 2 rotates them
-without running the model again.
+eigenbasis, squared and averaged. Each call's rows are rotated into the eigenbasis and
+``(Q_S^T g)(Q_A^T a)^T`` summed per example over the calls, so no per-example gradient is formed in the
+parameter basis (of each example's rows, or of its gradient formed first, whichever costs fewer flops). Pass
+1's rows are kept when they fit ``keep_rows_bytes`` (1 GiB by default), so pass 2 rotates them without running
+the model again; past the budget the same hooks run on a second forward. Where the grouping check failed,
+pass 2 takes the exact per-example tied gradients (:func:`looptrace.featurize`, exact spec) of every batch.
 
-Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers)
-plus an exact featurisation of the first batch; EK-FAC adds the rotations (and, over the row budget, a second
-forward and backward). The measured ratios to one featurisation pass: ``looptrace bench curvature``
-(``benchmarks/results/curvature-cost.md``).
+Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers; the
+diagonal blocks' rules and their grouping check where the body has any); EK-FAC adds the grouping check and the
+rotations (and, over the row budget, a second forward and backward). The measured ratios to one featurisation
+pass: ``looptrace bench curvature`` (``benchmarks/results/curvature-cost.md``).
 
 The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
 user's loss with targets *sampled from the model* (for a softmax output, :func:`sampled_cross_entropy`).
@@ -114,27 +119,38 @@ class _RowStats:
     rows: int = 0
 
     def add(self, xs: Sequence[torch.Tensor], gs: Sequence[torch.Tensor]) -> None:
-        """The rows of one batch's calls (every loop step's): summed in the model's dtype over the batch, then
-        accumulated in float64. A bias column of ones enters ``A`` as the rows' sums and count (no copy)."""
+        """The rows of one batch's calls (every loop step's): summed in the model's dtype over the batch (into one
+        product per side, no per-call copies), then accumulated in float64. A bias column of ones enters ``A`` as
+        the rows' sums and count."""
         a: torch.Tensor | None = None
         s: torch.Tensor | None = None
+        col: torch.Tensor | None = None
+        count = 0
         for x, g in zip(xs, gs, strict=True):
             x2 = x.reshape(-1, x.shape[-1])
             g2 = g.reshape(-1, g.shape[-1])
             live = g2.abs().amax(1) > 0  # rows with no backprop signal contribute nothing to the tied gradient
             if not bool(live.all()):
                 x2, g2 = x2[live], g2[live]
-            pa = x2.T @ x2
+            if a is None or s is None:
+                a, s = x2.T @ x2, g2.T @ g2
+            else:
+                a.addmm_(x2.T, x2)
+                s.addmm_(g2.T, g2)
             if self.bias:
-                col = x2.sum(0)
-                pa = torch.cat([torch.cat([pa, col[:, None]], 1),
-                                torch.cat([col, col.new_full((1,), float(x2.shape[0]))])[None]], 0)  # fmt: skip
-            ps = g2.T @ g2
-            a, s = (pa, ps) if a is None or s is None else (a + pa, s + ps)
-            self.rows += int(x2.shape[0])
-        if a is not None and s is not None:
-            self.a += a.double()
-            self.s += s.double()
+                col = x2.sum(0) if col is None else col.add_(x2.sum(0))
+            count += int(x2.shape[0])
+        if a is None or s is None:
+            return
+        self.rows += count
+        d = a.shape[0]
+        self.a[:d, :d] += a.double()
+        self.s += s.double()
+        if col is not None:
+            c = col.double()
+            self.a[:d, d] += c
+            self.a[d, :d] += c
+            self.a[d, d] += count
 
 
 def _by_layer(
@@ -194,17 +210,35 @@ KEEP_ROWS_BYTES = 1 << 30
 DiagModule = tuple[nn.Module, Rule]
 
 
+@dataclasses.dataclass
+class _Rows:
+    """One forward and backward of the fitting loss (:func:`_linear_rows`)."""
+
+    losses: torch.Tensor
+    #: per call of a body Linear that received gradient: its layer index, input rows ``x``, output gradient ``g``
+    rows: list[tuple[int, torch.Tensor, torch.Tensor]]
+    #: per call of a diagonal-block owner: the owner, what its rule saved, its output gradient
+    dcalls: list[tuple[DiagModule, Any, torch.Tensor]]
+    #: the grouping check's random per-example weights ``w`` and autograd's ``d(sum_n w_n loss_n)/dp`` of the
+    #: parameters asked for (``None``: not asked, or a parameter the loss does not reach)
+    weights: torch.Tensor | None = None
+    weighted: list[torch.Tensor | None] | None = None
+
+
 def _linear_rows(
     model: nn.Module,
     batch: Any,
     loss: _Seeded,
     linears: list[tuple[str, nn.Linear]],
     diag: Sequence[DiagModule] = (),
-) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]], list[tuple[DiagModule, Any, torch.Tensor]]]:
+    check: Sequence[torch.Tensor] = (),
+) -> _Rows:
     """One forward and backward of the fitting loss: per call of a body Linear that received gradient, its
     index, input rows ``x`` and output gradient ``g``; per call of a diagonal-block owner, what its rule saved
     and its output gradient. Autograd is asked for the calls' outputs only (not the weights: no
-    weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped."""
+    weight-gradient products); calls cut off from the loss (truncated BPTT) are dropped. ``check``: parameters
+    whose gradient of ``sum_n w_n loss_n`` (``w`` standard normal, seeded by the batch index) autograd also
+    returns, from the same forward (:func:`_grouping_ok` compares it with the rows grouped by example)."""
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     dcalls: list[tuple[DiagModule, Any, torch.Tensor]] = []
 
@@ -227,12 +261,82 @@ def _linear_rows(
         for h in handles:
             h.remove()
     if not calls and not dcalls:
-        return losses.detach(), [], []
+        return _Rows(losses.detach(), [], [])
     outs = [c[2] for c in calls] + [c[2] for c in dcalls]
-    grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-    rows = [(i, x, g) for (i, x, _), g in zip(calls, grads[: len(calls)], strict=True) if g is not None]
-    dgrads = [(w, saved, g) for (w, saved, _), g in zip(dcalls, grads[len(calls) :], strict=True) if g is not None]
-    return losses.detach(), rows, dgrads
+    grads = torch.autograd.grad(losses.sum(), outs, allow_unused=True, retain_graph=bool(check))
+    out = _Rows(
+        losses.detach(),
+        [(i, x, g) for (i, x, _), g in zip(calls, grads[: len(calls)], strict=True) if g is not None],
+        [(w, saved, g) for (w, saved, _), g in zip(dcalls, grads[len(calls) :], strict=True) if g is not None],
+    )
+    if check:
+        gen = torch.Generator(device=losses.device).manual_seed(_CHECK_SEED + loss.index)
+        out.weights = torch.randn(losses.shape, generator=gen, device=losses.device, dtype=losses.dtype)
+        out.weighted = list(torch.autograd.grad((losses * out.weights).sum(), list(check), allow_unused=True))
+    return out
+
+
+#: Seeds the grouping check's per-example weights (plus the batch index).
+_CHECK_SEED = 20_241_205
+
+
+def _check_params(
+    linears: list[tuple[str, nn.Linear]], diag: Sequence[DiagModule], names: dict[int, str]
+) -> list[torch.Tensor]:
+    """The parameters :func:`_grouping_ok` compares: every Kronecker layer's weight and bias, then the diagonal
+    blocks' parameters of the pass-1 owners."""
+    out: list[torch.Tensor] = []
+    for _, mod in linears:
+        out += [mod.weight] + ([mod.bias] if mod.bias is not None else [])
+    for owner, _ in diag:
+        out += [p for p in owner.parameters(recurse=False) if id(p) in names and all(p is not q for q in out)]
+    return out
+
+
+def _grouping_ok(
+    got: _Rows,
+    linears: list[tuple[str, nn.Linear]],
+    check: list[torch.Tensor],
+    per: dict[str, torch.Tensor] | None,
+    names: dict[int, str],
+) -> tuple[bool, bool]:
+    """Whether the rows grouped by example (their first axis) give autograd's ``sum_n w_n G_n`` for random
+    ``w``: ``(Kronecker layers, diagonal blocks)``, for the parameters ``check`` (:func:`_check_params`). EK-FAC squares each example's tied gradient ``G_n`` in the
+    eigenbasis, and the diagonal blocks square the layer rules' per-example gradients (``per``), so rows that are
+    not batch-first (``[L, B, d]`` with ``L == B`` passes every shape test) or a rule that groups wrongly would
+    be silently wrong: a wrong grouping changes the weighted sum at O(1), which a cast or summation order does
+    not. Costs one more backward of the batch (to the parameters) instead of its exact per-example gradients."""
+    assert got.weights is not None and got.weighted is not None
+    w, auto = got.weights, got.weighted
+    size = int(w.shape[0])
+    tol = 1e-6 if w.dtype == torch.float64 else 1e-3
+
+    def close(h: torch.Tensor, a: torch.Tensor | None) -> bool:
+        if a is not None and a.numel() != h.numel():  # a rule that grouped another axis as the batch
+            return False
+        a = torch.zeros_like(h) if a is None else a.to(h.dtype).reshape(h.shape)
+        return bool(torch.allclose(h, a, rtol=tol, atol=tol * float(a.abs().max().clamp_min(1e-30))))
+
+    rows_ok = all(x.dim() >= 2 and x.shape[0] == size and g.shape[0] == size for _, x, g in got.rows)
+    at = 0
+    for i, (_, mod) in enumerate(linears):
+        hw = mod.weight.new_zeros(mod.weight.shape)
+        hb = None if mod.bias is None else mod.bias.new_zeros(mod.bias.shape)
+        for j, x, g in got.rows if rows_ok else ():
+            if j == i:
+                gw = (g * w.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
+                hw.addmm_(gw.T, x.reshape(-1, x.shape[-1]))
+                if hb is not None:
+                    hb += gw.sum(0)
+        rows_ok = rows_ok and close(hw, auto[at]) and (hb is None or close(hb, auto[at + 1]))
+        at += 1 + (mod.bias is not None)
+    if per is None:
+        return rows_ok, False
+    diag_ok = True
+    for p, a in zip(check[at:], auto[at:], strict=True):
+        h = per.get(names[id(p)])
+        diag_ok = diag_ok and h is not None and close((w.double()[:, None] * h).sum(0), a)
+    return rows_ok, diag_ok
 
 
 class _DenseSink:
@@ -298,16 +402,20 @@ def _diag_modules(readers: _Readers, params: list[BodyParam], names: set[str]) -
 @dataclasses.dataclass
 class _PassOne:
     """What pass 1 gathered: the Linear layers' row sums, the diagonal blocks' sums of squared per-example
-    gradients (``None``: they take the featurisation route) and the first batch's per-example gradients."""
+    gradients (``None``: they take the featurisation route) and whether the grouping check passed."""
 
     stats: list[_RowStats]
     n: int
     diag_sq: dict[str, torch.Tensor] | None
-    diag_first: dict[str, torch.Tensor] | None
-    #: per batch, its size and the Linear layers' rows (kept for EK-FAC's second pass within a memory budget)
-    rows: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None
+    #: per batch, the Linear layers' rows or per-example gradients ready to rotate (:func:`_gathered`; ``None``: not
+    #: batch-first), kept for EK-FAC's second pass within a memory budget
+    rows: list[list[Gathered] | None] | None = None
     #: how many batches the loader yielded
     batches: int = 0
+    #: the Linear layers' rows grouped by their first axis are the examples' (:func:`_grouping_ok`)
+    rows_ok: bool = True
+    #: the diagonal blocks' per-example gradients from the layer rules are the examples'
+    diag_ok: bool = True
 
 
 def _kronecker_pass(
@@ -315,50 +423,52 @@ def _kronecker_pass(
     loader: Iterable[Any],
     loss: _Seeded,
     linears: list[tuple[str, nn.Linear]],
-    device: torch.device,
     diag: list[DiagModule] | None,
     names: dict[int, str],
     keep_bytes: int = 0,
+    check: bool | str = False,
 ) -> _PassOne:
     """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear, and (``diag``)
     ``sum_n g_n^2`` of the diagonal blocks' per-example tied gradients. ``keep_bytes > 0``: the rows are also kept
-    while they fit in that many bytes (all of them or none), so EK-FAC's second pass need not run the model again."""
-    from looptrace import batching
-
+    while they fit in that many bytes (all of them or none), so EK-FAC's second pass need not run the model again.
+    ``check``: the grouping check (:func:`_grouping_ok`) on the first batch (``"first"``) or every one (``True``)."""
     stats = []
     for _, mod in linears:
         d_in = mod.in_features + (1 if mod.bias is not None else 0)
         z = torch.zeros
-        stats.append(_RowStats(z(d_in, d_in, dtype=torch.float64, device=device),
-                               z(mod.out_features, mod.out_features, dtype=torch.float64, device=device),
+        dev = mod.weight.device
+        stats.append(_RowStats(z(d_in, d_in, dtype=torch.float64, device=dev),
+                               z(mod.out_features, mod.out_features, dtype=torch.float64, device=dev),
                                mod.bias is not None))  # fmt: skip
-    n = 0
-    sq: dict[str, torch.Tensor] | None = None if diag is None else {}
-    first: dict[str, torch.Tensor] | None = None
-    kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = [] if keep_bytes > 0 else None
+    out = _PassOne(stats, 0, None if diag is None else {}, [] if keep_bytes > 0 else None)
     used = 0
     seen: set[int] = set()
-    batches = 0
+    checked = _check_params(linears, diag or (), names)
     for index, batch in enumerate(loader):
         loss.index = index
-        losses, rows, dcalls = _linear_rows(model, batch, loss, linears, diag or ())
-        for i, (xs, gs) in _by_layer(rows).items():
+        ask = check is True or (check == "first" and index == 0)
+        got = _linear_rows(model, batch, loss, linears, diag or (), checked if ask else ())
+        size = int(got.losses.shape[0])
+        for i, (xs, gs) in _by_layer(got.rows).items():
             stats[i].add(xs, gs)
-        if kept is not None:
-            used += _storage_bytes([t for _, x, g in rows for t in (x, g)], seen)
+        if out.rows is not None:
+            gathered = _gathered(linears, size, got.rows)
+            kept = [t for item in gathered or () if item is not None for t in (item[0], *item[1], *item[2])]
+            used += _storage_bytes([t for t in kept if t is not None], seen)
             if used > keep_bytes:  # over the budget: the second pass runs the model again
-                kept = None
+                out.rows = None
             else:
-                kept.append((batching.leading_size(batch), rows))
-        if sq is not None:
-            per = _diag_grads(dcalls, names, int(losses.shape[0]))
-            if index == 0:
-                first = per
+                out.rows.append(gathered)
+        per = None if out.diag_sq is None else _diag_grads(got.dcalls, names, size)
+        if per is not None and out.diag_sq is not None:
             for name, g in per.items():
-                sq[name] = g.square().sum(0) + sq.get(name, 0.0)
-        n += int(losses.shape[0])
-        batches += 1
-    return _PassOne(stats, n, sq, first, kept, batches)
+                out.diag_sq[name] = g.square().sum(0) + out.diag_sq.get(name, 0.0)
+        if ask:
+            rows_ok, diag_ok = _grouping_ok(got, linears, checked, per, names)
+            out.rows_ok, out.diag_ok = out.rows_ok and rows_ok, out.diag_ok and diag_ok
+        out.n += size
+        out.batches += 1
+    return out
 
 
 def _storage_bytes(tensors: list[torch.Tensor], seen: set[int]) -> int:
@@ -405,8 +515,12 @@ def fit_curvature(
         fisher_loss: the per-example loss on targets sampled from the model (true Fisher).
         seed: seeds the target sampling of a true Fisher.
         train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
-        verify: check the exact per-example gradients of pass 2 against autograd (as :func:`looptrace.featurize`):
-            ``"first"`` batch, ``True`` every batch, ``False`` never. Catches rows that are not batch-first.
+        verify: ``True`` runs the grouping check (the rows grouped by example give autograd's gradient of a
+            randomly weighted sum of the losses) on every batch of pass 1, ``"first"`` and ``False`` on the first
+            only: it decides the route, so it always runs (one more backward of that batch). Where it fails
+            (rows that are not batch-first), the per-example gradients are exact featurisations, and ``verify``
+            checks them against autograd as :func:`looptrace.featurize` does (``"first"`` batch, ``True`` every
+            batch, ``False`` never).
         keep_rows_bytes: EK-FAC keeps pass 1's rows of the Linear layers when they fit in this many bytes, and
             rotates them in pass 2 instead of running the model again (the same rows: the same numbers); ``0``
             always runs it again.
@@ -432,6 +546,8 @@ def fit_curvature(
             "batches or a DataLoader (shuffle=False), not a one-shot iterator or generator"
         )
     device = params[0].param.device
+    if verify not in (True, False, "first"):
+        raise ConfigError(f"verify must be True, False or 'first', got {verify!r}")
     linears = body_linears(model, roots, params)
     names = {id(bp.param): bp.name for bp in params}
     seeded = _Seeded(fit_loss, seed, device)
@@ -441,7 +557,9 @@ def fit_curvature(
         readers = _diag_readers(model, loader, seeded, roots, params, diag_names) if diag_names else _Readers([], True)
         diag_mods = _diag_modules(readers, params, diag_names) if diag_names else []
         keep = keep_rows_bytes if "ekfac" in kind_set else 0
-        one = _kronecker_pass(model, loader, seeded, linears, device, diag_mods, names, keep)
+        grouped = "ekfac" in kind_set or bool(diag_mods)  # what uses the per-example grouping of pass 1's rows
+        check: bool | str = (True if verify is True else "first") if grouped else False
+        one = _kronecker_pass(model, loader, seeded, linears, diag_mods, names, keep, check)
     n = one.n
     if n == 0:
         raise ConfigError("the fitting loader yielded no examples")
@@ -460,18 +578,13 @@ def fit_curvature(
     curv = Curvature(layout, kron, diag, which, n, kind_set, checkpoint)
     kw = {k: v for k, v in featurize_kwargs.items() if k not in ("sketch", "per_step", "verify", "checkpoint")}
     kw.update(step_module=step_module, train_mode=train_mode)
-    hooked = one.diag_sq is not None and bool(diag)
-    if hooked and "ekfac" not in kind_set:  # the first batch's exact per-example gradients of the owners
-        assert one.diag_first is not None
-        exact = _exact_first(model, loader, seeded, readers.modules, verify, loss_fn, kw)
-        hooked = _agrees(one.diag_first, exact, params[0].param.dtype, [d.name for d in diag])
-    hooked_diag = (one.diag_sq, one.diag_first) if hooked else None
-    if "ekfac" in kind_set or (diag and not hooked):
-        _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
-                    loss_fn, kw, hooked_diag, readers.modules, one.rows, one.batches)  # type: ignore[arg-type]  # fmt: skip
-    elif diag:
+    hooked = one.diag_sq is not None and bool(diag) and one.diag_ok
+    if hooked:
         assert one.diag_sq is not None
         _set_diagonal(curv, one.diag_sq)
+    if "ekfac" in kind_set or (diag and not hooked):
+        _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
+                    loss_fn, kw, hooked, readers.modules, one)  # fmt: skip
     return curv
 
 
@@ -484,21 +597,18 @@ def _set_diagonal(curv: Curvature, sq: dict[str, torch.Tensor]) -> None:
         dia.diag /= curv.n
 
 
-def _exact_first(
+def _exact_batch(
     model: nn.Module,
-    loader: Iterable[Any],
+    batch: Any,
     loss: _Seeded,
     body: list[nn.Module],
-    verify: bool | str,
+    check: bool,
     check_loss: LossFn,
     kw: dict[str, Any],
 ) -> Features:
-    """The first batch's exact per-example tied gradients of ``body`` under the fitting loss (the same draws as
-    pass 1), checked against autograd when ``verify`` asks (with ``check_loss``: a sampled loss would draw other
-    targets for the examples the check runs alone)."""
-    batch = next(iter(loader))
-    check = verify is True or verify == "first"
-    loss.index = 0
+    """One batch's exact per-example tied gradients of ``body`` under the fitting loss (the same draws as pass 1:
+    ``loss.index`` is the batch's), checked against autograd when ``check`` (with ``check_loss``: a sampled loss
+    would draw other targets for the examples the check runs alone)."""
     if check and loss.loss_fn is not check_loss:
         featurize(model, [batch], check_loss, body=body, sketch=SketchSpec.exact(), per_step=False, verify=True, **kw)
         check = False
@@ -507,22 +617,6 @@ def _exact_first(
 
 def _columns(f: Features) -> dict[str, tuple[int, int]]:
     return {slot["name"]: (int(slot["offset"]), int(slot["m"])) for slot in f.layout}
-
-
-def _agrees(hooked: dict[str, torch.Tensor], exact: Features, dtype: torch.dtype, names: Iterable[str]) -> bool:
-    """Whether the diagonal blocks' per-example gradients from the layer rules match the exact ones, for every one
-    of ``names`` (one the rules never produced, a hook that saw no call, counts as a mismatch: not as zero)."""
-    at = _columns(exact)
-    g = exact.total.double()
-    tol = 1e-6 if dtype == torch.float64 else 1e-3  # a wrong grouping of rows is off by O(1)
-    if any(n not in hooked for n in names):
-        return False
-    for name, h in hooked.items():
-        s0, sn = at[name]
-        want = g[:, s0 : s0 + sn].to(h.device)
-        if h.shape != want.shape or not torch.allclose(h, want, rtol=tol, atol=tol * float(want.abs().max())):
-            return False
-    return True
 
 
 def _eigen_pass(
@@ -538,67 +632,47 @@ def _eigen_pass(
     verify: bool | str,
     check_loss: LossFn,
     kw: dict[str, Any],
-    hooked_diag: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+    diag_done: bool,
     owners: list[nn.Module],
-    kept: list[tuple[int | None, list[tuple[int, torch.Tensor, torch.Tensor]]]] | None = None,
-    batches: int | None = None,
+    one: _PassOne,
 ) -> None:
     """Pass 2: E_n[(Q_S^T G_n Q_A)^2] for every Kronecker block from the per-example tied gradients G_n, and the
-    diagonal blocks' E_n[g_n^2] where pass 1 could not fit them.
+    diagonal blocks' E_n[g_n^2] where pass 1 could not fit them (``diag_done`` false).
 
-    Kronecker blocks: hooks on the Linear layers group each call's rows by example (the batch is the rows'
-    first axis), rotate them into the eigenbasis and add ``(Q_S^T g)(Q_A^T a)^T`` over the calls, so the tied
-    gradient is never formed in the parameter basis. The first batch is checked against the exact
-    per-example tied gradients (:func:`looptrace.featurize`, exact spec, itself checked against autograd when
-    ``verify`` asks), which also check pass 1's diagonal blocks (``hooked_diag``: their sums of squares and
-    the first batch's per-example gradients); a body whose rows are not batch-first, or that fails the check,
-    takes that exact route for every batch. Diagonal blocks that pass 1 could not fit: the exact per-example
+    Kronecker blocks: each call's rows, grouped by example (the batch is the rows' first axis), are rotated into
+    the eigenbasis and ``(Q_S^T g)(Q_A^T a)^T`` summed over the calls, so the tied gradient is never formed in
+    the parameter basis; pass 1's rows when it kept them (``one.rows``), else the hooks of a second forward. Where
+    pass 1's grouping check failed (``one.rows_ok``), or a batch's rows are not batch-first, every (remaining)
+    batch takes the exact per-example tied gradients instead (:func:`looptrace.featurize`, exact spec, checked
+    against autograd as ``verify`` asks). Diagonal blocks that pass 1 could not fit: the exact per-example
     gradients of just the modules that read them, one featurisation over the loader."""
     if ekfac:
         for blk in curv.kronecker:
             blk.ekfac = torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
-    diag_done = False
-    hooks_ok = True
+    hooks_ok = one.rows_ok
+    kept = one.rows
     seen = 0
     for index, batch in enumerate(loader) if ekfac else ():
         seen += 1
         loss.index = index
-        if not hooks_ok:
-            got = None
-        elif kept is not None and index < len(kept):  # pass 1's rows of this batch: no second forward
-            got = _rotated_rows(curv, *kept[index])
-        else:
+        got = None
+        if hooks_ok and kept is not None and index < len(kept):  # pass 1's rows of this batch: no second forward
+            gathered = kept[index]
+            got = None if gathered is None else _rotated_gathered(curv, gathered)
+        elif hooks_ok:
             got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode)
-        if got is None or index == 0:
-            if index == 0:
-                f = _exact_first(model, [batch], loss, roots, verify, check_loss, kw)
-            else:
-                loss.index = index
-                f = featurize(model, [batch], loss, body=roots, sketch=SketchSpec.exact(), per_step=False,
-                              verify=False, **kw)  # fmt: skip
-            exact = _rotated(curv, f)
-            if (
-                index == 0
-                and hooked_diag is not None
-                and _agrees(hooked_diag[1], f, params[0].param.dtype, [d.name for d in curv.diagonal])
-            ):
-                _set_diagonal(curv, hooked_diag[0])
-                diag_done = True
-            tol = 1e-6 if params[0].param.dtype == torch.float64 else 1e-3  # a wrong grouping is off by O(1)
-            if got is not None and not all(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()))
-                                           for a, b in zip(got, exact, strict=True)):  # fmt: skip
-                got = None
-            if got is None:
-                hooks_ok = False
-                got = exact
+        if got is None:
+            hooks_ok = False
+            check = verify is True or (verify == "first" and index == 0)
+            got = _rotated(curv, _exact_batch(model, batch, loss, roots, check, check_loss, kw))
         for blk, add in zip(curv.kronecker, got, strict=True):
             assert blk.ekfac is not None
             blk.ekfac += add
-    if ekfac and batches is not None and seen != batches:
+    if ekfac and seen != one.batches:
         raise LoaderError(
-            f"the fitting loader yielded {batches} batches in the first pass and {seen} in the second: EK-FAC reads it "
-            "twice, so pass one that yields the same batches every time it is iterated (a list, or a DataLoader "
-            "with shuffle=False), not a one-shot iterator"
+            f"the fitting loader yielded {one.batches} batches in the first pass and {seen} in the second: EK-FAC "
+            "reads it twice, so pass one that yields the same batches every time it is iterated (a list, or a "
+            "DataLoader with shuffle=False), not a one-shot iterator"
         )
     if curv.diagonal and not diag_done:  # one featurisation of the (few) diagonal parameters over the whole loader
         if not ekfac and (verify is True or verify == "first"):
@@ -689,19 +763,94 @@ def _rotated(curv: Curvature, f: Features) -> list[torch.Tensor]:
     return out
 
 
+def gradient_first(rows: int, d_out: int, d_in: int) -> bool:
+    """Whether an example's ``Q_S^T G Q_A`` costs fewer flops with ``G = sum_r g_r x_r^T`` formed first
+    (``R d_out d_in + d_out d_in (d_out + d_in)``) than with its ``R`` rows rotated first
+    (``R (d_out^2 + d_in^2 + d_out d_in)``); ``d_in`` counts a bias column."""
+    return rows * (d_out**2 + d_in**2) > d_out * d_in * (d_out + d_in)
+
+
+def gradient_sums(gs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], bias: bool = False) -> torch.Tensor:
+    """``[B, d_out, d_in]``: per example, ``G = sum_r g_r x_r^T`` over its rows in every call (``gs[c]``
+    ``[B, R_c, d_out]``, ``xs[c]`` ``[B, R_c, d_in]``); ``bias``: each ``x_r`` takes a last entry 1, without
+    copying the rows."""
+    d_in = xs[0].shape[-1] + (1 if bias else 0)
+    grad = gs[0].new_zeros(gs[0].shape[0], gs[0].shape[-1], d_in)
+    weight = grad[:, :, : d_in - 1] if bias else grad
+    for g, x in zip(gs, xs, strict=True):
+        weight.baddbmm_(g.transpose(1, 2), x)
+        if bias:
+            grad[:, :, -1] += g.sum(1)
+    return grad
+
+
 def rotated_sums(
-    g: torch.Tensor, x: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, form: str | None = None
+    gs: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    q_s: torch.Tensor,
+    q_a: torch.Tensor,
+    bias: bool = False,
+    form: str | None = None,
 ) -> torch.Tensor:
-    """``[B, d_out, d_in]``: per example, ``sum_r (Q_S^T g_r)(Q_A^T x_r)^T`` over its rows ``g [B, R, d_out]``,
-    ``x [B, R, d_in]``, i.e. ``Q_S^T G Q_A`` with ``G = sum_r g_r x_r^T``. ``form``: ``"rows"`` rotates the rows
-    first (``R (d_out^2 + d_in^2 + d_out d_in)`` per example), ``"gradient"`` forms ``G`` first
-    (``R d_out d_in + d_out d_in (d_out + d_in)``); ``None`` takes the one with fewer flops."""
-    rows, d_out, d_in = x.shape[1], g.shape[2], x.shape[2]
+    """``[B, d_out, d_in]``: per example, ``sum_r (Q_S^T g_r)(Q_A^T x_r)^T`` over its rows in every call
+    (``gs[c]`` ``[B, R_c, d_out]``, ``xs[c]`` ``[B, R_c, d_in]``), i.e. ``Q_S^T G Q_A`` with ``G = sum_r g_r x_r^T``;
+    ``bias``: each ``x_r`` takes a last entry 1 (``Q_A`` is then ``(d_in + 1)``-square), without copying the rows.
+    ``form``: ``"rows"`` rotates the rows first, ``"gradient"`` forms ``G`` first (:func:`gradient_sums`);
+    ``None`` takes the one with fewer flops (:func:`gradient_first`)."""
     if form is None:
-        form = "gradient" if rows * (d_out**2 + d_in**2) > d_out * d_in * (d_out + d_in) else "rows"
+        form = "gradient" if gradient_first(sum(int(g.shape[1]) for g in gs), q_s.shape[0], q_a.shape[0]) else "rows"
     if form == "gradient":
-        return q_s.T @ (g.transpose(1, 2) @ x) @ q_a
-    return (g @ q_s).transpose(1, 2) @ (x @ q_a)
+        return q_s.T @ gradient_sums(gs, xs, bias) @ q_a
+    out: torch.Tensor | None = None
+    for g, x in zip(gs, xs, strict=True):
+        xr = x @ q_a[:-1] + q_a[-1] if bias else x @ q_a
+        term = (g @ q_s).transpose(1, 2) @ xr
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+#: One Kronecker layer's share of a batch, ready to rotate: ``(G, [], [])`` with its per-example gradients ``G``
+#: ``[B, d_out, d_in(+1)]`` where forming them first costs fewer flops (:func:`gradient_first`), else
+#: ``(None, gs, xs)``, its calls' rows grouped by example (``[B, R_c, d]`` each); ``None``: no call got gradient.
+Gathered = tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]] | None
+
+
+def _gathered(
+    linears: list[tuple[str, nn.Linear]], size: int, rows: list[tuple[int, torch.Tensor, torch.Tensor]]
+) -> list[Gathered] | None:
+    """Per Kronecker layer, one batch's rows of ``size`` examples made ready for the eigenbasis (:data:`Gathered`):
+    the tied gradient sums example n's rows over the calls (the steps) and tokens. ``None`` if some call's rows
+    are not batch-first."""
+    if any(x.dim() < 2 or x.shape[0] != size or g.shape[0] != size for _, x, g in rows):
+        return None
+    out: list[Gathered] = [None] * len(linears)
+    for i, (xs, gs) in _by_layer(rows).items():
+        mod = linears[i][1]
+        bias = mod.bias is not None
+        x3 = [x.reshape(size, -1, x.shape[-1]) for x in xs]
+        g3 = [g.reshape(size, -1, g.shape[-1]) for g in gs]
+        if gradient_first(sum(int(x.shape[1]) for x in x3), mod.out_features, mod.in_features + bias):
+            out[i] = (gradient_sums(g3, x3, bias), [], [])
+        else:
+            out[i] = (None, g3, x3)
+    return out
+
+
+def _rotated_gathered(curv: Curvature, gathered: list[Gathered]) -> list[torch.Tensor]:
+    """Per Kronecker block, ``sum_n (Q_S^T G_n Q_A)^2`` over one batch (:func:`_gathered`), in float64."""
+    out = []
+    for blk, item in zip(curv.kronecker, gathered, strict=True):
+        if item is None:
+            out.append(torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device))
+            continue
+        grad, gs, xs = item
+        assert blk.q_a is not None and blk.q_s is not None
+        dtype = (gs[0] if grad is None else grad).dtype  # the model's precision
+        q_s, q_a = blk.q_s.to(dtype), blk.q_a.to(dtype)
+        rot = q_s.T @ grad @ q_a if grad is not None else rotated_sums(gs, xs, q_s, q_a, blk.bias is not None, "rows")
+        out.append(rot.square().sum(0).double())  # the batch's sum in the model's precision, accumulated in float64
+    return out
 
 
 def _rotated_by_hooks(
@@ -713,36 +862,9 @@ def _rotated_by_hooks(
     params: list[BodyParam],
     train_mode: bool,
 ) -> list[torch.Tensor] | None:
-    """As :func:`_rotated_exact`, from rows rotated before the outer product: ``Q_S^T G_n Q_A =
-    sum_r (Q_S^T g_r)(Q_A^T a_r)^T`` over example n's rows in every call. ``None`` if some call's rows are not
-    batch-first."""
-    from looptrace import batching
-
+    """:func:`_rotated_gathered` of the rows of one more forward and backward of ``batch`` (``None``: rows that are
+    not batch-first)."""
     with _fitting(model, params, train_mode):
-        _, rows, _ = _linear_rows(model, batch, loss, linears)
-    return _rotated_rows(curv, batching.leading_size(batch), rows)
-
-
-def _rotated_rows(
-    curv: Curvature, size: int | None, rows: list[tuple[int, torch.Tensor, torch.Tensor]]
-) -> list[torch.Tensor] | None:
-    """Per Kronecker block, ``sum_n (Q_S^T G_n Q_A)^2`` over a batch of ``size`` examples from its Linear layers'
-    rows (``(layer index, x, g)`` per call); ``None`` if some call's rows are not batch-first."""
-    acc: list[torch.Tensor | None] = [None] * len(curv.kronecker)
-    if size is None or any(x.dim() < 2 or x.shape[0] != size or g.shape[0] != size for _, x, g in rows):
-        return None
-    for i, (xs, gs) in _by_layer(rows).items():
-        blk = curv.kronecker[i]
-        assert blk.q_a is not None and blk.q_s is not None
-        # every call's rows of an example side by side: the sum over calls (steps) and tokens is one product
-        xa = torch.cat([x.reshape(size, -1, x.shape[-1]) for x in xs], dim=1)
-        ga = torch.cat([g.reshape(size, -1, g.shape[-1]) for g in gs], dim=1)
-        if blk.bias is not None:
-            xa = torch.cat([xa, xa.new_ones(*xa.shape[:2], 1)], dim=2)
-        acc[i] = rotated_sums(ga, xa, blk.q_s.to(xa.dtype), blk.q_a.to(xa.dtype))  # model's precision
-    return [
-        torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device)
-        if a is None
-        else a.double().square().sum(0)
-        for blk, a in zip(curv.kronecker, acc, strict=True)
-    ]
+        got = _linear_rows(model, batch, loss, linears)
+    gathered = _gathered(linears, int(got.losses.shape[0]), got.rows)
+    return None if gathered is None else _rotated_gathered(curv, gathered)

@@ -5,8 +5,9 @@ one CPU thread:
 
 * ``featurize``: one default featurisation pass of the training set (``SketchSpec()``, totals only), what
   every store and ``lt.attribute`` pay per checkpoint anyway;
-* ``fit_kfac`` / ``fit_ekfac``: :func:`looptrace.curvature.fit_curvature` (pass 1: Kronecker factors; pass 2:
-  exact per-example tied gradients, for EK-FAC and the diagonal blocks of LayerNorm parameters);
+* ``fit_kfac`` / ``fit_ekfac``: :func:`looptrace.curvature.fit_curvature` (pass 1: Kronecker factors, the
+  diagonal blocks of LayerNorm parameters, the grouping check and, for EK-FAC, each example's tied gradient
+  kept; then EK-FAC's rotations into the eigenbasis);
 * ``query_plain`` / ``query_ekfac``: the query side, plain per-step features vs EK-FAC-preconditioned ones
   (exact per-step gradients, preconditioned, sketched), per query example.
 
@@ -159,7 +160,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread, torch {m['torch']}; medians over {res['repeats']} "
         "rounds, ratios the medians of per-round ratios (`looptrace bench curvature`). Both sides run with "
-        "verify=False (no first-batch check against autograd), so the passes themselves are compared.",
+        "verify=False (no first-batch check against autograd), so the passes themselves are compared; the fit's "
+        "grouping check, which picks its route, runs all the same (one more backward of the first batch).",
         "",
         "| model | featurisation pass (s) | K-FAC fit / featurisation | EK-FAC fit / featurisation | "
         "EK-FAC query / plain query |",
