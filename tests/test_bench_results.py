@@ -119,7 +119,7 @@ def test_the_curvature_cost_bench_runs_on_the_current_api_and_its_table_quotes_t
     from looptrace.curvature import fit_curvature
 
     models = curvature_cost._models()
-    assert len(models) == 2
+    assert len(models) == 1 + len(curvature_cost.WIDTHS)
     model, core, loss, train, _ = next(iter(models.values()))
     curv = fit_curvature(model, train[:1], loss, step_module=core, kinds=("kfac",))
     assert curv is not None

@@ -59,14 +59,7 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
     data = task.data()
     tr = [(data["train"][0][i : i + 64], data["train"][1][i : i + 64]) for i in range(0, task.n_train, 64)]
     qu = [(data["query"][0][:16], data["query"][1][:16])]
-    torch.manual_seed(0)
-    cfg = LoopedConfig(vocab_size=32, d_model=64, n_heads=4, n_core=1, n_loops=8, max_len=32, injection="additive")
-    gpt = LoopedTransformer(cfg)
-    g = torch.Generator().manual_seed(0)
-    xs, ys = torch.randint(0, 32, (256, 32), generator=g), torch.randint(0, 32, (256, 32), generator=g)
-    tr2 = [(xs[i : i + 32], ys[i : i + 32]) for i in range(0, 256, 32)]
-    qu2 = [(xs[:16], ys[:16])]
-    return {
+    out: dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any], list[Any]]] = {
         f"evaluation task (looped residual MLP, d={task.d_model}, tau={task.loops}, N={task.n_train})": (
             mlp,
             mlp.core,
@@ -74,8 +67,28 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
             tr,
             qu,
         ),
-        "looped transformer (d=64, 1 block, tau=8, L=32, N=256)": (gpt, gpt.core, _lm_loss, tr2, qu2),
     }
+    for d, n, b in WIDTHS:
+        torch.manual_seed(0)
+        cfg = LoopedConfig(vocab_size=32, d_model=d, n_heads=4, n_core=1, n_loops=8, max_len=32, injection="additive")
+        gpt = LoopedTransformer(cfg)
+        g = torch.Generator().manual_seed(0)
+        xs, ys = torch.randint(0, 32, (n, 32), generator=g), torch.randint(0, 32, (n, 32), generator=g)
+        tr2 = [(xs[i : i + b], ys[i : i + b]) for i in range(0, n, b)]
+        out[f"looped transformer (d={d}, 1 block, tau=8, L=32, N={n})"] = (
+            gpt,
+            gpt.core,
+            _lm_loss,
+            tr2,
+            [(xs[:16], ys[:16])],
+        )
+    return out
+
+
+#: The looped transformer's widths, with the training set's size and batch size at each (smaller where wider,
+#: so that a round stays short): K-FAC's factors cost ``d_in^2 + d_out^2`` per row and EK-FAC's rotations
+#: ``d_out d_in (d_out + d_in)`` per example, against a featurisation whose sketch does not grow with ``d^2``.
+WIDTHS = ((64, 256, 32), (128, 128, 16), (256, 64, 16))
 
 
 def _row(model: torch.nn.Module, core: torch.nn.Module, lfn: Any, tr: list[Any], qu: list[Any], repeats: int) -> dict:
@@ -131,7 +144,6 @@ def run(out: Path, repeats: int = 3) -> dict[str, Any]:
         load_after = os.getloadavg()
     finally:
         torch.set_num_threads(threads)
-    worst = max(max(r["fit_kfac_over_featurize"], r["fit_ekfac_over_featurize"]) for r in rows.values())
     res = {
         "machine": {
             "cpu": cpu,
@@ -143,8 +155,8 @@ def run(out: Path, repeats: int = 3) -> dict[str, Any]:
         },
         "repeats": repeats,
         "seconds": rows,
-        "worst_fit_over_featurize": worst,
-        "fit_within_two_featurisation_passes": bool(worst <= 2.0),
+        "worst_kfac_fit_over_featurize": max(r["fit_kfac_over_featurize"] for r in rows.values()),
+        "worst_ekfac_fit_over_featurize": max(r["fit_ekfac_over_featurize"] for r in rows.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(res, out / "curvature-cost.json")
@@ -170,6 +182,21 @@ def markdown(res: dict[str, Any]) -> str:
     for name, r in res["seconds"].items():
         lines.append(f"| {name} | {r['featurize']:.3f} | {r['fit_kfac_over_featurize']:.2f}x | "
                      f"{r['fit_ekfac_over_featurize']:.2f}x | {r['query_ekfac_over_plain']:.2f}x |")  # fmt: skip
-    lines += ["", "The training side is featurised once whatever the preconditioner (the same call), so "
-              "preconditioning adds nothing there.", ""]  # fmt: skip
+    lines += [
+        "",
+        "The training side is featurised once whatever the preconditioner (the same call), so preconditioning adds "
+        "nothing there.",
+        "",
+        "How the fit grows with width: K-FAC's factors cost `d_in^2 + d_out^2` multiply-adds per row (every token "
+        "of every loop step), more than the row's own forward and backward (`3 d_in d_out`) for a 4x MLP "
+        "(`17 d^2` against `12 d^2`), and EK-FAC's rotations `d_out d_in (d_out + d_in)` per example, while the "
+        "featurisation's sketch does not grow with `d^2`. So the fit's ratio to a featurisation pass grows with "
+        "the width (the looped transformer's rows above), to "
+        f"{res['worst_kfac_fit_over_featurize']:.2f}x (K-FAC) and {res['worst_ekfac_fit_over_featurize']:.2f}x "
+        "(EK-FAC) at the widest. Gauss-Newton needs no fit (its Gram matrix is of the training features "
+        "themselves). The factors are fitted once per checkpoint and serve every query and every damping. The "
+        "query side's EK-FAC preconditioning rotates each query's gradient at every loop step, so it grows the "
+        "same way; queries are few.",
+        "",
+    ]
     return "\n".join(lines)
