@@ -411,15 +411,19 @@ class _SeqFirstNormCore(nn.Module):
         return h + torch.tanh(self.fc(self.norm((h + e).transpose(0, 1)))).transpose(0, 1)
 
 
-@pytest.mark.parametrize("length", [5, 4, 3], ids=["L-differs-from-B", "L-a-multiple-of-B", "L-equals-B"])
-def test_kfac_diagonal_of_rows_that_are_not_batch_first(length: int) -> None:
+@pytest.mark.parametrize(
+    "length, d", [(5, 6), (5, 4), (3, 6)], ids=["L-differs-from-B", "rows-do-not-divide-by-B", "L-equals-B"]
+)
+def test_kfac_diagonal_of_rows_that_are_not_batch_first(length: int, d: int) -> None:
     """K-FAC's diagonal blocks square per-example gradients that a layer rule groups by the rows' first axis; a
-    LayerNorm that sees [L, B, d] rows is grouped wrongly, even where every shape fits (L a multiple of B, or
-    L == B). The grouping check against autograd must send it to the exact route: equal to per-example autograd
-    when L != B, and when L == B refused by that route's own check, as featurize refuses it. Catches a grouping
-    check that passes whatever the rule grouped (the diagonal then silently wrong)."""
+    LayerNorm that sees [L, B, d] rows (B = 3) is grouped wrongly whether its rows divide into B groups (L d = 30)
+    or not (L d = 20), and even where every shape fits (L == B). It must take the exact route: equal to
+    per-example autograd when L != B, and when L == B refused by that route's own check, as featurize refuses it.
+    Catches a grouping check that passes whatever the rule grouped (the diagonal then silently wrong), and a
+    first pass that lets the rule reshape rows it cannot group (a crash before any check)."""
     model = _SeqFirstLoop()
-    model.core = _SeqFirstNormCore(6)
+    model.emb, model.head = nn.Embedding(7, d), nn.Linear(d, 7)
+    model.core = _SeqFirstNormCore(d)
     model.double()
     g = torch.Generator().manual_seed(length)
     batches = [(torch.randint(0, 7, (3, length), generator=g), torch.randint(0, 7, (3, length), generator=g))
@@ -436,10 +440,68 @@ def test_kfac_diagonal_of_rows_that_are_not_batch_first(length: int) -> None:
     curv = fit_curvature(model, batches, loss, step_module=model.core, kinds=("kfac",))
     tied = oracle_per_step(model, model.core, batches, loss).sum(1)
     off = curv.offsets
-    assert {d.name for d in curv.diagonal} == {"core.norm.weight", "core.norm.bias"}
+    assert {dia.name for dia in curv.diagonal} == {"core.norm.weight", "core.norm.bias"}
     for dia in curv.diagonal:
         s0, sn = off[dia.name]
         assert_close(dia.diag.reshape(-1), tied[:, s0 : s0 + sn].square().mean(0), f"K-FAC diagonal of {dia.name}")
+
+
+def test_batch_first_diagonal_blocks_are_fitted_in_the_first_pass(monkeypatch) -> None:
+    """On a batch-first body the LayerNorm diagonal blocks come from pass 1's layer rules (the grouping check
+    passes): no exact featurisation runs, for K-FAC or EK-FAC, and the diagonal equals per-example autograd.
+    Catches a grouping check that always fails (every diagonal then takes the slower exact route unnoticed)."""
+    import looptrace.curvature.fit as fitmod
+
+    calls: list[int] = []
+    exact = fitmod.featurize
+    monkeypatch.setattr(fitmod, "featurize", lambda *a, **k: calls.append(1) or exact(*a, **k))
+    model, train = tiny_model(), tiny_batches(2)
+    tied = oracle_per_step(model, model.core, train, lm_loss).sum(1)
+    for kinds in (("kfac",), ("kfac", "ekfac")):
+        curv = fit_curvature(model, train, lm_loss, step_module=model.core, kinds=kinds)
+        assert not calls, f"{kinds}: the diagonal blocks of a batch-first body took the exact featurisation route"
+        assert curv.diagonal, "the tiny model's body has LayerNorm parameters: diagonal blocks expected"
+        for dia in curv.diagonal:
+            s0, sn = curv.offsets[dia.name]
+            assert_close(dia.diag.reshape(-1), tied[:, s0 : s0 + sn].square().mean(0), f"diagonal of {dia.name}")
+
+
+class _NormOnlyCore(nn.Module):
+    """A loop step with no Linear layer: one LayerNorm called, another whose weights the step reads itself."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.sub = nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h + e)
+        return h + torch.tanh(nn.functional.layer_norm(x, x.shape[-1:], self.sub.weight, self.sub.bias))
+
+
+def test_fit_a_body_without_linear_layers_and_a_float64_loss_of_a_float32_model() -> None:
+    """Two bodies the grouping check must not trip on: one with no Linear layer whose LayerNorm parameters take
+    the exact route (nothing hooked, nothing to check: EK-FAC fits its diagonal blocks), and a float32 model whose
+    loss is float64 (the check's weights take the rows' precision, its tolerance the parameters'), which keeps the
+    rows route. Catches a check that assumes a hooked call, or weights in the loss's dtype (a dtype error)."""
+    model = _SeqFirstLoop()
+    model.core = _NormOnlyCore(6)
+    model.double()
+    batches = [(torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))) for _ in range(2)]
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        logits = m(batch[0]).flatten(0, 1)
+        return nn.functional.cross_entropy(logits, batch[1].flatten(), reduction="none").view(batch[1].shape).mean(1)
+
+    curv = fit_curvature(model, batches, loss, step_module=model.core)
+    tied = oracle_per_step(model, model.core, batches, loss).sum(1)
+    assert not curv.kronecker and len(curv.diagonal) == 4
+    for dia in curv.diagonal:
+        s0, sn = curv.offsets[dia.name]
+        assert_close(dia.diag.reshape(-1), tied[:, s0 : s0 + sn].square().mean(0), f"diagonal of {dia.name}")
+    m32, train = tiny_model().float(), tiny_batches(2)
+    fit = fit_curvature(m32, train, lambda m, b: lm_loss(m, b).double(), step_module=m32.core, kinds=("ekfac",))
+    assert fit.ekfac_route == "rows"
 
 
 @pytest.mark.parametrize("n, d", [(10, 4), (3, 20)], ids=["N>=D-cholesky", "N<D-woodbury"])

@@ -306,10 +306,11 @@ def _grouping_ok(
     not batch-first (``[L, B, d]`` with ``L == B`` passes every shape test) or a rule that groups wrongly would
     be silently wrong: a wrong grouping changes the weighted sum at O(1), which a cast or summation order does
     not. Costs one more backward of the batch (to the parameters) instead of its exact per-example gradients."""
-    assert got.weights is not None and got.weighted is not None
+    if got.weights is None or got.weighted is None:  # no call was hooked: no rows to group, no rule to trust
+        return True, False
     w, auto = got.weights, got.weighted
     size = int(w.shape[0])
-    tol = 1e-6 if w.dtype == torch.float64 else 1e-3
+    tol = 1e-6 if check[0].dtype == torch.float64 else 1e-3  # the parameters' precision, not the loss's
 
     def close(h: torch.Tensor, a: torch.Tensor | None) -> bool:
         if a is not None and a.numel() != h.numel():  # a rule that grouped another axis as the batch
@@ -324,7 +325,7 @@ def _grouping_ok(
         hb = None if mod.bias is None else mod.bias.new_zeros(mod.bias.shape)
         for j, x, g in got.rows if rows_ok else ():
             if j == i:
-                gw = (g * w.view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
+                gw = (g * w.to(g.dtype).view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
                 hw.addmm_(gw.T, x.reshape(-1, x.shape[-1]))
                 if hb is not None:
                     hb += gw.sum(0)
@@ -427,11 +428,13 @@ def _kronecker_pass(
     names: dict[int, str],
     keep_bytes: int = 0,
     check: bool | str = False,
+    check_rows: bool = False,
 ) -> _PassOne:
     """Pass 1: ``sum a a^T`` and ``sum g g^T`` over every row of every call of every body Linear, and (``diag``)
     ``sum_n g_n^2`` of the diagonal blocks' per-example tied gradients. ``keep_bytes > 0``: the rows are also kept
     while they fit in that many bytes (all of them or none), so EK-FAC's second pass need not run the model again.
-    ``check``: the grouping check (:func:`_grouping_ok`) on the first batch (``"first"``) or every one (``True``)."""
+    ``check``: the grouping check (:func:`_grouping_ok`) on the first batch (``"first"``) or every one (``True``),
+    of the diagonal blocks and (``check_rows``, EK-FAC's) of the Linear layers' rows."""
     stats = []
     for _, mod in linears:
         d_in = mod.in_features + (1 if mod.bias is not None else 0)
@@ -443,10 +446,11 @@ def _kronecker_pass(
     out = _PassOne(stats, 0, None if diag is None else {}, [] if keep_bytes > 0 else None)
     used = 0
     seen: set[int] = set()
-    checked = _check_params(linears, diag or (), names)
+    checked_linears = linears if check_rows else []
+    checked = _check_params(checked_linears, diag or (), names)
     for index, batch in enumerate(loader):
         loss.index = index
-        ask = check is True or (check == "first" and index == 0)
+        ask = bool(checked) and (check is True or (check == "first" and index == 0))
         got = _linear_rows(model, batch, loss, linears, diag or (), checked if ask else ())
         size = int(got.losses.shape[0])
         for i, (xs, gs) in _by_layer(got.rows).items():
@@ -459,12 +463,14 @@ def _kronecker_pass(
                 out.rows = None
             else:
                 out.rows.append(gathered)
+        if out.diag_sq is not None and any(g.dim() == 0 or g.shape[0] != size for _, _, g in got.dcalls):
+            out.diag_sq, out.diag_ok = None, False  # outputs that are not batch-first: the exact route
         per = None if out.diag_sq is None else _diag_grads(got.dcalls, names, size)
         if per is not None and out.diag_sq is not None:
             for name, g in per.items():
                 out.diag_sq[name] = g.square().sum(0) + out.diag_sq.get(name, 0.0)
         if ask:
-            rows_ok, diag_ok = _grouping_ok(got, linears, checked, per, names)
+            rows_ok, diag_ok = _grouping_ok(got, checked_linears, checked, per, names)
             out.rows_ok, out.diag_ok = out.rows_ok and rows_ok, out.diag_ok and diag_ok
         out.n += size
         out.batches += 1
@@ -559,7 +565,7 @@ def fit_curvature(
         keep = keep_rows_bytes if "ekfac" in kind_set else 0
         grouped = "ekfac" in kind_set or bool(diag_mods)  # what uses the per-example grouping of pass 1's rows
         check: bool | str = (True if verify is True else "first") if grouped else False
-        one = _kronecker_pass(model, loader, seeded, linears, diag_mods, names, keep, check)
+        one = _kronecker_pass(model, loader, seeded, linears, diag_mods, names, keep, check, "ekfac" in kind_set)
     n = one.n
     if n == 0:
         raise ConfigError("the fitting loader yielded no examples")
@@ -652,6 +658,7 @@ def _eigen_pass(
     hooks_ok = one.rows_ok
     kept = one.rows
     seen = 0
+    exact_checked = False
     for index, batch in enumerate(loader) if ekfac else ():
         seen += 1
         loss.index = index
@@ -663,7 +670,8 @@ def _eigen_pass(
             got = _rotated_by_hooks(model, batch, loss, curv, linears, params, train_mode)
         if got is None:
             hooks_ok = False
-            check = verify is True or (verify == "first" and index == 0)
+            check = verify is True or (verify == "first" and not exact_checked)  # the route's first batch
+            exact_checked = True
             got = _rotated(curv, _exact_batch(model, batch, loss, roots, check, check_loss, kw))
         for blk, add in zip(curv.kronecker, got, strict=True):
             assert blk.ekfac is not None
@@ -849,7 +857,9 @@ def _rotated_gathered(curv: Curvature, gathered: list[Gathered]) -> list[torch.T
         dtype = (gs[0] if grad is None else grad).dtype  # the model's precision
         q_s, q_a = blk.q_s.to(dtype), blk.q_a.to(dtype)
         rot = q_s.T @ grad @ q_a if grad is not None else rotated_sums(gs, xs, q_s, q_a, blk.bias is not None, "rows")
-        out.append(rot.square().sum(0).double())  # the batch's sum in the model's precision, accumulated in float64
+        if rot.dtype not in (torch.float32, torch.float64):  # half precision: squares would underflow
+            rot = rot.float()
+        out.append(rot.square().sum(0).double())  # the batch's sum in float32 or better, accumulated in float64
     return out
 
 
