@@ -623,7 +623,9 @@ def test_outside_modules_and_a_parameter_on_the_body_s_parent() -> None:
 def test_outside_refuses_what_it_cannot_score(tmp_path) -> None:
     """``outside=True`` with Adam needs every parameter's second moments (a recorder with ``body=`` keeps the
     body's only: the outside block would be left unscaled, silently mixing two geometries); a model that marks its
-    loop steps with ``lt.loop_step()`` cannot be run as one pass per forward. Both are refused with what to do."""
+    loop steps with ``lt.loop_step()`` cannot be run as one pass per forward; a model with nothing outside its body
+    has nothing to score (refused, as the store refuses it, not returned as a zero ``outside``). Each is refused
+    with what to do."""
     from tests.test_capture import MarkedNet, loss_fn, make_batches
 
     model = tiny_model()
@@ -647,6 +649,10 @@ def test_outside_refuses_what_it_cannot_score(tmp_path) -> None:
     with pytest.raises(lt.ConfigError, match="loop_step"):
         lt.attribute(marked, ck, batches, batches[:1], loss_fn, body=[marked.adapter, marked.blocks],
                      sketch=lt.SketchSpec.exact(), outside=True)  # fmt: skip
+    whole = [lt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.5, name="w")]
+    with pytest.raises(lt.ConfigError, match="no trainable parameter outside the loop body"):
+        lt.attribute(model, whole, train, query, lm_loss, step_module=model, body=[model], outside=True,
+                     sketch=lt.SketchSpec.exact())  # fmt: skip
 
 
 def test_outside_scores_learned_positions_and_old_checkpoints_load() -> None:

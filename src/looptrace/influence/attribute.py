@@ -290,14 +290,18 @@ def outside_run_modules(
 ) -> list[nn.Module]:
     """:func:`outside_modules` for an ``outside=True`` run, which runs the model as one pass per forward: refused up
     front, before any work, for a model that marks its loop steps with :func:`looptrace.loop_step` (``body=``
-    without ``step_module=``)."""
+    without ``step_module=``), and for one with no trainable parameter outside the body (there is nothing to
+    score: the run would be the body's alone, under a name that says otherwise)."""
     if step_module is None:
         raise ConfigError(
             "outside=True featurises the parameters outside the loop as one pass per call of the model, which a "
             "model that marks its loop steps with looptrace.loop_step() (body= without step_module=) cannot be "
             "run as; pass step_module= (the module, or modules, one loop step calls), or leave outside=False"
         )
-    return outside_modules(model, step_module, body)
+    mods = outside_modules(model, step_module, body)
+    if not mods:
+        raise ConfigError("outside=True: the model has no trainable parameter outside the loop body; drop it")
+    return mods
 
 
 def outside_refused(exc: StepError) -> ConfigError:

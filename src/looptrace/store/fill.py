@@ -75,7 +75,9 @@ def featurize_to_store(
         raise ConfigError(f"dataset roles must be among {ROLES}, got {bad}")
     full = [c.load_full() for c in checkpoints]
     params = body_parameters(model, resolve_body(model, step_module, body))
-    mods = _outside(model, step_module, body) if outside else []
+    from looptrace.influence.attribute import outside_run_modules
+
+    mods = outside_run_modules(model, step_module, body) if outside else []
     wanted = [bp.name for bp in params] + [bp.name for bp in body_parameters(model, mods)]
     # Adam needs every checkpoint's moments of every featurised parameter: checked before a new store is started
     # (a reopened one is first checked against its manifest, which names a changed option)
@@ -145,20 +147,6 @@ def featurize_to_store(
         except StepError as exc:
             raise outside_refused(exc) from exc
     return store
-
-
-def _outside(
-    model: nn.Module,
-    step_module: nn.Module | Sequence[nn.Module] | None,
-    body: nn.Module | Sequence[nn.Module] | None,
-) -> list[nn.Module]:
-    """The modules outside the loop body that ``outside=True`` featurises (refused when there are none)."""
-    from looptrace.influence.attribute import outside_run_modules
-
-    mods = outside_run_modules(model, step_module, body)
-    if not mods:
-        raise ConfigError("outside=True: the model has no trainable parameter outside the loop body; drop it")
-    return mods
 
 
 _DEFAULTS: dict[str, Any] = {
