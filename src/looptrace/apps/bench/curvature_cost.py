@@ -179,7 +179,8 @@ def markdown(res: dict[str, Any]) -> str:
         "EK-FAC query / plain query |",
         "|---|---|---|---|---|",
     ]
-    for name, r in res["seconds"].items():
+    # the JSON keeps its keys sorted: rows by the body's size, whatever order the file lists them in
+    for name, r in sorted(res["seconds"].items(), key=lambda kv: kv[1]["body_parameters"]):
         lines.append(f"| {name} | {r['featurize']:.3f} | {r['fit_kfac_over_featurize']:.2f}x | "
                      f"{r['fit_ekfac_over_featurize']:.2f}x | {r['query_ekfac_over_plain']:.2f}x |")  # fmt: skip
     lines += [
