@@ -58,6 +58,19 @@ def test_curvature_method_is_attribute_with_its_settings(
     assert float((got - plain).abs().max()) > 1e-3 * float(plain.abs().max()), f"{key} is plain TracIn"
 
 
+def test_every_preconditioner_runs_whole_model_on_the_task_checkpoints(ckpt_dir: Path) -> None:
+    """Every ``lt.attribute`` preconditioner, with ``outside=True``, on an evaluation task's own checkpoints at its
+    defaults: the whole model's score is the body's plus the outside part's, and differs from the body's. Catches a
+    task recorder that keeps the body's optimizer moments only (``precondition="adam"`` with ``outside=True`` was
+    refused on every evaluation task's checkpoints)."""
+    ctx = ScoreContext(TINY, ckpt_dir)
+    for kind in (None, "kfac", "ekfac", "gauss-newton", "adam"):
+        res = ctx.attribution(precondition=kind, outside=True)
+        assert res.outside is not None
+        assert_close(res.total, res.tracin + res.outside, f"total of {kind}")
+        assert float(res.outside.abs().max()) > 0, f"{kind}: nothing outside the loop was scored"
+
+
 def test_true_fisher_differs_from_empirical(ckpt_dir: Path) -> None:
     """``ekfac_true`` fits on labels sampled from the model, so its scores differ from the empirical Fisher's.
     Catches ``fisher="true"`` not reaching lt.attribute (break: drop the fisher_loss in ScoreContext)."""

@@ -151,16 +151,14 @@ class EvalTask:
     ) -> nn.Module:
         """The training loop every task shares: full-batch AdamW (a fresh optimizer) for ``steps`` steps (default
         ``self.steps``) on the mean over the kept examples of ``per_example(step)`` (the training set's per-example
-        losses at that step), TracIn checkpoints written to ``record`` every ``ckpt_every`` steps."""
+        losses at that step), TracIn checkpoints written to ``record`` every ``ckpt_every`` steps, with the
+        optimizer's second moments of every parameter (``precondition="adam"`` with ``outside=True`` needs the ones
+        outside the loop too)."""
         n = len(self.data()["train"][1])
         w = torch.ones(n) if keep is None else keep.float()
         total = w.sum().clamp_min(1.0)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0)
-        recorder = (
-            lt.CheckpointRecorder(record, every=self.ckpt_every, body=self.step_module(model))
-            if record is not None
-            else None
-        )
+        recorder = lt.CheckpointRecorder(record, every=self.ckpt_every) if record is not None else None
         model.train()
         for step in range(first_step, first_step + (self.steps if steps is None else steps)):
             loss = (per_example(step) * w).sum() / total
