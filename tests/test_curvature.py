@@ -813,3 +813,37 @@ def test_ekfac_refuses_a_loader_it_cannot_read_twice() -> None:
         fit_curvature(model, iter(train), lm_loss, step_module=model.core, kinds=("ekfac",))
     with pytest.raises(lt.LoaderError, match="3 batches in the first pass and 2 in the second"):
         fit_curvature(model, _Shrinking(train), lm_loss, step_module=model.core, kinds=("ekfac",))
+
+
+def test_fit_on_the_first_examples_equals_a_fit_on_them_alone() -> None:
+    """``max_examples=k`` fits on the loader's first k examples, the batch that crosses k cut: the same factors,
+    EK-FAC eigenvalues and diagonal blocks as a fit on a loader of just those examples (float64), the same through
+    ``lt.attribute(max_fit_examples=...)``, whose scores still cover every training example. Catches a limit that
+    is ignored, off by a batch, or applied to one pass only; bad values are refused."""
+    from looptrace import batching
+
+    model, train, query = tiny_model(), tiny_batches(3), tiny_batches(1, b=2)
+    first = [train[0], batching.slice_rows(train[1], 0, 2)]  # 3 + 2 examples
+    cut = fit_curvature(model, train, lm_loss, step_module=model.core, max_examples=5)
+    alone = fit_curvature(model, first, lm_loss, step_module=model.core)
+    assert cut.n == alone.n == 5
+    for a, b in zip(cut.kronecker, alone.kronecker, strict=True):
+        assert a.ekfac is not None and b.ekfac is not None
+        for x, y, what in ((a.a_cov, b.a_cov, "A"), (a.s_cov, b.s_cov, "S"), (a.ekfac, b.ekfac, "EK-FAC")):
+            assert_close(x, y, f"{what} of {a.module} on the first 5 examples", rtol=1e-12, atol=1e-15)
+    for a, b in zip(cut.diagonal, alone.diagonal, strict=True):
+        assert_close(a.diag, b.diag, f"diagonal of {a.name} on the first 5 examples", rtol=1e-12, atol=1e-15)
+    ck = [lt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.5, name="a")]
+    kw: dict[str, Any] = dict(step_module=model.core, sketch=lt.SketchSpec.exact(), precondition="ekfac")
+    every = lt.attribute(model, ck, train, query, lm_loss, **kw)
+    limited = lt.attribute(model, ck, train, query, lm_loss, max_fit_examples=5, **kw)
+    assert limited.tracin.shape == every.tracin.shape == (9, 2)
+    want = 0.5 * oracle_per_step(model, model.core, train, lm_loss).sum(1) @ alone.precondition(
+        oracle_per_step(model, model.core, query, lm_loss).sum(1), "ekfac").T  # fmt: skip
+    assert_close(limited.tracin, want, "attribute(max_fit_examples=5) vs the factors of the first 5 examples")
+    assert float((limited.tracin - every.tracin).abs().max()) > 1e-6 * float(every.tracin.abs().max())
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(lt.ConfigError, match="max_examples"):
+            fit_curvature(model, train, lm_loss, step_module=model.core, max_examples=bad)  # type: ignore[arg-type]
+    with pytest.raises(lt.ConfigError, match="max_fit_examples"):
+        lt.attribute(model, ck, train, query, lm_loss, step_module=model.core, max_fit_examples=5)

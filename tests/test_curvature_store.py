@@ -12,6 +12,7 @@ import torch
 
 import looptrace as lt
 from looptrace.cli import main
+from looptrace.curvature import Curvature
 from looptrace.store import FeatureStore, score_to_disk
 from looptrace.store.curvature import curvature_path, fit_curvature_to_store, preconditioned_queries
 from tests.conftest import assert_close
@@ -188,3 +189,22 @@ def test_store_refuses_what_it_cannot_score_whole_before_writing(tmp_path) -> No
     with pytest.raises(lt.ConfigError, match="mix two geometries"):
         score_to_disk(st, tmp_path / "t.npy", kind="total", queries=queries)
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_fit_curvature_max_examples_is_recorded_and_refits_when_it_changes(tmp_path) -> None:
+    """``looptrace fit-curvature --max-examples N`` fits each checkpoint on the training set's first N examples
+    (the factor file says n = N, its sidecar max_examples = N); a rerun with the same settings skips the written
+    files (resume), one with another limit fits them again. Catches a flag that does not reach the fit, or a resume
+    that keeps factors fitted with other settings."""
+    store, _ = _cli_store(tmp_path)
+    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5", "--max-examples", "12"]) == 0
+    st = FeatureStore.open(store)
+    path = curvature_path(st, 0)
+    curv, side = Curvature.load(path)
+    assert curv.n == 12 and side["max_examples"] == 12
+    stamp = path.stat().st_mtime_ns
+    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5", "--max-examples", "12"]) == 0
+    assert path.stat().st_mtime_ns == stamp, "a rerun with the same settings fitted again"
+    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5"]) == 0
+    curv, side = Curvature.load(path)
+    assert curv.n == 40 and side["max_examples"] is None, "a rerun without the limit kept the limited factors"

@@ -284,6 +284,7 @@ def _cmd_fit_curvature(args: argparse.Namespace) -> int:
     paths = fit_curvature_to_store(
         model, cks, datasets["train"], loss_fn, args.store, step_module=step_module, body=body,
         batch_size=args.batch_size, fisher=args.fisher, fisher_loss=fisher_loss, seed=args.seed,
+        max_examples=args.max_examples,
     )  # fmt: skip
     atomic_write_bytes(
         Path(args.store, "curvature", "fit_curvature_args.json"), json.dumps(_args_dict(args), indent=2).encode()
@@ -702,6 +703,10 @@ def _add_curvature_arguments(sub: Any, score: argparse.ArgumentParser) -> None:
         help="package.module:fn, (model, batch) -> per-example loss on targets sampled from the model",
     )  # fmt: skip
     fc.add_argument("--seed", type=int, default=0, help="seed of the target sampling (true Fisher)")
+    fc.add_argument(
+        "--max-examples", type=int, default=None,
+        help="fit on the training set's first N examples only (the fit's cost stops growing with the set; default: all)",
+    )  # fmt: skip
     fc.add_argument("--batch-size", type=int, default=64)
     fc.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     fc.set_defaults(func=_cmd_fit_curvature)

@@ -504,6 +504,7 @@ def fit_curvature(
     checkpoint: str | None = None,
     verify: bool | str = "first",
     keep_rows_bytes: int = KEEP_ROWS_BYTES,
+    max_examples: int | None = None,
     **featurize_kwargs: Any,
 ) -> Curvature:
     """K-FAC / EK-FAC factors of the body at the model's current weights, fitted on ``loader``.
@@ -530,6 +531,10 @@ def fit_curvature(
         keep_rows_bytes: EK-FAC keeps pass 1's rows of the Linear layers when they fit in this many bytes, and
             rotates them in pass 2 instead of running the model again (the same rows: the same numbers); ``0``
             always runs it again.
+        max_examples: fit on the loader's first this many examples only (the batch that crosses the limit is
+            cut; every pass reads the same ones), so that the fit's cost stops growing with the training set, as
+            kronfluence's ``covariance_max_examples`` does; ``None`` (the default): every example. The first
+            examples must be a fair sample of the set: order a sorted loader by a fixed random permutation first.
         featurize_kwargs: passed to the pass-2 featurisation (``tau``, ``recompute``, ``fallback``, ...).
 
     Returns:
@@ -546,11 +551,16 @@ def fit_curvature(
         raise ConfigError("the loop body has no parameters to fit curvature for")
     check_ties(model, roots, params)
     check_loader_order(loader)
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):  # fmt: skip
+        raise ConfigError(f"max_examples must be a positive int or None, got {max_examples!r}")
     if iter(loader) is loader:  # a generator or iterator: read once, but the fit reads the loader more than once
         raise LoaderError(
             "fit_curvature reads the fitting loader more than once (its first batch, the passes): pass a list of "
             "batches or a DataLoader (shuffle=False), not a one-shot iterator or generator"
         )
+    if max_examples is not None:
+        loader = _FirstExamples(loader, max_examples)
     device = params[0].param.device
     if verify not in (True, False, "first"):
         raise ConfigError(f"verify must be True, False or 'first', got {verify!r}")
@@ -592,6 +602,29 @@ def fit_curvature(
         _eigen_pass(model, loader, seeded, curv, linears, roots, params, train_mode, "ekfac" in kind_set, verify,
                     loss_fn, kw, hooked, readers.modules, one)  # fmt: skip
     return curv
+
+
+class _FirstExamples:
+    """A loader's first ``limit`` examples, the batch that crosses the limit cut to fit (re-iterable: every pass
+    of the fit reads the same examples)."""
+
+    def __init__(self, loader: Iterable[Any], limit: int) -> None:
+        self.loader, self.limit = loader, limit
+
+    def __iter__(self) -> Iterator[Any]:
+        from looptrace import batching
+
+        left = self.limit
+        for batch in self.loader:
+            if left <= 0:
+                return
+            n = batching.leading_size(batch)
+            if n is None:
+                raise LoaderError("max_examples counts examples by the batches' leading axis; this batch has none")
+            if n > left:
+                batch = batching.slice_rows(batch, 0, left)
+            left -= min(n, left)
+            yield batch
 
 
 def _set_diagonal(curv: Curvature, sq: dict[str, torch.Tensor]) -> None:

@@ -88,6 +88,7 @@ def attribute(
     damping_scale: float | None = None,
     fisher: Fisher | None = None,
     fisher_loss: LossFn | None = None,
+    max_fit_examples: int | None = None,
     train_positions: bool = False,
     outside: bool = False,
     **featurize_kwargs: Any,
@@ -113,6 +114,9 @@ def attribute(
       and token (:mod:`looptrace.curvature`); the query's exact per-step gradients are preconditioned, then
       sketched with the training features' plan. ``fisher``: ``"true"`` (targets sampled by ``fisher_loss``,
       the default when it is given) or ``"empirical"`` (``loss_fn``, the default otherwise).
+      ``max_fit_examples``: fit on ``train_loader``'s first this many examples only (the fit's cost then stops
+      growing with the training set; :func:`looptrace.curvature.fit_curvature`'s ``max_examples``); the scores
+      still cover every training example.
     * ``precondition="gauss-newton"``: TRAK-style ``(Phi_k^T Phi_k / N + lambda I)^-1`` in feature space, from
       the training set's total features at each checkpoint.
     * ``damping``: ``None`` is 0.1 x each block's mean eigenvalue (Gauss-Newton: of its nonzero spectrum);
@@ -146,6 +150,8 @@ def attribute(
                           "it goes with damping=None")  # fmt: skip
     if (fisher is not None or fisher_loss is not None) and precondition not in ("kfac", "ekfac"):
         raise ConfigError("fisher= and fisher_loss= choose the Fisher of precondition='kfac' or 'ekfac' only")
+    if max_fit_examples is not None and precondition not in ("kfac", "ekfac"):
+        raise ConfigError("max_fit_examples= limits the fit of precondition='kfac' or 'ekfac' only")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
     if train_positions and decomposition != "test":
@@ -179,7 +185,8 @@ def attribute(
             if precondition in ("kfac", "ekfac"):
                 fit_kw = {k: v for k, v in kw.items() if k != "sketch"}
                 curv = fit_curvature(model, train_loader, loss_fn, kinds=(precondition,), fisher=fisher,
-                                     fisher_loss=fisher_loss, checkpoint=name, **fit_kw)  # fmt: skip
+                                     fisher_loss=fisher_loss, checkpoint=name, max_examples=max_fit_examples,
+                                     **fit_kw)  # fmt: skip
                 query = preconditioned_features(
                     model, query_loader, loss_fn, _preconditioner(curv, precondition, damping, damping_scale),
                     per_step=decomposition != "train", checkpoint=name, **kw,
@@ -225,19 +232,16 @@ def attribute(
         total_sdi = total_positions.sum(-1)
     rest: torch.Tensor | None = None
     if outside:
-        if not mods:
-            rest = torch.zeros_like(total_tracin)
-        else:
-            # one pass per forward: the loop's settings (tau, recomputation of loop steps) do not apply
-            kw_out = {k: v for k, v in featurize_kwargs.items() if k not in LOOP_ONLY_OPTIONS}
-            try:
-                rest = attribute(
-                    model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods,
-                    sketch=spec, precondition=precondition, damping=damping, damping_scale=damping_scale,
-                    fisher=fisher, fisher_loss=fisher_loss, **kw_out,
-                ).tracin  # fmt: skip
-            except StepError as exc:
-                raise outside_refused(exc) from exc
+        # one pass per forward: the loop's settings (tau, recomputation of loop steps) do not apply
+        kw_out = {k: v for k, v in featurize_kwargs.items() if k not in LOOP_ONLY_OPTIONS}
+        try:
+            rest = attribute(
+                model, checkpoints, train_loader, query_loader, loss_fn, step_module=model, body=mods,
+                sketch=spec, precondition=precondition, damping=damping, damping_scale=damping_scale,
+                fisher=fisher, fisher_loss=fisher_loss, max_fit_examples=max_fit_examples, **kw_out,
+            ).tracin  # fmt: skip
+        except StepError as exc:
+            raise outside_refused(exc) from exc
     return Attribution(
         total_sdi, total_tracin, total_self, spec, decomposition, etas, names, total_matrix, total_positions, rest
     )

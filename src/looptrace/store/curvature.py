@@ -13,6 +13,7 @@ model (its matrix comes from the stored training totals).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from looptrace.curvature.factors import Curvature
-from looptrace.curvature.fit import Fisher, fit_curvature
+from looptrace.curvature.fit import Fisher, fit_curvature, resolve_fisher
 from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import ConfigError, SpecMismatchError
 from looptrace.featurize import LossFn
@@ -66,12 +67,15 @@ def fit_curvature_to_store(
     fisher: Fisher | None = None,
     fisher_loss: LossFn | None = None,
     seed: int = 0,
+    max_examples: int | None = None,
 ) -> list[Path]:
     """Fit K-FAC and EK-FAC factors of every checkpoint of the store on its training set, beside it (and beside
     its companion store of the parameters outside the loop, when it has one: their own block).
 
-    A checkpoint whose factor file and sidecar exist is skipped (resume). The training set must be the one
-    the store was featurised with (its fingerprint is checked)."""
+    A checkpoint whose factor file and sidecar exist, fitted with the same Fisher, seed and ``max_examples``, is
+    skipped (resume); one fitted otherwise is fitted again. The training set must be the one
+    the store was featurised with (its fingerprint is checked). ``max_examples``: fit on its first this many
+    examples only (:func:`looptrace.curvature.fit_curvature`), recorded in each factor file's sidecar."""
     store = FeatureStore.open(store_dir)
     want = store.manifest["datasets"].get("train", {}).get("fingerprint")
     if want is None:
@@ -80,21 +84,23 @@ def fit_curvature_to_store(
         raise SpecMismatchError(f"this training set is not the one {store.root} was featurised with")
     full = _check_checkpoints(store, checkpoints)
     options = store.options
+    which = resolve_fisher(fisher, fisher_loss, loss_fn)[0]
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     paths = []
     try:
         for k, ck in enumerate(full):
             path = curvature_path(store, k)
             paths.append(path)
-            if path.exists() and path.with_name(path.name + ".json").exists():
+            side = path.with_name(path.name + ".json")
+            if path.exists() and side.exists() and _same_fit(side, which, seed, max_examples):
                 continue
             load_into(model, ck.state, ck.name)
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
             curv = fit_curvature(model, loader, loss_fn, step_module=step_module, body=body, fisher=fisher,
-                                 fisher_loss=fisher_loss, seed=seed, checkpoint=ck.name,
+                                 fisher_loss=fisher_loss, seed=seed, checkpoint=ck.name, max_examples=max_examples,
                                  train_mode=bool(options.get("train_mode", False)), tau=options.get("tau"))  # fmt: skip
             curv.save(path, extra={"model_fingerprint": store.manifest["model_fingerprint"], "dataset": want,
-                                   "checkpoint_index": k, "seed": seed})  # fmt: skip
+                                   "checkpoint_index": k, "seed": seed, "max_examples": max_examples})  # fmt: skip
     finally:
         model.load_state_dict(original)
     if (store.root / OUTSIDE_DIR / "manifest.json").exists():  # the parameters outside the body: their own block
@@ -102,8 +108,19 @@ def fit_curvature_to_store(
         paths += fit_curvature_to_store(
             model, checkpoints, dataset, loss_fn, store.root / OUTSIDE_DIR, step_module=model, body=mods,
             batch_size=batch_size, collate_fn=collate_fn, fisher=fisher, fisher_loss=fisher_loss, seed=seed,
+            max_examples=max_examples,
         )  # fmt: skip
     return paths
+
+
+def _same_fit(side: Path, fisher: str, seed: int, max_examples: int | None) -> bool:
+    """Whether the factor file whose sidecar is ``side`` was fitted with these settings (a sidecar from before
+    ``max_examples`` was recorded fitted every example)."""
+    try:
+        got = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return False
+    return got.get("fisher") == fisher and got.get("seed") == seed and got.get("max_examples") == max_examples
 
 
 def load_store_curvature(store: FeatureStore, ck: int) -> Curvature:
