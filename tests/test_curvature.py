@@ -847,3 +847,53 @@ def test_fit_on_the_first_examples_equals_a_fit_on_them_alone() -> None:
             fit_curvature(model, train, lm_loss, step_module=model.core, max_examples=bad)  # type: ignore[arg-type]
     with pytest.raises(lt.ConfigError, match="max_fit_examples"):
         lt.attribute(model, ck, train, query, lm_loss, step_module=model.core, max_fit_examples=5)
+
+
+class _Counted:
+    """A list of batches that records how many of them each iteration fetched."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.fetched = batches, [0]
+
+    def __iter__(self) -> Any:
+        for i, b in enumerate(self.batches):
+            self.fetched[0] = max(self.fetched[0], i + 1)
+            yield b
+
+
+def test_first_examples_on_a_true_fisher_with_the_parts_outside_and_what_it_refuses() -> None:
+    """``max_examples`` with a true Fisher (targets drawn per batch index; the cut batch draws for its kept rows as a
+    loader of them alone does) on the recomputing route equals the fit on those examples alone; no batch past the
+    limit is fetched; ``lt.attribute(outside=True, max_fit_examples=...)`` limits the fit of the parts outside the
+    loop too; a batch with a per-example list that a cut of its tensors would leave whole is refused with what to
+    do. Catches a limit dropped from the outside run, a loader read one batch too far, or a list left uncut."""
+    from looptrace import batching
+    from looptrace.curvature import sampled_cross_entropy
+
+    def sampled(m: nn.Module, batch: Any) -> torch.Tensor:
+        return sampled_cross_entropy(m(batch[0])).mean(1)
+
+    model, train, query = tiny_model(), tiny_batches(3), tiny_batches(1, b=2)
+    first = [train[0], batching.slice_rows(train[1], 0, 2)]
+    kw: dict[str, Any] = dict(step_module=model.core, fisher_loss=sampled, keep_rows_bytes=0)
+    cut = fit_curvature(model, train, lm_loss, max_examples=5, **kw)
+    alone = fit_curvature(model, first, lm_loss, **kw)
+    for a, b in zip(cut.kronecker, alone.kronecker, strict=True):
+        assert a.ekfac is not None and b.ekfac is not None
+        assert_close(a.ekfac, b.ekfac, f"true-Fisher EK-FAC of {a.module} on 5 examples", rtol=1e-12, atol=1e-15)
+    counted = _Counted(train)
+    fit_curvature(model, counted, lm_loss, step_module=model.core, max_examples=6)
+    assert counted.fetched[0] == 2, f"the fit fetched {counted.fetched[0]} batches of 3 for 6 examples"
+    ck = [lt.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.5, name="a")]
+    whole = dict(step_module=model.core, sketch=lt.SketchSpec.exact(), precondition="ekfac", outside=True)
+    every = lt.attribute(model, ck, train, query, lm_loss, **whole)
+    limited = lt.attribute(model, ck, train, query, lm_loss, max_fit_examples=5, **whole)
+    assert every.outside is not None and limited.outside is not None
+    assert float((limited.outside - every.outside).abs().max()) > 1e-6 * float(every.outside.abs().max()), (
+        "max_fit_examples did not reach the fit of the parts outside the loop"
+    )
+    named = [(x, y, [f"ex{i}" for i in range(len(x))]) for x, y in train]
+    with pytest.raises(lt.LoaderError, match="collate them into tensors"):
+        fit_curvature(model, named, lambda m, b: lm_loss(m, b[:2]), step_module=model.core, max_examples=4)
+    with pytest.raises(lt.ConfigError, match="max_fit_examples"):
+        lt.attribute(model, ck, train, query, lm_loss, step_module=model.core, precondition="kfac", max_fit_examples=0)

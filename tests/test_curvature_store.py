@@ -192,19 +192,37 @@ def test_store_refuses_what_it_cannot_score_whole_before_writing(tmp_path) -> No
 
 
 def test_fit_curvature_max_examples_is_recorded_and_refits_when_it_changes(tmp_path) -> None:
-    """``looptrace fit-curvature --max-examples N`` fits each checkpoint on the training set's first N examples
-    (the factor file says n = N, its sidecar max_examples = N); a rerun with the same settings skips the written
-    files (resume), one with another limit fits them again. Catches a flag that does not reach the fit, or a resume
-    that keeps factors fitted with other settings."""
-    store, _ = _cli_store(tmp_path)
-    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5", "--max-examples", "12"]) == 0
+    """``looptrace fit-curvature --max-examples N`` fits each checkpoint on the training set's first N examples, the
+    body's factors and those of the parameters outside the loop alike (n = N, the sidecars say N). A rerun with the
+    same settings keeps the files (resume), as does one with another seed of an empirical Fisher (the seed draws a
+    true Fisher's targets only) or a limit past the set (every example); another limit fits them again. Factors
+    left fitted with two settings (a rerun interrupted) are refused by ``score``. Catches a flag that reaches one of
+    the two stores only, a resume that keeps factors fitted otherwise, or scores that mix two fits."""
+    cks = save_checkpoints(str(tmp_path))
+    store = tmp_path / "store"
+    args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
+            "--outside", "--store", str(store)]  # fmt: skip
+    for c in cks:
+        args += ["--checkpoint", c]
+    assert main(args) == 0
+    fit = ["fit-curvature", "--store", str(store), "--batch-size", "5"]
+    assert main([*fit, "--max-examples", "12"]) == 0
     st = FeatureStore.open(store)
-    path = curvature_path(st, 0)
-    curv, side = Curvature.load(path)
-    assert curv.n == 12 and side["max_examples"] == 12
-    stamp = path.stat().st_mtime_ns
-    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5", "--max-examples", "12"]) == 0
-    assert path.stat().st_mtime_ns == stamp, "a rerun with the same settings fitted again"
-    assert main(["fit-curvature", "--store", str(store), "--batch-size", "5"]) == 0
-    curv, side = Curvature.load(path)
-    assert curv.n == 40 and side["max_examples"] is None, "a rerun without the limit kept the limited factors"
+    paths = [curvature_path(s, k) for s in (st, st.outside()) for k in range(2)]
+    for path in paths:
+        curv, side = Curvature.load(path)
+        assert curv.n == 12 and side["max_examples"] == 12, f"{path} was not fitted on the first 12 examples"
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert main([*fit, "--max-examples", "12", "--seed", "3"]) == 0
+    assert [p.stat().st_mtime_ns for p in paths] == stamps, "a rerun with the same fit fitted again"
+    assert main(fit) == 0
+    for path in paths:
+        curv, side = Curvature.load(path)
+        assert curv.n == 40 and side["max_examples"] is None, "a rerun without the limit kept the limited factors"
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert main([*fit, "--max-examples", "1000"]) == 0
+    assert [p.stat().st_mtime_ns for p in paths] == stamps, "a limit past the set is every example: nothing to refit"
+    side = paths[1].with_name(paths[1].name + ".json")
+    side.write_text(side.read_text().replace('"max_examples": null', '"max_examples": 12'))
+    with pytest.raises(lt.ConfigError, match="different settings"):
+        main(["score", "--store", str(store), "--out", str(tmp_path / "s.npy"), "--precondition", "ekfac", "--debug"])

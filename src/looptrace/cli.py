@@ -704,12 +704,24 @@ def _add_curvature_arguments(sub: Any, score: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     fc.add_argument("--seed", type=int, default=0, help="seed of the target sampling (true Fisher)")
     fc.add_argument(
-        "--max-examples", type=int, default=None,
-        help="fit on the training set's first N examples only (the fit's cost stops growing with the set; default: all)",
+        "--max-examples", type=_positive_int, default=None, metavar="N",
+        help="fit on the training set's first N examples only (the fit's cost stops growing with the set; they must "
+        "be a fair sample of it: the store reads the set in order; default: all)",
     )  # fmt: skip
     fc.add_argument("--batch-size", type=int, default=64)
     fc.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     fc.set_defaults(func=_cmd_fit_curvature)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,

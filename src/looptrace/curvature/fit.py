@@ -532,8 +532,9 @@ def fit_curvature(
             rotates them in pass 2 instead of running the model again (the same rows: the same numbers); ``0``
             always runs it again.
         max_examples: fit on the loader's first this many examples only (the batch that crosses the limit is
-            cut; every pass reads the same ones), so that the fit's cost stops growing with the training set, as
-            kronfluence's ``covariance_max_examples`` does; ``None`` (the default): every example. The first
+            cut; every pass reads the same ones), so that the fit's cost stops growing with the training set (as
+            kronfluence's ``covariance_max_examples`` and ``lambda_max_examples`` do, here one limit for both
+            passes); ``None`` (the default): every example. The first
             examples must be a fair sample of the set: order a sorted loader by a fixed random permutation first.
         featurize_kwargs: passed to the pass-2 featurisation (``tau``, ``recompute``, ``fallback``, ...).
 
@@ -551,9 +552,7 @@ def fit_curvature(
         raise ConfigError("the loop body has no parameters to fit curvature for")
     check_ties(model, roots, params)
     check_loader_order(loader)
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 1):  # fmt: skip
-        raise ConfigError(f"max_examples must be a positive int or None, got {max_examples!r}")
+    check_max_examples(max_examples)
     if iter(loader) is loader:  # a generator or iterator: read once, but the fit reads the loader more than once
         raise LoaderError(
             "fit_curvature reads the fitting loader more than once (its first batch, the passes): pass a list of "
@@ -604,9 +603,17 @@ def fit_curvature(
     return curv
 
 
+def check_max_examples(max_examples: Any, name: str = "max_examples") -> None:
+    """Refuse a ``max_examples`` that is not a positive int or ``None``."""
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ConfigError(f"{name} must be a positive int or None, got {max_examples!r}")
+
+
 class _FirstExamples:
     """A loader's first ``limit`` examples, the batch that crosses the limit cut to fit (re-iterable: every pass
-    of the fit reads the same examples)."""
+    of the fit reads the same examples, and no batch past them)."""
 
     def __init__(self, loader: Iterable[Any], limit: int) -> None:
         self.loader, self.limit = loader, limit
@@ -616,15 +623,36 @@ class _FirstExamples:
 
         left = self.limit
         for batch in self.loader:
-            if left <= 0:
-                return
             n = batching.leading_size(batch)
             if n is None:
-                raise LoaderError("max_examples counts examples by the batches' leading axis; this batch has none")
+                raise LoaderError(
+                    "max_examples counts examples by the batches' leading tensor axis, and this batch has no tensor: "
+                    "collate the examples into tensors, or pass a loader of the first N examples instead"
+                )
             if n > left:
                 batch = batching.slice_rows(batch, 0, left)
+                if _uncut(batch, n):
+                    raise LoaderError(
+                        f"max_examples cuts a batch of {n} examples to {left}, but it holds a list of {n} items that "
+                        "cannot be cut with its tensors: collate them into tensors, or pass a loader of the first N "
+                        "examples (torch.utils.data.Subset(dataset, range(N))) instead of max_examples"
+                    )
             left -= min(n, left)
             yield batch
+            if left == 0:
+                return
+
+
+def _uncut(batch: Any, n: int) -> bool:
+    """Whether ``batch`` holds a list or tuple of ``n`` non-tensor items (per-example data that a cut of its
+    tensors leaves whole)."""
+    if isinstance(batch, dict):
+        return any(_uncut(v, n) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == n and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):
+            return True
+        return any(_uncut(v, n) for v in batch)
+    return False
 
 
 def _set_diagonal(curv: Curvature, sq: dict[str, torch.Tensor]) -> None:

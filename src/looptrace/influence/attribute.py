@@ -13,7 +13,7 @@ from torch import nn
 from looptrace.capture.tracer import body_parameters
 from looptrace.curvature.blocks import DAMPING_SCALE
 from looptrace.curvature.factors import Curvature
-from looptrace.curvature.fit import Fisher, fit_curvature
+from looptrace.curvature.fit import Fisher, check_max_examples, fit_curvature
 from looptrace.curvature.query import GN_DAMPING_SCALE, gauss_newton, preconditioned_features
 from looptrace.errors import ConfigError, StepError
 from looptrace.features import Features
@@ -152,6 +152,7 @@ def attribute(
         raise ConfigError("fisher= and fisher_loss= choose the Fisher of precondition='kfac' or 'ekfac' only")
     if max_fit_examples is not None and precondition not in ("kfac", "ekfac"):
         raise ConfigError("max_fit_examples= limits the fit of precondition='kfac' or 'ekfac' only")
+    check_max_examples(max_fit_examples, "max_fit_examples")
     if decomposition not in ("test", "train", "matrix"):
         raise ConfigError(f"decomposition must be 'test', 'train' or 'matrix', got {decomposition!r}")
     if train_positions and decomposition != "test":

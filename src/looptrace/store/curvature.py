@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from looptrace.curvature.factors import Curvature
-from looptrace.curvature.fit import Fisher, fit_curvature, resolve_fisher
+from looptrace.curvature.fit import Fisher, check_max_examples, fit_curvature, resolve_fisher
 from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import ConfigError, SpecMismatchError
 from looptrace.featurize import LossFn
@@ -85,6 +85,11 @@ def fit_curvature_to_store(
     full = _check_checkpoints(store, checkpoints)
     options = store.options
     which = resolve_fisher(fisher, fisher_loss, loss_fn)[0]
+    check_max_examples(max_examples)
+    size = len(dataset) if hasattr(dataset, "__len__") else None
+    if max_examples is not None and size is not None and max_examples >= size:
+        max_examples = None  # every example: the same fit as without a limit
+    settings = _settings(which, seed, max_examples)
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     paths = []
     try:
@@ -92,7 +97,7 @@ def fit_curvature_to_store(
             path = curvature_path(store, k)
             paths.append(path)
             side = path.with_name(path.name + ".json")
-            if path.exists() and side.exists() and _same_fit(side, which, seed, max_examples):
+            if path.exists() and side.exists() and _sidecar_settings(side) == settings:
                 continue
             load_into(model, ck.state, ck.name)
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
@@ -113,14 +118,39 @@ def fit_curvature_to_store(
     return paths
 
 
-def _same_fit(side: Path, fisher: str, seed: int, max_examples: int | None) -> bool:
-    """Whether the factor file whose sidecar is ``side`` was fitted with these settings (a sidecar from before
+def _settings(fisher: str | None, seed: Any, max_examples: Any) -> tuple[Any, ...]:
+    """What makes two fits of one checkpoint differ: the Fisher, the seed (which draws a true Fisher's targets
+    only) and ``max_examples``."""
+    return (fisher, seed if fisher == "true" else None, max_examples)
+
+
+def _sidecar_settings(side: Path) -> tuple[Any, ...] | None:
+    """The fit settings a factor file's sidecar records (``None``: unreadable; a sidecar from before
     ``max_examples`` was recorded fitted every example)."""
     try:
         got = json.loads(side.read_text())
     except (OSError, ValueError):
-        return False
-    return got.get("fisher") == fisher and got.get("seed") == seed and got.get("max_examples") == max_examples
+        return None
+    return _settings(got.get("fisher"), got.get("seed"), got.get("max_examples"))
+
+
+def check_one_fit(store: FeatureStore) -> None:
+    """Refuse factor files of one store, or of a store and its companion of the parameters outside the loop, that
+    were fitted with different settings (a rerun of ``looptrace fit-curvature`` with other flags, interrupted):
+    scores would mix two preconditioners without a word."""
+    roots = [store.root]
+    if store.root.name == OUTSIDE_DIR and (store.root.parent / "manifest.json").exists():
+        roots.append(store.root.parent)
+    elif (store.root / OUTSIDE_DIR / "curvature").exists():
+        roots.append(store.root / OUTSIDE_DIR)
+    seen = {
+        _sidecar_settings(side) for root in roots for side in sorted((root / "curvature").glob("*.safetensors.json"))
+    }
+    if len(seen) > 1:
+        raise ConfigError(
+            f"the curvature factors under {store.root} were fitted with different settings (Fisher, seed, "
+            f"max_examples: {sorted(map(str, seen))}); rerun `looptrace fit-curvature` with one set of flags"
+        )
 
 
 def load_store_curvature(store: FeatureStore, ck: int) -> Curvature:
@@ -165,6 +195,7 @@ def preconditioned_queries(
     if dataset_fingerprint(dataset) != store.manifest["datasets"].get("query", {}).get("fingerprint"):
         raise SpecMismatchError(f"this query set is not the one {store.root} was featurised with")
     full = _check_checkpoints(store, checkpoints)
+    check_one_fit(store)
     options = store.options
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = []
