@@ -115,17 +115,19 @@ class KroneckerBlock:
         return self.ekfac
 
     def rotate(self, g: torch.Tensor) -> torch.Tensor:
-        """``Q_S^T G Q_A`` for ``g [R, d_out, d_in (+1)]``."""
+        """``Q_S^T G Q_A`` for ``g [R, d_out, d_in (+1)]`` (in ``g``'s precision)."""
         assert self.q_a is not None and self.q_s is not None
-        return self.q_s.T @ g @ self.q_a
+        return self.q_s.T.to(g.dtype) @ g @ self.q_a.to(g.dtype)
 
     def solve(self, g: torch.Tensor, kind: Kind, damping: float | None, scale: float = DAMPING_SCALE) -> torch.Tensor:
         """``(F + lambda I)^-1 vec(G)`` for ``g [R, d_out, d_in (+1)]``, F the K-FAC or EK-FAC block: rotate
-        into the eigenbasis, divide by eigenvalue + lambda, rotate back."""
+        into the eigenbasis, divide by eigenvalue + lambda, rotate back (in ``g``'s precision; lambda from the
+        float64 spectrum)."""
         spec = self.spectrum(kind)
         lam = block_damping(float(spec.mean()), damping, scale, self.module)
         assert self.q_a is not None and self.q_s is not None
-        return self.q_s @ (self.rotate(g) / (spec + lam)) @ self.q_a.T
+        scaled = self.rotate(g) / (spec + lam).to(g.dtype)
+        return self.q_s.to(g.dtype) @ scaled @ self.q_a.T.to(g.dtype)
 
 
 @dataclasses.dataclass
@@ -138,4 +140,4 @@ class DiagonalBlock:
     def solve(self, g: torch.Tensor, damping: float | None, scale: float = DAMPING_SCALE) -> torch.Tensor:
         """``g / (diag + lambda)`` for ``g [R, numel]``."""
         lam = block_damping(float(self.diag.mean()), damping, scale, self.name)
-        return g / (self.diag.reshape(-1) + lam)
+        return g / (self.diag.reshape(-1) + lam).to(g.dtype)

@@ -70,10 +70,11 @@ class Curvature:
     def precondition(
         self, g: torch.Tensor, kind: Kind, damping: float | None = None, damping_scale: float = DAMPING_SCALE
     ) -> torch.Tensor:
-        """``(F + lambda I)^-1 g`` for flat gradients ``g [..., P]`` (a new float64 tensor).
+        """``(F + lambda I)^-1 g`` for flat gradients ``g [..., P]`` (a new tensor, float64 for float64 ``g``,
+        else float32: the model's precision or better; the factors are float64, cast for the products).
 
-        ``damping=None``: per block, ``lambda = damping_scale x`` its mean eigenvalue; a float: that lambda
-        for every block."""
+        ``damping=None``: per block, ``lambda = damping_scale x`` its mean eigenvalue (of the float64
+        spectrum); a float: that lambda for every block. Block by block, so no float64 copy of ``g`` is made."""
         _check_kind(kind)
         if kind not in self.kinds:
             raise ConfigError(f"these factors were fitted for {list(self.kinds)}, not {kind!r}; refit with it")
@@ -82,25 +83,26 @@ class Curvature:
                 f"gradients have {g.shape[-1]} entries, the curvature's body has {self.dim}; fit and apply on one body"
             )
         lead = g.shape[:-1]
-        flat = g.reshape(-1, self.dim).double()
-        out = torch.empty_like(flat)
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        flat = g.reshape(-1, self.dim)
+        out = torch.empty(flat.shape, dtype=work, device=flat.device)
         off = self.offsets
         dev = flat.device
         for blk in self.kronecker:
             w0, wn = off[blk.weight]
             d_out = blk.shape[0]
-            parts = [flat[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out)]
+            parts = [flat[:, w0 : w0 + wn].reshape(-1, d_out, wn // d_out).to(work)]
             if blk.bias is not None:
                 b0, bn = off[blk.bias]
-                parts.append(flat[:, b0 : b0 + bn].reshape(-1, d_out, 1))
+                parts.append(flat[:, b0 : b0 + bn].reshape(-1, d_out, 1).to(work))
             solved = _on(blk, dev).solve(torch.cat(parts, dim=2), kind, damping, damping_scale)
             out[:, w0 : w0 + wn] = solved[:, :, : wn // d_out].reshape(-1, wn)
             if blk.bias is not None:
                 out[:, b0 : b0 + bn] = solved[:, :, -1]
         for dia in self.diagonal:
             s0, sn = off[dia.name]
-            out[:, s0 : s0 + sn] = DiagonalBlock(dia.name, dia.diag.to(dev)).solve(flat[:, s0 : s0 + sn], damping,
-                                                                                   damping_scale)  # fmt: skip
+            out[:, s0 : s0 + sn] = DiagonalBlock(dia.name, dia.diag.to(dev)).solve(flat[:, s0 : s0 + sn].to(work),
+                                                                                   damping, damping_scale)  # fmt: skip
         return out.reshape(*lead, self.dim)
 
     def dense(self, kind: Kind, damping: float | None = None, damping_scale: float = DAMPING_SCALE) -> torch.Tensor:
