@@ -60,6 +60,8 @@ def test_cli_reference_is_current() -> None:
     assert (DOCS / "reference" / "cli.md").read_text() == reference_markdown(), (
         "docs/reference/cli.md is stale: run `python -m looptrace.apps.cli_reference docs/reference/cli.md`"
     )
+    # a default of 0 is a default (0 == False in Python: the table hid every zero default)
+    assert "| `--seed` | seed of the target sampling (true Fisher) | `0` |" in reference_markdown()
 
 
 def test_site_builds_with_warnings_as_errors(tmp_path) -> None:

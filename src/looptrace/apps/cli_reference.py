@@ -55,7 +55,7 @@ def reference_markdown(parser: argparse.ArgumentParser | None = None) -> str:
                 text += f" Choices: {', '.join(f'`{c}`' for c in action.choices)}."
             default = (
                 ""
-                if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings
                 else f"`{action.default}`"
             )
             lines.append(f"| {_flags(action)} | {text} | {default} |")

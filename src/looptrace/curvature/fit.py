@@ -10,9 +10,11 @@ nothing to the tied gradient and is left out of ``A``.
 The diagonal blocks (body parameters outside Linear layers: norms, embeddings) are fitted in the same pass:
 forward hooks on the modules that own them save what their layer rule (:mod:`looptrace.capture.rules`)
 needs, autograd returns their outputs' gradients with the Linear outputs', and the rule turns each call's
-signal into per-example gradients, summed over the calls (the tied gradient) and squared. A module with no
-rule, or one read outside its own forward, sends the diagonal blocks through one exact featurisation of just
-the modules that own them instead.
+signal into per-example gradients, summed over the calls (the tied gradient) and squared. Where the modules
+that read those parameters are found by one extra forward of the first batch (a parent may read a child's
+weight), a module with no rule, a parameter read outside its own module's forward, outputs that are not
+batch-first, or a failed grouping check send the diagonal blocks through one exact featurisation of just the
+modules that read them instead.
 
 The grouping check: EK-FAC and the diagonal blocks group rows by example (the rows' first axis). On the first
 batch of pass 1 (every batch with ``verify=True``), autograd also returns the parameters' gradient of
@@ -21,16 +23,17 @@ example must give the same ``sum_n w_n G_n``; rows that are not batch-first (``[
 ``L == B``) or a rule that groups wrongly fail it and take the exact route.
 
 Pass 2 (EK-FAC only): the per-example *tied* gradients (summed over steps) in each Linear's Kronecker
-eigenbasis, squared and averaged. Each call's rows are rotated into the eigenbasis and
-``(Q_S^T g)(Q_A^T a)^T`` summed per example over the calls, so no per-example gradient is formed in the
-parameter basis (of each example's rows, or of its gradient formed first, whichever costs fewer flops). Pass
-1's rows are kept when they fit ``keep_rows_bytes`` (1 GiB by default), so pass 2 rotates them without running
-the model again; past the budget the same hooks run on a second forward. Where the grouping check failed,
+eigenbasis, squared and averaged. Per layer, whichever costs fewer flops (:func:`gradient_first`): each
+example's tied gradient ``G = sum g a^T`` is formed (in pass 1) and rotated, ``Q_S^T G Q_A``, or its rows are
+rotated first and ``(Q_S^T g)(Q_A^T a)^T`` summed over the calls. Pass 1 keeps those gradients or rows when
+they fit ``keep_rows_bytes`` (1 GiB by default), so pass 2 rotates them without running the model again; past
+the budget the same hooks run on a second forward. Where the grouping check failed,
 pass 2 takes the exact per-example tied gradients (:func:`looptrace.featurize`, exact spec) of every batch.
 
-Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers; the
-diagonal blocks' rules and their grouping check where the body has any); EK-FAC adds the grouping check and the
-rotations (and, over the row budget, a second forward and backward). The measured ratios to one featurisation
+Cost: K-FAC is one forward and backward over the fitting set (no per-example work for the Linear layers; where
+the body has diagonal blocks, one more forward of the first batch to find their readers, their rules and
+their grouping check); EK-FAC adds the grouping check, the per-example gradients and the rotations (and, over
+the budget, a second forward and backward). The measured ratios to one featurisation
 pass: ``looptrace bench curvature`` (``benchmarks/results/curvature-cost.md``).
 
 The Fisher: ``"empirical"`` uses the loss on the data's own targets; ``"true"`` uses ``fisher_loss``, the
@@ -524,7 +527,8 @@ def fit_curvature(
         train_mode: fit in train mode (dropout on); default eval mode, as featurisation.
         verify: ``True`` runs the grouping check (the rows grouped by example give autograd's gradient of a
             randomly weighted sum of the losses) on every batch of pass 1, ``"first"`` and ``False`` on the first
-            only: it decides the route, so it always runs (one more backward of that batch). Where it fails
+            only: it decides the route, so it runs whenever a route depends on the grouping (EK-FAC, or diagonal
+            blocks fitted by their rules; one more backward of that batch). Where it fails
             (rows that are not batch-first), the per-example gradients are exact featurisations, and ``verify``
             checks them against autograd as :func:`looptrace.featurize` does (``"first"`` batch, ``True`` every
             batch, ``False`` never).

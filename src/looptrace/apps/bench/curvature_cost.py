@@ -6,8 +6,8 @@ one CPU thread:
 * ``featurize``: one default featurisation pass of the training set (``SketchSpec()``, totals only), what
   every store and ``lt.attribute`` pay per checkpoint anyway;
 * ``fit_kfac`` / ``fit_ekfac``: :func:`looptrace.curvature.fit_curvature` (pass 1: Kronecker factors, the
-  diagonal blocks of LayerNorm parameters, the grouping check and, for EK-FAC, each example's tied gradient
-  kept; then EK-FAC's rotations into the eigenbasis);
+  diagonal blocks of LayerNorm parameters, the grouping check and, for EK-FAC, each example's tied gradient or
+  its rows kept, whichever is cheaper to rotate; then EK-FAC's rotations into the eigenbasis);
 * ``query_plain`` / ``query_ekfac``: the query side, plain per-step features vs EK-FAC-preconditioned ones
   (exact per-step gradients, preconditioned, sketched), per query example.
 
@@ -190,9 +190,13 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "How the fit grows with width: K-FAC's factors cost `d_in^2 + d_out^2` multiply-adds per row (every token "
         "of every loop step), more than the row's own forward and backward (`3 d_in d_out`) for a 4x MLP "
-        "(`17 d^2` against `12 d^2`), and EK-FAC's rotations `d_out d_in (d_out + d_in)` per example, while the "
-        "featurisation's sketch does not grow with `d^2`. So the fit's ratio to a featurisation pass grows with "
-        "the width (the looped transformer's rows above), to "
+        "(`17 d^2` against `12 d^2`): 46 `d^2` per row for this block's four Linear layers, against "
+        "at most 12 `d^2` for the featurisation's per-example products (the layers' own `d_in d_out`). EK-FAC adds each example's "
+        "rotation into the eigenbasis (`d_out d_in (d_out + d_in)`, or `R (d_out^2 + d_in^2 + d_out d_in)` for "
+        "its `R` rows when fewer). The costs that do not grow with `d^2` (attention over the sequence, "
+        "elementwise work, Python) weigh less as the width grows, so the fit's ratio to a featurisation pass "
+        "grows with it (the looped transformer's rows above; N is smaller at the larger widths, to keep a round "
+        "short, which gives the per-fit eigendecompositions a little more weight there), to "
         f"{res['worst_kfac_fit_over_featurize']:.2f}x (K-FAC) and {res['worst_ekfac_fit_over_featurize']:.2f}x "
         "(EK-FAC) at the widest. Gauss-Newton needs no fit (its Gram matrix is of the training features "
         "themselves). The factors are fitted once per checkpoint and serve every query and every damping. The "
