@@ -22,11 +22,13 @@ FACTORIES = ["--model", "tests.store_fixtures:make_model", "--loss", "tests.stor
              "--dataset", "tests.store_fixtures:make_dataset", "--step-module", "core"]  # fmt: skip
 
 
-def _cli_store(tmp_path: Path) -> tuple[Path, list[str]]:
+def _cli_store(tmp_path: Path, outside: bool = False) -> tuple[Path, list[str]]:
+    """A store filled by ``looptrace featurize`` over two checkpoints (``outside``: with its companion store of the
+    parameters outside the loop)."""
     cks = save_checkpoints(str(tmp_path))
     store = tmp_path / "store"
     args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
-            "--store", str(store)]  # fmt: skip
+            *(["--outside"] if outside else []), "--store", str(store)]  # fmt: skip
     for c in cks:
         args += ["--checkpoint", c]
     assert main(args) == 0
@@ -101,13 +103,7 @@ def test_cli_whole_model_scores_equal_attribute_total(tmp_path, precondition: st
     body's TracIn plus the parameters outside the loop on their own block. Catches the companion store left out of
     the total (it would equal the body's TracIn), its factors not fitted or taken from the body's, or a
     preconditioner applied to one part only."""
-    cks = save_checkpoints(str(tmp_path))
-    store = tmp_path / "store"
-    args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
-            "--outside", "--store", str(store)]  # fmt: skip
-    for c in cks:
-        args += ["--checkpoint", c]
-    assert main(args) == 0
+    store, cks = _cli_store(tmp_path, outside=True)
     assert FeatureStore.open(store).outside().n("train") == 40
     if precondition == "ekfac":
         assert main(["fit-curvature", "--store", str(store), "--batch-size", "5"]) == 0
@@ -198,13 +194,7 @@ def test_fit_curvature_max_examples_is_recorded_and_refits_when_it_changes(tmp_p
     true Fisher's targets only) or a limit past the set (every example); another limit fits them again. Factors
     left fitted with two settings (a rerun interrupted) are refused by ``score``. Catches a flag that reaches one of
     the two stores only, a resume that keeps factors fitted otherwise, or scores that mix two fits."""
-    cks = save_checkpoints(str(tmp_path))
-    store = tmp_path / "store"
-    args = ["featurize", *FACTORIES, "--dim", "64", "--shard-size", "16", "--batch-size", "8", "--quiet",
-            "--outside", "--store", str(store)]  # fmt: skip
-    for c in cks:
-        args += ["--checkpoint", c]
-    assert main(args) == 0
+    store, _ = _cli_store(tmp_path, outside=True)
     fit = ["fit-curvature", "--store", str(store), "--batch-size", "5"]
     assert main([*fit, "--max-examples", "12"]) == 0
     st = FeatureStore.open(store)
