@@ -148,7 +148,7 @@ class Curvature:
             save_file(self.tensors(), str(tmp))
             os.replace(tmp, path)
         side = {**self.meta(), **(extra or {}), "file": path.name, "sha256": sha256_file(path)}
-        atomic_write_bytes(_sidecar(path), json.dumps(side, indent=1).encode(), resume=RESUME)
+        atomic_write_bytes(sidecar_path(path), json.dumps(side, indent=1).encode(), resume=RESUME)
         return path
 
     @classmethod
@@ -157,7 +157,7 @@ class Curvature:
         from safetensors.torch import load_file
 
         path = Path(path)
-        side_path = _sidecar(path)
+        side_path = sidecar_path(path)
         if not path.exists() or not side_path.exists():
             raise ConfigError(f"no curvature factors at {path} (file and .json sidecar); fit them first")
         try:
@@ -181,7 +181,8 @@ class Curvature:
         return curv, side
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
+    """Where a factor file's sidecar (meta, the fit's settings, checksum) is: beside it, ``.json`` appended."""
     return path.with_name(path.name + ".json")
 
 

@@ -304,8 +304,8 @@ def _grouping_ok(
     names: dict[int, str],
 ) -> tuple[bool, bool]:
     """Whether the rows grouped by example (their first axis) give autograd's ``sum_n w_n G_n`` for random
-    ``w``: ``(Kronecker layers, diagonal blocks)``, for the parameters ``check`` (:func:`_check_params`). EK-FAC squares each example's tied gradient ``G_n`` in the
-    eigenbasis, and the diagonal blocks square the layer rules' per-example gradients (``per``), so rows that are
+    ``w``: ``(Kronecker layers, diagonal blocks)``, for the parameters ``check`` (:func:`_check_params`). EK-FAC
+    squares each example's tied gradient ``G_n`` in the eigenbasis, and the diagonal blocks square the layer rules' per-example gradients (``per``), so rows that are
     not batch-first (``[L, B, d]`` with ``L == B`` passes every shape test) or a rule that groups wrongly would
     be silently wrong: a wrong grouping changes the weighted sum at O(1), which a cast or summation order does
     not. Costs one more backward of the batch (to the parameters) instead of its exact per-example gradients."""
@@ -322,16 +322,16 @@ def _grouping_ok(
         return bool(torch.allclose(h, a, rtol=tol, atol=tol * float(a.abs().max().clamp_min(1e-30))))
 
     rows_ok = all(x.dim() >= 2 and x.shape[0] == size and g.shape[0] == size for _, x, g in got.rows)
+    by_layer = _by_layer(got.rows) if rows_ok else {}
     at = 0
     for i, (_, mod) in enumerate(linears):
         hw = mod.weight.new_zeros(mod.weight.shape)
         hb = None if mod.bias is None else mod.bias.new_zeros(mod.bias.shape)
-        for j, x, g in got.rows if rows_ok else ():
-            if j == i:
-                gw = (g * w.to(g.dtype).view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
-                hw.addmm_(gw.T, x.reshape(-1, x.shape[-1]))
-                if hb is not None:
-                    hb += gw.sum(0)
+        for x, g in zip(*by_layer.get(i, ([], [])), strict=True):
+            gw = (g * w.to(g.dtype).view(-1, *[1] * (g.dim() - 1))).reshape(-1, g.shape[-1])
+            hw.addmm_(gw.T, x.reshape(-1, x.shape[-1]))
+            if hb is not None:
+                hb += gw.sum(0)
         rows_ok = rows_ok and close(hw, auto[at]) and (hb is None or close(hb, auto[at + 1]))
         at += 1 + (mod.bias is not None)
     if per is None:
@@ -918,10 +918,12 @@ def _rotated_gathered(curv: Curvature, gathered: list[Gathered]) -> list[torch.T
             out.append(torch.zeros(blk.shape, dtype=torch.float64, device=blk.a_cov.device))
             continue
         grad, gs, xs = item
-        assert blk.q_a is not None and blk.q_s is not None
-        dtype = (gs[0] if grad is None else grad).dtype  # the model's precision
-        q_s, q_a = blk.q_s.to(dtype), blk.q_a.to(dtype)
-        rot = q_s.T @ grad @ q_a if grad is not None else rotated_sums(gs, xs, q_s, q_a, blk.bias is not None, "rows")
+        if grad is not None:
+            rot = blk.rotate(grad)  # in the model's precision
+        else:
+            assert blk.q_a is not None and blk.q_s is not None
+            dtype = gs[0].dtype
+            rot = rotated_sums(gs, xs, blk.q_s.to(dtype), blk.q_a.to(dtype), blk.bias is not None, "rows")
         if rot.dtype not in (torch.float32, torch.float64):  # half precision: squares would underflow
             rot = rot.float()
         out.append(rot.square().sum(0).double())  # the batch's sum in float32 or better, accumulated in float64

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from looptrace.curvature.factors import Curvature
+from looptrace.curvature.factors import Curvature, sidecar_path
 from looptrace.curvature.fit import Fisher, check_max_examples, fit_curvature, resolve_fisher
 from looptrace.curvature.query import gauss_newton, preconditioned_features
 from looptrace.errors import ConfigError, SpecMismatchError
@@ -96,7 +96,7 @@ def fit_curvature_to_store(
         for k, ck in enumerate(full):
             path = curvature_path(store, k)
             paths.append(path)
-            side = path.with_name(path.name + ".json")
+            side = sidecar_path(path)
             if path.exists() and side.exists() and _sidecar_settings(side) == settings:
                 continue
             load_into(model, ck.state, ck.name)
@@ -138,14 +138,13 @@ def check_one_fit(store: FeatureStore) -> None:
     """Refuse factor files of one store, or of a store and its companion of the parameters outside the loop, that
     were fitted with different settings (a rerun of ``looptrace fit-curvature`` with other flags, interrupted):
     scores would mix two preconditioners without a word."""
-    roots = [store.root]
+    stores = [store]
     if store.root.name == OUTSIDE_DIR and (store.root.parent / "manifest.json").exists():
-        roots.append(store.root.parent)
-    elif (store.root / OUTSIDE_DIR / "curvature").exists():
-        roots.append(store.root / OUTSIDE_DIR)
-    seen = {
-        _sidecar_settings(side) for root in roots for side in sorted((root / "curvature").glob("*.safetensors.json"))
-    }
+        stores.append(FeatureStore.open(store.root.parent))
+    elif (store.root / OUTSIDE_DIR / "manifest.json").exists():
+        stores.append(store.outside())
+    sides = [sidecar_path(curvature_path(s, k)) for s in stores for k in range(len(s.checkpoints))]
+    seen = {_sidecar_settings(side) for side in sides if side.exists()}
     if len(seen) > 1:
         raise ConfigError(
             f"the curvature factors under {store.root} were fitted with different settings (Fisher, seed, "

@@ -86,8 +86,8 @@ def _models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module, Any, list[Any
 
 
 #: The looped transformer's widths, with the training set's size and batch size at each (smaller where wider,
-#: so that a round stays short): K-FAC's factors cost ``d_in^2 + d_out^2`` per row and EK-FAC's rotations
-#: ``d_out d_in (d_out + d_in)`` per example, against a featurisation whose sketch does not grow with ``d^2``.
+#: so that a round stays short): the fit's ratio to a featurisation pass grows with the width (see the
+#: table's notes in :func:`markdown`).
 WIDTHS = ((64, 256, 32), (128, 128, 16), (256, 64, 16))
 
 
